@@ -1,0 +1,22 @@
+"""dgnh — distributed Gauss–Newton Hessian of multilayer perceptrons."""
+
+from .gauss_newton import GaussNewton, HessianOperator
+from .losses import LOSSES
+from .activations import ACTIVATIONS
+from .model import MLP
+from .operator import Operator
+from .sampling import SamplePlan, plan as sampling_plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "GaussNewton",
+    "HessianOperator",
+    "LOSSES",
+    "MLP",
+    "Operator",
+    "SamplePlan",
+    "sampling_plan",
+    "__version__",
+]

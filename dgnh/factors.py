@@ -1,0 +1,288 @@
+"""Per-shard precomputed factors and every per-shard computation (plain numpy).
+
+A *shard* is a block of data rows. :class:`ShardFactors` holds, for its rows,
+the forward activations and the backward factors of design.md §2 laid out for
+fast gathers:
+
+* ``CT[l]`` of shape ``(d_l, n_s, d)``: ``CT[l][p, i, o] = C_l,i[o, p]``;
+* ``XT[l]`` of shape ``(d_{l-1} (+1), n_s)``: the layer input transposed, with a
+  row of ones appended when the layer has a bias (a bias is "column d_{l-1}").
+
+The scaled Jacobian column of parameter a = (l, p, q) is then
+``Ĵ[:, a] = CT[l][p] * XT[l][q][:, None]`` and a GNH block is one GEMM.
+
+Every method returns an *unscaled partial sum over this shard's rows*; the
+driver adds the partials of all shards and divides by ``n``. Nothing here knows
+about Dask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .activations import get_activation
+from .losses import Loss
+from .model import MLP
+
+Array = np.ndarray
+GATHER_BYTES = 64 * 2**20  # memory bound of one gathered Jacobian slab
+
+
+class ShardFactors:
+    """Factors of one shard of data rows.
+
+    Parameters
+    ----------
+    model : MLP
+    X, Y : arrays
+        The shard's inputs ``(n_s, d_0)`` and validated targets.
+    loss : Loss
+    dtype : numpy float dtype of the factors and of all computations.
+    index : int
+        Global shard number (seeds the sampler deterministically).
+    """
+
+    def __init__(self, model: MLP, X: Array, Y: Array, loss: Loss, dtype=np.float64,
+                 index: int = 0):
+        self.dtype = np.dtype(dtype)
+        self.index = int(index)
+        self.loss = loss
+        self.sizes = model.layer_sizes
+        self.W = [W.astype(self.dtype) for W in model.weights]
+        self.b = [None if b is None else b.astype(self.dtype) for b in model.biases]
+        self.acts = [get_activation(a) for a in model.activations]
+        self.Y = Y
+        self.n = X.shape[0]
+        # forward pass
+        A = [np.ascontiguousarray(X, dtype=self.dtype)]
+        Z = []
+        for W, b, act in zip(self.W, self.b, self.acts):
+            z = A[-1] @ W.T
+            if b is not None:
+                z += b
+            Z.append(z)
+            A.append(act.f(z))
+        self.A, self.Z = A, Z
+        self.dS = [act.df(z) for act, z in zip(self.acts, Z)]
+        self.F = A[-1]
+        # backward factors C_l (n_s, d, d_l), stored transposed as (d_l, n_s, d)
+        d = self.sizes[-1]
+        C = loss.factor(self.F) * self.dS[-1][:, None, :]
+        self.CT: list[Array] = [None] * len(self.W)
+        for l in range(len(self.W) - 1, -1, -1):
+            self.CT[l] = np.ascontiguousarray(C.transpose(2, 0, 1))
+            if l:
+                C = (C.reshape(-1, self.sizes[l + 1]) @ self.W[l]).reshape(
+                    self.n, d, self.sizes[l]) * self.dS[l - 1][:, None, :]
+        self.XT = []
+        for l in range(len(self.W)):
+            rows = [A[l].T]
+            if self.b[l] is not None:
+                rows.append(np.ones((1, self.n), dtype=self.dtype))
+            self.XT.append(np.ascontiguousarray(np.vstack(rows)))
+        self.S = [np.einsum("pio,pio->pi", c, c) for c in self.CT]  # ‖C_l,i[:, p]‖²
+        self.XT2 = [x * x for x in self.XT]
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.CT + self.XT + self.S + self.XT2))
+
+    # ------------------------------------------------------------ gathers
+    def gather(self, loc, rows=slice(None)) -> Array:
+        """Ĵ columns for located parameters: shape ``(k, n_rows, d)``."""
+        layer, p, q = loc
+        n_rows = len(np.arange(self.n)[rows])
+        out = np.empty((len(layer), n_rows, self.sizes[-1]), dtype=self.dtype)
+        for l in np.unique(layer):
+            pos = np.flatnonzero(layer == l)
+            x = self.XT[l][q[pos]][:, rows]
+            out[pos] = self.CT[l][p[pos]][:, rows] * x[:, :, None]
+        return out
+
+    def sq_norms(self, loc) -> Array:
+        """Per-row squared norms ``‖Ĵ[(i,:), a]‖²``, shape ``(k, n_s)``."""
+        layer, p, q = loc
+        out = np.empty((len(layer), self.n), dtype=self.dtype)
+        for l in np.unique(layer):
+            pos = np.flatnonzero(layer == l)
+            out[pos] = self.S[l][p[pos]] * self.XT2[l][q[pos]]
+        return out
+
+    # ------------------------------------------------------- exact entries
+    def block(self, loc_I, loc_J) -> Array:
+        """Σ_i Ĵ_i[:, I]ᵀ Ĵ_i[:, J] over this shard, as GEMMs on row chunks."""
+        k, m = len(loc_I[0]), len(loc_J[0])
+        same = k == m and all(np.array_equal(a, b) for a, b in zip(loc_I, loc_J))
+        d = self.sizes[-1]
+        step = max(1, GATHER_BYTES // (max(k + (0 if same else m), 1) * d * self.dtype.itemsize))
+        out = np.zeros((k, m), dtype=self.dtype)
+        for s in range(0, self.n, step):
+            rows = slice(s, min(s + step, self.n))
+            a = self.gather(loc_I, rows).reshape(k, -1)
+            b = a if same else self.gather(loc_J, rows).reshape(m, -1)
+            out += a @ b.T
+        return out
+
+    def blocks(self, requests) -> list[Array]:
+        """:meth:`block` for a list of ``(loc_I, loc_J)`` requests."""
+        return [self.block(I, J) for I, J in requests]
+
+    def diagonal(self) -> Array:
+        """Σ_i diag(Ĵ_iᵀ Ĵ_i) in parameter order (one small GEMM per layer)."""
+        parts = []
+        for l, (S, X2) in enumerate(zip(self.S, self.XT2)):
+            D = S @ X2.T  # (d_l, d_{l-1} (+1))
+            d_in = self.sizes[l]
+            parts.append(D[:, :d_in].ravel())
+            if self.b[l] is not None:
+                parts.append(D[:, d_in])
+        return np.concatenate(parts)
+
+    # ----------------------------------------------------- sampled entries
+    def row_weights(self, loc_I, coef_I, loc_J, coef_J) -> Array:
+        """Unnormalised sampling weights w_i = ½(Σ_a c_a‖u^a_i‖² + Σ_b c_b‖v^b_i‖²)."""
+        return 0.5 * (coef_I @ self.sq_norms(loc_I) + coef_J @ self.sq_norms(loc_J))
+
+    def sampled_block(self, loc_I, coef_I, loc_J, coef_J, counts, total_weight,
+                      seed) -> Array:
+        """Importance-sampled group sums for a block (design.md §3).
+
+        Draws ``counts[g]`` rows of this shard for each group g with probability
+        ∝ ``row_weights`` and returns ``Σ_k Ĵ_ik[:, I]ᵀ Ĵ_ik[:, J] · W / w_ik`` per
+        group, shape ``(n_groups, |I|, |J|)``; the driver divides by ``n`` and the
+        group size and takes the entrywise median over groups.
+        """
+        counts = np.asarray(counts, dtype=np.int64)
+        k, m = len(loc_I[0]), len(loc_J[0])
+        out = np.zeros((len(counts), k, m), dtype=self.dtype)
+        if counts.sum() == 0:
+            return out
+        w = self.row_weights(loc_I, coef_I, loc_J, coef_J).astype(np.float64)
+        wsum = w.sum()
+        rng = np.random.default_rng(seed)
+        rows = rng.choice(self.n, size=int(counts.sum()), p=w / wsum)
+        scale = (total_weight / w[rows]).astype(self.dtype)
+        a = self.gather(loc_I, rows) * scale[None, :, None]
+        b = self.gather(loc_J, rows)
+        ends = np.cumsum(counts)
+        for g, (e, c) in enumerate(zip(ends, counts)):
+            if c:
+                sl = slice(e - c, e)
+                out[g] = a[:, sl].reshape(k, -1) @ b[:, sl].reshape(m, -1).T
+        return out
+
+    # ----------------------------------------- loss, gradient, products
+    def loss_sum(self) -> float:
+        return float(np.sum(self.loss.value(self.F, self.Y), dtype=np.float64))
+
+    def _backprop(self, delta: Array) -> list[tuple[Array, Array]]:
+        """Parameter gradients from output-side deltas ``(..., n_s, d_L)`` (pre-σ_L')."""
+        grads = [None] * len(self.W)
+        delta = delta * self.dS[-1]
+        for l in range(len(self.W) - 1, -1, -1):
+            gW = np.swapaxes(delta, -1, -2) @ self.A[l]
+            gb = delta.sum(axis=-2)
+            grads[l] = (gW, gb)
+            if l:
+                delta = (delta @ self.W[l]) * self.dS[l - 1]
+        return grads
+
+    def _flatten(self, grads) -> Array:
+        """Stack per-layer ``(k, d_l, d_in)``/``(k, d_l)`` gradients into ``(N, k)``."""
+        parts = []
+        for l, (gW, gb) in enumerate(grads):
+            k = gW.shape[0] if gW.ndim == 3 else None
+            if k is None:
+                parts.append(gW.reshape(-1, 1))
+                if self.b[l] is not None:
+                    parts.append(gb.reshape(-1, 1))
+            else:
+                parts.append(gW.reshape(k, -1).T)
+                if self.b[l] is not None:
+                    parts.append(gb.T)
+        return np.concatenate(parts, axis=0)
+
+    def gradient_sum(self) -> Array:
+        """Σ_i ∂ℓ_i/∂w, shape ``(N,)``."""
+        return self._flatten(self._backprop(self.loss.grad(self.F, self.Y)))[:, 0]
+
+    def _split(self, V: Array) -> list[tuple[Array, Array | None]]:
+        """Per-layer directions ``dW (k, d_l, d_in)``, ``db (k, d_l)`` from ``V (N, k)``."""
+        out, o = [], 0
+        for W, b in zip(self.W, self.b):
+            dW = V[o:o + W.size].T.reshape((-1,) + W.shape)
+            o += W.size
+            db = None
+            if b is not None:
+                db = V[o:o + b.size].T
+                o += b.size
+            out.append((dW.astype(self.dtype, copy=False),
+                        None if db is None else db.astype(self.dtype, copy=False)))
+        return out
+
+    def _forward_tangent(self, dirs):
+        """R-op forward pass: tangents of pre-activations ``Ṙz_l`` and outputs ``Ṙa_l``."""
+        Rz, Ra = [], [None]
+        for l, (W, (dW, db)) in enumerate(zip(self.W, dirs)):
+            rz = self.A[l] @ np.swapaxes(dW, -1, -2)
+            if db is not None:
+                rz = rz + db[:, None, :]
+            if Ra[-1] is not None:
+                rz = rz + Ra[-1] @ W.T
+            Rz.append(rz)
+            Ra.append(rz * self.dS[l])
+        return Rz, Ra
+
+    def gnh_matvec(self, V: Array) -> Array:
+        """Σ_i J_iᵀ Q_i J_i V for ``V`` of shape ``(N, k)``: forward R-op, then backprop."""
+        _, Ra = self._forward_tangent(self._split(V))
+        U = self.loss.curvature_matvec(self.F, Ra[-1])
+        return self._flatten(self._backprop(U))
+
+    def hessian_matvec(self, V: Array) -> Array:
+        """Σ_i ∇²_w ℓ_i V (Pearlmutter's R{backprop}), ``V`` of shape ``(N, k)``."""
+        dirs = self._split(V)
+        Rz, Ra = self._forward_tangent(dirs)
+        L = len(self.W)
+        # base backprop deltas δ_l = ∂ℓ/∂z_l (n_s, d_l)
+        delta0 = [None] * L
+        delta = self.loss.grad(self.F, self.Y) * self.dS[-1]
+        for l in range(L - 1, -1, -1):
+            delta0[l] = delta
+            if l:
+                delta = (delta @ self.W[l]) * self.dS[l - 1]
+        g_out = self.loss.grad(self.F, self.Y)
+        # R-backward
+        Rdelta = (self.loss.curvature_matvec(self.F, Ra[-1]) * self.dS[-1]
+                  + g_out * self.acts[-1].d2f(self.Z[-1]) * Rz[-1])
+        grads = [None] * L
+        for l in range(L - 1, -1, -1):
+            dW, _ = dirs[l]
+            gW = np.swapaxes(Rdelta, -1, -2) @ self.A[l]
+            if Ra[l] is not None:
+                gW = gW + delta0[l].T @ Ra[l]
+            grads[l] = (gW, Rdelta.sum(axis=-2))
+            if l:
+                back = delta0[l] @ self.W[l]
+                Rdelta = ((Rdelta @ self.W[l] + delta0[l] @ dW) * self.dS[l - 1]
+                          + back * self.acts[l - 1].d2f(self.Z[l - 1]) * Rz[l - 1])
+        return self._flatten(grads)
+
+    # -------------------------------------------------- request protocol
+    def sq_norm_sums(self, loc) -> Array:
+        """Σ_i ‖Ĵ[(i,:), a]‖² over this shard for located parameters (float64)."""
+        return self.sq_norms(loc).sum(axis=1, dtype=np.float64)
+
+    def evaluate(self, specs) -> list[Array]:
+        """Evaluate a batch of block requests in one call (one task per shard).
+
+        ``specs`` holds ``("exact", loc_I, loc_J)`` or
+        ``("sampled", loc_I, coef_I, loc_J, coef_J, counts, total_weight, seed)``.
+        """
+        out = []
+        for spec in specs:
+            if spec[0] == "exact":
+                out.append(self.block(spec[1], spec[2]))
+            else:
+                out.append(self.sampled_block(*spec[1:]))
+        return out

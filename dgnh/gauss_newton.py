@@ -1,0 +1,245 @@
+"""The Gauss–Newton Hessian of an MLP on a data set: entries, blocks, products.
+
+``G = (1/n) Σ_i J_iᵀ Q_i J_i`` (design.md §1–§3), organised as per-shard
+factors plus an exact sum over shards.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .backend import LocalBackend, default_shard_size, shard_bounds
+from .factors import ShardFactors
+from .losses import get_loss
+from .model import MLP, check_finite_array
+from .operator import Operator, check_dense_size
+from .sampling import check_eps_delta, plan
+
+Array = np.ndarray
+
+_DTYPES = {np.dtype(np.float64): np.float64, np.dtype(np.float32): np.float32}
+
+
+def check_dtype(dtype) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in _DTYPES:
+        raise TypeError(f"dtype must be float64 or float32, got {dtype!r}")
+    return dt
+
+
+class GaussNewton(Operator):
+    """The GNH ``G = (1/n) Σ_i J_iᵀ Q_i J_i`` of ``model`` on data ``(X, Y)``.
+
+    Parameters
+    ----------
+    model : MLP
+    X : array ``(n_samples, n_inputs)``
+    Y : targets: ``(n_samples, n_outputs)`` floats for ``mse`` and
+        ``binary_cross_entropy`` (in [0, 1]), ``(n_samples,)`` integer class labels for
+        ``cross_entropy``.
+    loss : ``"mse"``, ``"cross_entropy"`` or ``"binary_cross_entropy"``.
+    dtype : ``numpy.float64`` (default) or ``numpy.float32`` for factors and arithmetic.
+    shard_size : rows per shard (default: about 128 MiB of factors per shard).
+
+    Examples
+    --------
+    >>> import numpy as np, dgnh
+    >>> rng = np.random.default_rng(0)
+    >>> net = dgnh.MLP([rng.normal(size=(5, 3)), rng.normal(size=(2, 5))],
+    ...                [np.zeros(5), np.zeros(2)], ["tanh", "identity"])
+    >>> gn = dgnh.GaussNewton(net, rng.normal(size=(50, 3)), rng.normal(size=(50, 2)))
+    >>> G = gn.dense()
+    >>> bool(np.allclose(gn.entries([0, 4], [7]), G[[0, 4]][:, [7]]))
+    True
+    """
+
+    def __init__(self, model: MLP, X, Y, loss: str = "mse", dtype=np.float64,
+                 shard_size: int | None = None):
+        if not isinstance(model, MLP):
+            raise TypeError(f"model must be a dgnh.MLP, got {type(model).__name__}")
+        self.model = model
+        self.loss_name = get_loss(loss).name
+        self.dtype = check_dtype(dtype)
+        X = model.check_inputs(X)
+        n = X.shape[0]
+        Yv = get_loss(loss).check_targets(Y, n, model.n_outputs, self.dtype)
+        if shard_size is None:
+            shard_size = default_shard_size(model, self.dtype)
+        self.shard_size = check_shard_size(shard_size)
+        self.n_samples = int(n)
+        self.n_params = model.n_params
+        self.shape = (self.n_params, self.n_params)
+        self.stats = {"blocks": 0, "entries_exact": 0, "entries_sampled": 0, "rows_sampled": 0}
+        self._diag = None
+        self._backend = self._make_backend(X, Yv)
+
+    def _make_backend(self, X, Y):
+        loss = get_loss(self.loss_name)
+        return LocalBackend([
+            ShardFactors(self.model, X[a:b], Y[a:b], loss, self.dtype, index=s)
+            for s, (a, b) in enumerate(shard_bounds(self.n_samples, self.shard_size))
+        ])
+
+    # -------------------------------------------------------------- lifecycle
+    @property
+    def n_shards(self) -> int:
+        return self._backend.n_shards
+
+    def close(self) -> None:
+        """Release the shards (and a cluster this object started)."""
+        self._backend.close()
+
+    def __enter__(self) -> "GaussNewton":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"GaussNewton(n_params={self.n_params}, n_samples={self.n_samples}, "
+                f"loss={self.loss_name!r}, dtype={self.dtype.name}, n_shards={self.n_shards})")
+
+    # ---------------------------------------------------------------- entries
+    def entries(self, rows, cols, eps: float | None = None, delta: float = 0.01,
+                seed: int = 0) -> Array:
+        """The block ``G[rows, cols]``, exact or (with ``eps``) sampled.
+
+        With ``eps``, every entry satisfies ``|Ĝ_ab − G_ab| ≤ eps·√(G_aa G_bb)`` with
+        probability ≥ 1 − ``delta`` (median of means, see :mod:`dgnh.sampling`);
+        all entries of the block share their sampled data rows, so the work is
+        a GEMM. When the plan asks for at least ``n_samples`` rows the exact block
+        is cheaper and is returned instead.
+        """
+        return self.entries_many([(rows, cols)], eps=eps, delta=delta, seed=seed)[0]
+
+    def entries_many(self, requests: Sequence[tuple], eps: float | None = None,
+                     delta: float = 0.01, seed: int = 0) -> list[Array]:
+        """Many blocks ``[(rows1, cols1), ...]`` in one batch (one call per shard)."""
+        locs = [(self.model.locate(self.model.check_indices(r, "row index")),
+                 self.model.locate(self.model.check_indices(c, "column index")))
+                for r, c in requests]
+        if eps is not None:
+            eps, delta = check_eps_delta(eps, delta)
+            args, post = self._sampling_specs(locs, eps, delta, seed)
+        else:
+            args, post = ([("exact", I, J) for I, J in locs],), [None] * len(locs)
+        sums = self._backend.sum("evaluate", args)
+        n = self.n_samples
+        out = []
+        for (I, J), part, how in zip(locs, sums, post):
+            if how is None:
+                block = part / n
+                self.stats["entries_exact"] += block.size
+            else:
+                block = np.median(part, axis=0) / (n * how)
+                self.stats["entries_sampled"] += block.shape[0] * block.shape[1]
+            self.stats["blocks"] += 1
+            out.append(block.astype(self.dtype, copy=False))
+        return out
+
+    def _sampling_specs(self, locs, eps, delta, seed):
+        """Round 1 (per-shard norm sums) and the per-shard round-2 requests."""
+        union = tuple(np.concatenate([np.concatenate([I[k], J[k]]) for I, J in locs])
+                      for k in range(3))
+        norms = np.array(self._backend.map("sq_norm_sums", (union,)))  # (shards, k)
+        total = norms.sum(axis=0)  # n · G_aa
+        specs = [[] for _ in range(self.n_shards)]
+        post = []
+        start = 0
+        for r, (I, J) in enumerate(locs):
+            kI, kJ = len(I[0]), len(J[0])
+            nI, nJ = norms[:, start:start + kI], norms[:, start + kI:start + kI + kJ]
+            tI, tJ = total[start:start + kI], total[start + kI:start + kI + kJ]
+            start += kI + kJ
+            coef_I, coef_J = _mixture_coefficients(tI), _mixture_coefficients(tJ)
+            shard_w = 0.5 * (nI @ coef_I + nJ @ coef_J)
+            W = float(shard_w.sum())
+            p = plan(eps, delta, (max(1, np.count_nonzero(tI)), max(1, np.count_nonzero(tJ))))
+            if W <= 0 or p.n_rows >= self.n_samples:
+                for s in range(self.n_shards):
+                    specs[s].append(("exact", I, J))
+                post.append(None)
+                continue
+            rng = np.random.default_rng([seed, r])
+            counts = rng.multinomial(p.group_size, shard_w / W, size=p.n_groups).T  # (shards, K)
+            for s in range(self.n_shards):
+                specs[s].append(("sampled", I, coef_I.astype(self.dtype), J,
+                                 coef_J.astype(self.dtype), counts[s], W, [seed, r, s]))
+            self.stats["rows_sampled"] += p.n_rows
+            post.append(p.group_size)
+        return [(sp,) for sp in specs], post
+
+    def diagonal(self) -> Array:
+        """The diagonal of G, O(n·N)."""
+        if self._diag is None:
+            self._diag = (self._backend.sum("diagonal") / self.n_samples).astype(self.dtype)
+        return self._diag.copy()
+
+    def column(self, j: int) -> Array:
+        """Column ``G[:, j]`` (one exact GNH-vector product)."""
+        if np.ndim(j) != 0:
+            raise ValueError("column() takes a single integer index")
+        j = int(self.model.check_indices(j, "column index")[0])
+        e = np.zeros(self.n_params, dtype=self.dtype)
+        e[j] = 1
+        return self.matvec(e)
+
+    def dense(self, max_bytes: int = 2**30) -> Array:
+        """The dense N × N GNH; refuses above ``max_bytes`` with the bytes it needs."""
+        check_dense_size(self.n_params, self.dtype.itemsize, max_bytes)
+        idx = np.arange(self.n_params)
+        return self.entries(idx, idx)
+
+    # --------------------------------------------------------------- products
+    def _matmat(self, V: Array) -> Array:
+        return (self._backend.sum("gnh_matvec", (V,)) / self.n_samples).astype(self.dtype)
+
+    def hvp(self, V) -> Array:
+        """The full Hessian of the mean loss times ``V`` (vector or ``(N, k)``)."""
+        return HessianOperator(self).matvec(V)
+
+    def hessian(self) -> "HessianOperator":
+        """The full Hessian as an :class:`~dgnh.operator.Operator`."""
+        return HessianOperator(self)
+
+    def loss(self) -> float:
+        """The mean loss ``(1/n) Σ_i ℓ(f(x_i), y_i)``."""
+        return self._backend.sum("loss_sum") / self.n_samples
+
+    def gradient(self) -> Array:
+        """The gradient of the mean loss, shape ``(N,)``."""
+        return (self._backend.sum("gradient_sum") / self.n_samples).astype(self.dtype)
+
+
+class HessianOperator(Operator):
+    """The Hessian ∇²L(w) of the mean loss, applied by Pearlmutter's R{backprop}."""
+
+    def __init__(self, gn: GaussNewton):
+        self.gn = gn
+        self.shape = gn.shape
+        self.dtype = gn.dtype
+
+    def _matmat(self, V: Array) -> Array:
+        gn = self.gn
+        return (gn._backend.sum("hessian_matvec", (V,)) / gn.n_samples).astype(gn.dtype)
+
+
+def check_shard_size(shard_size) -> int:
+    if isinstance(shard_size, bool) or not isinstance(shard_size, (int, np.integer)):
+        raise TypeError(f"shard_size must be a positive integer, got {shard_size!r}")
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size}")
+    return int(shard_size)
+
+
+def _mixture_coefficients(total_sq_norms: Array) -> Array:
+    """c_a = 1/(k' · n G_aa) over the k' nonzero columns, 0 for zero columns."""
+    nz = total_sq_norms > 0
+    c = np.zeros_like(total_sq_norms)
+    c[nz] = 1.0 / (np.count_nonzero(nz) * total_sq_norms[nz])
+    return c

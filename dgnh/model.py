@@ -1,0 +1,283 @@
+"""The multilayer perceptron whose Gauss–Newton Hessian dgnh computes.
+
+Conventions (public contract): ``z_l = W_l x_{l-1} + b_l``, ``x_l = σ_l(z_l)``;
+``W_l`` has PyTorch ``nn.Linear`` layout ``(d_l, d_{l-1})``; the flat parameter
+vector is, for l = 1..L, ``W_l`` row-major then ``b_l`` — exactly
+``torch.nn.utils.parameters_to_vector`` of the matching ``nn.Sequential``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .activations import get_activation
+
+Array = np.ndarray
+FORMAT = "dgnh.mlp"
+FORMAT_VERSION = 1
+
+
+def check_finite_array(a, what: str, ndim: int | None = None) -> Array:
+    """Return ``a`` as a float array after checking its dtype, ndim and finiteness."""
+    arr = np.asarray(a)
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise TypeError(f"{what} must be a real numeric array, got dtype {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{what} must be {ndim}-dimensional, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} contains NaN or Inf")
+    return arr
+
+
+class MLP:
+    """A multilayer perceptron with PyTorch-layout weights.
+
+    Parameters
+    ----------
+    weights : sequence of arrays
+        ``W_l`` of shape ``(d_l, d_{l-1})``.
+    biases : sequence of arrays or None
+        ``b_l`` of shape ``(d_l,)``, or ``None`` for a layer without bias. ``None``
+        in place of the whole sequence means no biases at all.
+    activations : sequence of str
+        One activation name per layer (see :data:`dgnh.activations.ACTIVATIONS`).
+
+    Examples
+    --------
+    >>> import numpy as np, dgnh
+    >>> rng = np.random.default_rng(0)
+    >>> net = dgnh.MLP([rng.normal(size=(8, 4)), rng.normal(size=(3, 8))],
+    ...                [np.zeros(8), None], ["tanh", "identity"])
+    >>> net.n_params, net.layer_sizes
+    (67, (4, 8, 3))
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[Array],
+        biases: Sequence[Array | None] | None,
+        activations: Sequence[str],
+    ):
+        weights = list(weights)
+        if not weights:
+            raise ValueError("an MLP needs at least one layer")
+        if biases is None:
+            biases = [None] * len(weights)
+        biases = list(biases)
+        if isinstance(activations, str):
+            raise TypeError("activations must be a sequence of names, one per layer")
+        activations = list(activations)
+        if not (len(weights) == len(biases) == len(activations)):
+            raise ValueError(
+                f"got {len(weights)} weights, {len(biases)} biases and "
+                f"{len(activations)} activations; they must have one entry per layer"
+            )
+        self.weights: list[Array] = []
+        self.biases: list[Array | None] = []
+        for l, (W, b) in enumerate(zip(weights, biases), start=1):
+            W = check_finite_array(W, f"weight of layer {l}", ndim=2).astype(np.float64)
+            if self.weights and W.shape[1] != self.weights[-1].shape[0]:
+                raise ValueError(
+                    f"weight of layer {l} has shape {W.shape}: its {W.shape[1]} inputs "
+                    f"do not match the {self.weights[-1].shape[0]} outputs of layer {l - 1}"
+                )
+            if 0 in W.shape:
+                raise ValueError(f"weight of layer {l} has an empty shape {W.shape}")
+            if b is not None:
+                b = check_finite_array(b, f"bias of layer {l}").astype(np.float64)
+                if b.shape != (W.shape[0],):
+                    raise ValueError(
+                        f"bias of layer {l} must have shape ({W.shape[0]},), got {b.shape}"
+                    )
+            self.weights.append(W)
+            self.biases.append(b)
+        self.activations: list[str] = [get_activation(a).name for a in activations]
+        sizes = [self.weights[0].shape[1]] + [W.shape[0] for W in self.weights]
+        self.layer_sizes: tuple[int, ...] = tuple(int(s) for s in sizes)
+        counts = [
+            W.size + (0 if b is None else b.size) for W, b in zip(self.weights, self.biases)
+        ]
+        self.layer_offsets: Array = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.n_params: int = int(self.layer_offsets[-1])
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def n_layers(self) -> int:
+        return len(self.weights)
+
+    @property
+    def n_inputs(self) -> int:
+        return self.layer_sizes[0]
+
+    @property
+    def n_outputs(self) -> int:
+        return self.layer_sizes[-1]
+
+    def __repr__(self) -> str:
+        return (
+            f"MLP(layer_sizes={self.layer_sizes}, activations={self.activations}, "
+            f"biases={[b is not None for b in self.biases]}, n_params={self.n_params})"
+        )
+
+    def check_inputs(self, X, what: str = "X") -> Array:
+        """Validate a data matrix of shape ``(n_samples, n_inputs)``."""
+        X = check_finite_array(X, what)
+        if X.ndim != 2 or X.shape[1] != self.n_inputs:
+            raise ValueError(
+                f"{what} must have shape (n_samples, {self.n_inputs}) to match the first "
+                f"layer, got {X.shape}"
+            )
+        if X.shape[0] == 0:
+            raise ValueError(f"{what} is empty (0 samples)")
+        return X
+
+    def forward(self, X: Array) -> Array:
+        """Network output ``f(X)``, shape ``(n_samples, n_outputs)``."""
+        X = self.check_inputs(X)
+        A = X.astype(np.float64)
+        for W, b, act in zip(self.weights, self.biases, self.activations):
+            Z = A @ W.T
+            if b is not None:
+                Z = Z + b
+            A = get_activation(act).f(Z)
+        return A
+
+    __call__ = forward
+
+    # ------------------------------------------------------- parameter vector
+    def parameters(self) -> Array:
+        """The flat parameter vector (``W_1`` row-major, ``b_1``, ``W_2``, ...)."""
+        parts = []
+        for W, b in zip(self.weights, self.biases):
+            parts.append(W.ravel())
+            if b is not None:
+                parts.append(b)
+        return np.concatenate(parts)
+
+    def with_parameters(self, w) -> "MLP":
+        """A copy of this network with the flat parameter vector ``w``."""
+        w = check_finite_array(w, "parameter vector", ndim=1)
+        if w.shape != (self.n_params,):
+            raise ValueError(f"parameter vector must have length {self.n_params}, got {w.shape[0]}")
+        weights, biases = [], []
+        for l, (W, b) in enumerate(zip(self.weights, self.biases)):
+            o = int(self.layer_offsets[l])
+            weights.append(w[o:o + W.size].reshape(W.shape))
+            biases.append(None if b is None else w[o + W.size:o + W.size + b.size])
+        return MLP(weights, biases, self.activations)
+
+    def split(self, w: Array) -> list[tuple[Array, Array | None]]:
+        """Views ``[(W_l, b_l), ...]`` of a flat vector (or ``(N, k)`` matrix) ``w``."""
+        out = []
+        for l, (W, b) in enumerate(zip(self.weights, self.biases)):
+            o = int(self.layer_offsets[l])
+            tail = w.shape[1:]
+            Wv = w[o:o + W.size].reshape(W.shape + tail)
+            bv = None if b is None else w[o + W.size:o + W.size + b.size]
+            out.append((Wv, bv))
+        return out
+
+    def check_indices(self, idx, what: str = "index") -> Array:
+        """Validate parameter indices: integers in ``[0, n_params)``; returns int64 array."""
+        arr = np.asarray(idx)
+        if arr.dtype == bool or not (
+            np.issubdtype(arr.dtype, np.integer)
+            or (arr.size == 0 and np.issubdtype(arr.dtype, np.floating))
+        ):
+            raise TypeError(f"{what} must hold integers, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64).reshape(-1) if arr.ndim <= 1 else None
+        if arr is None:
+            raise ValueError(f"{what} must be a scalar or a 1-d array of indices")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.n_params):
+            bad = arr[(arr < 0) | (arr >= self.n_params)][0]
+            raise IndexError(
+                f"{what} {bad} is out of range: the network has {self.n_params} "
+                f"parameters (valid indices 0..{self.n_params - 1})"
+            )
+        return arr
+
+    def locate(self, idx) -> tuple[Array, Array, Array]:
+        """Vectorised ``param_info``: ``(layer, row, col)`` arrays for indices.
+
+        ``layer`` is 0-based; for a bias ``col == n_inputs_of_layer`` (the
+        "ones" input column), which is how the factors store biases.
+        """
+        idx = self.check_indices(idx)
+        layer = np.searchsorted(self.layer_offsets, idx, side="right") - 1
+        local = idx - self.layer_offsets[layer]
+        d_in = np.asarray(self.layer_sizes[:-1], dtype=np.int64)[layer]
+        wsize = d_in * np.asarray(self.layer_sizes[1:], dtype=np.int64)[layer]
+        is_bias = local >= wsize
+        row = np.where(is_bias, local - wsize, local // d_in)
+        col = np.where(is_bias, d_in, local % d_in)
+        return layer, row, col
+
+    def param_info(self, i: int) -> tuple[int, str, int, int | None]:
+        """``(layer, "weight"|"bias", row, col)`` of parameter ``i``; layers count from 1,
+        ``col`` is ``None`` for a bias."""
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"parameter index must be an integer, got {type(i).__name__}")
+        layer, row, col = (int(v[0]) for v in self.locate(np.array([i])))
+        if col == self.layer_sizes[layer]:
+            return layer + 1, "bias", row, None
+        return layer + 1, "weight", row, col
+
+    def param_index(self, layer: int, kind: str, row: int, col: int | None = None) -> int:
+        """Inverse of :meth:`param_info` (``layer`` counts from 1)."""
+        if not 1 <= layer <= self.n_layers:
+            raise IndexError(f"layer must be in 1..{self.n_layers}, got {layer}")
+        W, b = self.weights[layer - 1], self.biases[layer - 1]
+        off = int(self.layer_offsets[layer - 1])
+        if not 0 <= row < W.shape[0]:
+            raise IndexError(f"row {row} out of range for layer {layer} with {W.shape[0]} units")
+        if kind == "weight":
+            if col is None or not 0 <= col < W.shape[1]:
+                raise IndexError(f"col {col} out of range for layer {layer} with {W.shape[1]} inputs")
+            return off + row * W.shape[1] + col
+        if kind == "bias":
+            if b is None:
+                raise ValueError(f"layer {layer} has no bias")
+            return off + W.size + row
+        raise ValueError(f"kind must be 'weight' or 'bias', got {kind!r}")
+
+    # -------------------------------------------------------------- storage
+    def save(self, path: str | os.PathLike) -> None:
+        """Save as ``.npz`` (no pickle): ``W{l}``, ``b{l}``, activations, format tags."""
+        arrays = {
+            "format": np.array(FORMAT),
+            "version": np.array(FORMAT_VERSION),
+            "activations": np.array(self.activations),
+        }
+        for l, (W, b) in enumerate(zip(self.weights, self.biases)):
+            arrays[f"W{l}"] = W
+            if b is not None:
+                arrays[f"b{l}"] = b
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "MLP":
+        """Load a network written by :meth:`save`."""
+        try:
+            data = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"model file {path} does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"model file {path} is not a readable .npz file: {exc}") from None
+        with data:
+            if "format" not in data or str(data["format"]) != FORMAT:
+                raise ValueError(f"{path} is not a dgnh MLP file (missing format tag)")
+            if int(data["version"]) > FORMAT_VERSION:
+                raise ValueError(
+                    f"{path} has MLP format version {int(data['version'])}; this dgnh "
+                    f"reads up to {FORMAT_VERSION}"
+                )
+            acts = [str(a) for a in data["activations"]]
+            weights = [data[f"W{l}"] for l in range(len(acts))]
+            biases = [data[f"b{l}"] if f"b{l}" in data else None for l in range(len(acts))]
+        return cls(weights, biases, acts)

@@ -59,7 +59,7 @@ class GaussNewton(Operator):
     """
 
     def __init__(self, model: MLP, X, Y, loss: str = "mse", dtype=np.float64,
-                 shard_size: int | None = None):
+                 shard_size: int | None = None, client=None):
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a dgnh.MLP, got {type(model).__name__}")
         self.model = model

@@ -269,6 +269,8 @@ class MLP:
             raise FileNotFoundError(f"model file {path} does not exist") from None
         except (OSError, ValueError) as exc:
             raise ValueError(f"model file {path} is not a readable .npz file: {exc}") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"model file {path} is not a dgnh MLP .npz file")
         with data:
             if "format" not in data or str(data["format"]) != FORMAT:
                 raise ValueError(f"{path} is not a dgnh MLP file (missing format tag)")

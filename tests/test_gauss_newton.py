@@ -1,0 +1,172 @@
+"""GaussNewton against independent references: finite-difference Jacobians, dense G."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dgnh
+from conftest import dense_reference, random_mlp, random_targets
+
+ACTS = list(dgnh.ACTIVATIONS)
+LOSSES = ["mse", "cross_entropy", "binary_cross_entropy"]
+
+# (sizes, hidden activation, output activation, loss, biases): every activation, every
+# loss, depth 1..4, with and without biases.
+CASES = []
+for k, act in enumerate(ACTS):
+    for m, loss in enumerate(LOSSES):
+        depth = 1 + (k + m) % 4
+        sizes = [3] + [4] * (depth - 1) + [3]
+        out_act = act if depth == 1 or (k + m) % 3 == 0 else "identity"
+        hidden = [act] * (depth - 1) + [out_act]
+        biases = [(j + k + m) % 2 == 0 for j in range(depth)] if (k + m) % 2 else True
+        CASES.append(pytest.param((sizes, hidden, loss, biases), id=f"{act}-{loss}-L{depth}"))
+
+
+@pytest.fixture(params=CASES)
+def problem(request):
+    sizes, acts, loss, biases = request.param
+    net = random_mlp(sizes, acts, biases, seed=len(request.node.name))
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(11, sizes[0]))
+    Y = random_targets(loss, 11, sizes[-1])
+    gn = dgnh.GaussNewton(net, X, Y, loss=loss, shard_size=4, client="in-process")
+    return net, X, Y, loss, gn
+
+
+def rel(a, b):
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-300)
+
+
+def test_entries_blocks_diagonal_column_dense(problem):
+    net, X, Y, loss, gn = problem
+    G = dense_reference(net, X, loss)
+    N = net.n_params
+    assert rel(gn.dense(), G) <= 1e-6
+    rng = np.random.default_rng(0)
+    rows, cols = rng.integers(0, N, 7), rng.integers(0, N, 5)
+    assert rel(gn.entries(rows, cols), G[np.ix_(rows, cols)]) <= 1e-6
+    assert rel(gn.entries([rows[0]], [cols[0]]), G[rows[:1]][:, cols[:1]]) <= 1e-6
+    assert rel(gn.diagonal(), np.diag(G)) <= 1e-6
+    j = int(cols[1])
+    assert rel(gn.column(j), G[:, j]) <= 1e-6
+    blocks = gn.entries_many([(rows, cols), (cols, rows), (np.arange(N), [j])])
+    assert rel(blocks[0], G[np.ix_(rows, cols)]) <= 1e-6
+    assert rel(blocks[1], G[np.ix_(cols, rows)]) <= 1e-6
+    assert rel(blocks[2][:, 0], G[:, j]) <= 1e-6
+
+
+def test_matvec_against_dense(problem):
+    net, X, Y, loss, gn = problem
+    G = gn.dense()
+    V = np.random.default_rng(1).normal(size=(net.n_params, 3))
+    assert rel(gn @ V, G @ V) <= 1e-12
+    assert rel(gn @ V[:, 0], G @ V[:, 0]) <= 1e-12
+    assert rel(gn.as_linear_operator() @ V[:, 1], G @ V[:, 1]) <= 1e-12
+    assert rel(gn.T @ V, G @ V) <= 1e-12
+
+
+def _loss_and_grad(net, X, Y, loss, w):
+    g = dgnh.GaussNewton(net.with_parameters(w), X, Y, loss=loss, client="in-process")
+    return g.loss(), g.gradient()
+
+
+def test_gradient_and_hvp_against_finite_differences(problem):
+    net, X, Y, loss, gn = problem
+    w0, h = net.parameters(), 1e-6
+    g_fd, H_fd = [], []
+    for j in range(net.n_params):
+        e = np.zeros_like(w0)
+        e[j] = h
+        lp, gp = _loss_and_grad(net, X, Y, loss, w0 + e)
+        lm, gm = _loss_and_grad(net, X, Y, loss, w0 - e)
+        g_fd.append((lp - lm) / (2 * h))
+        H_fd.append((gp - gm) / (2 * h))
+    assert rel(gn.gradient(), np.array(g_fd)) <= 1e-6
+    H = np.array(H_fd).T
+    assert rel(gn.hvp(np.eye(net.n_params)), H) <= 1e-6
+    v = np.random.default_rng(3).normal(size=net.n_params)
+    assert rel(gn.hessian() @ v, H @ v) <= 1e-6
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_float32_agrees_with_float64(loss):
+    net = random_mlp([5, 8, 6, 4], ["tanh", "gelu", "identity"], seed=3)
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(40, 5))
+    Y = random_targets(loss, 40, 4)
+    g64 = dgnh.GaussNewton(net, X, Y, loss=loss, client="in-process")
+    g32 = dgnh.GaussNewton(net, X, Y, loss=loss, dtype=np.float32, client="in-process")
+    G64, G32 = g64.dense(), g32.dense()
+    assert G32.dtype == np.float32
+    assert rel(G32, G64) <= 1e-5
+    V = rng.normal(size=(net.n_params, 2))
+    assert rel(g32 @ V, g64 @ V) <= 1e-5
+    assert rel(g32.hvp(V), g64.hvp(V)) <= 1e-5
+    assert rel(g32.diagonal(), g64.diagonal()) <= 1e-5
+    assert abs(g32.loss() - g64.loss()) <= 1e-5 * abs(g64.loss())
+
+
+def test_sharding_does_not_change_results():
+    net = random_mlp([4, 6, 3], ["relu", "identity"], seed=5)
+    rng = np.random.default_rng(4)
+    X, Y = rng.normal(size=(23, 4)), rng.integers(0, 3, 23)
+    one = dgnh.GaussNewton(net, X, Y, loss="cross_entropy", client="in-process")
+    many = dgnh.GaussNewton(net, X, Y, loss="cross_entropy", shard_size=5, client="in-process")
+    assert many.n_shards == 5 and one.n_shards == 1
+    assert rel(many.dense(), one.dense()) <= 1e-13
+    assert rel(many.gradient(), one.gradient()) <= 1e-13
+
+
+def test_dense_refuses_when_too_large():
+    net = random_mlp([4, 6, 3], ["relu", "identity"])
+    gn = dgnh.GaussNewton(net, np.ones((3, 4)), np.zeros((3, 3)), client="in-process")
+    with pytest.raises(ValueError, match=r"needs 20,808 bytes"):
+        gn.dense(max_bytes=1000)
+
+
+def _bad(**kw):
+    net = random_mlp([3, 4, 2], ["tanh", "identity"])
+    args = dict(model=net, X=np.ones((5, 3)), Y=np.zeros((5, 2)), loss="mse")
+    args.update(kw)
+    return args
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(X=np.ones((5, 4))), ValueError, r"shape \(n_samples, 3\)"),
+    (dict(X=np.ones((0, 3)), Y=np.zeros((0, 2))), ValueError, "empty"),
+    (dict(X=np.full((5, 3), np.nan)), ValueError, "NaN or Inf"),
+    (dict(Y=np.zeros((5, 3))), ValueError, r"targets must have shape"),
+    (dict(Y=np.full((5, 2), np.inf)), ValueError, "NaN or Inf"),
+    (dict(loss="hinge"), ValueError, "unknown loss 'hinge'"),
+    (dict(loss="cross_entropy", Y=np.array([0, 1, 2, 0, 1])), ValueError, r"in \[0, 2\)"),
+    (dict(loss="cross_entropy", Y=np.array([0, 1, 0.5, 0, 1])), TypeError, "integers"),
+    (dict(loss="cross_entropy", Y=np.zeros((5, 2))), ValueError, "class labels of shape"),
+    (dict(loss="binary_cross_entropy", Y=np.full((5, 2), 1.5)), ValueError, r"\[0, 1\]"),
+    (dict(dtype=np.int32), TypeError, "float64 or float32"),
+    (dict(shard_size=0), ValueError, "shard_size"),
+    (dict(model="net"), TypeError, "dgnh.MLP"),
+])
+def test_bad_input_is_named(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        dgnh.GaussNewton(client="in-process", **_bad(**kwargs))
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda gn: gn.entries([0, 26], [1]), IndexError, "26 is out of range"),
+    (lambda gn: gn.entries([-1], [1]), IndexError, "-1 is out of range"),
+    (lambda gn: gn.entries([0.5], [1]), TypeError, "integers"),
+    (lambda gn: gn.entries([[0]], [1]), ValueError, "1-d"),
+    (lambda gn: gn.entries([0], [1], eps=0.0), ValueError, "eps must lie"),
+    (lambda gn: gn.entries([0], [1], eps=1.5), ValueError, "eps must lie"),
+    (lambda gn: gn.entries([0], [1], eps=0.1, delta=1.0), ValueError, "delta must lie"),
+    (lambda gn: gn.column([1, 2]), ValueError, "single integer"),
+    (lambda gn: gn @ np.ones(5), ValueError, r"cannot multiply an array of shape \(5,\)"),
+    (lambda gn: gn @ np.full(26, np.nan), ValueError, "NaN or Inf"),
+    (lambda gn: gn.hvp(np.ones((26, 2, 1))), ValueError, "cannot multiply"),
+])
+def test_bad_requests_are_named(call, exc, match):
+    gn = dgnh.GaussNewton(client="in-process", **_bad())
+    with pytest.raises(exc, match=match):
+        call(gn)

@@ -6,6 +6,8 @@ from .activations import ACTIVATIONS
 from .model import MLP
 from .operator import Operator
 from .sampling import SamplePlan, plan as sampling_plan
+from .dataset import Dataset, open_dataset, save_dataset
+from .cluster import DaskBackend
 
 __version__ = "0.1.0"
 
@@ -18,5 +20,9 @@ __all__ = [
     "Operator",
     "SamplePlan",
     "sampling_plan",
+    "Dataset",
+    "open_dataset",
+    "save_dataset",
+    "DaskBackend",
     "__version__",
 ]

@@ -9,6 +9,7 @@ Subclasses implement ``_matmat`` (the solve), ``logdet`` and
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 
 from .operator import Operator
 
@@ -47,3 +48,122 @@ class Factorization(Operator):
     def inverse_diagonal(self) -> Array:
         """The diagonal of ``(A + reg·I)⁻¹``."""
         raise NotImplementedError
+
+
+class ScaledIdentity(Factorization):
+    """The trivial factorization ``(0 + reg·I)⁻¹ = I/reg`` of size ``n``.
+
+    The base on which :class:`LowRankUpdate` builds the factorization of a
+    global low-rank approximation ``UUᵀ + reg·I``.
+
+    Examples
+    --------
+    >>> ScaledIdentity(3, 2.0).logdet() == 3 * np.log(2.0)
+    True
+    """
+
+    def __init__(self, n: int, reg: float):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        self.reg = check_reg(reg)
+        self.shape = (int(n), int(n))
+
+    def _matmat(self, V: Array) -> Array:
+        return V / self.reg
+
+    def logdet(self) -> float:
+        return self.shape[0] * float(np.log(self.reg))
+
+    def inverse_diagonal(self) -> Array:
+        return np.full(self.shape[0], 1.0 / self.reg)
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+
+class LowRankUpdate(Factorization):
+    """Factorization of ``A + UUᵀ + reg·I`` on top of a factorization of ``A + reg·I``.
+
+    Sherman–Morrison–Woodbury with ``Z = (A + reg·I)⁻¹ U`` and the ``r × r``
+    capacitance matrix ``K = I + UᵀZ = L Lᵀ`` (Cholesky):
+
+    * ``solve``: ``x = y − Z K⁻¹ Zᵀ b`` with ``y = base.solve(b)`` (one base solve);
+    * ``logdet``: ``base.logdet() + log det K`` (matrix determinant lemma);
+    * ``inverse_diagonal``: ``base.inverse_diagonal() − Σ_j (L⁻¹Zᵀ)_{j,:}²``.
+
+    Set-up costs one base solve with ``r`` right-hand sides plus O(N·r²);
+    it stores ``Z`` (N × r). The Woodbury subtraction loses about
+    ``eps·‖UUᵀ‖/reg`` in relative accuracy (1e-10 at ``reg = 1e-6‖UUᵀ‖``).
+
+    Parameters
+    ----------
+    base : Factorization
+        Of ``A + reg·I``, with ``A`` positive semi-definite; its ``reg`` is used.
+    U : array ``(N, r)``
+
+    Raises
+    ------
+    IndefiniteError
+        If ``K`` is not numerically positive definite (``base`` not of a PSD matrix).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> U = rng.normal(size=(6, 2))
+    >>> f = LowRankUpdate(ScaledIdentity(6, 0.5), U)
+    >>> b = rng.normal(size=6)
+    >>> bool(np.allclose((U @ U.T + 0.5 * np.eye(6)) @ f.solve(b), b))
+    True
+    """
+
+    def __init__(self, base: Factorization, U):
+        if not isinstance(base, Factorization):
+            raise TypeError(f"base must be a dgnh Factorization, got {type(base).__name__}")
+        U = np.asarray(U, dtype=np.float64)
+        if U.ndim != 2 or U.shape[0] != base.shape[0]:
+            raise ValueError(
+                f"U must have shape ({base.shape[0]}, r) to match the base factorization, "
+                f"got {U.shape}"
+            )
+        if not np.all(np.isfinite(U)):
+            raise ValueError("U contains NaN or Inf")
+        self.base = base
+        self.reg = base.reg
+        self.shape = base.shape
+        self.U = U
+        self.Z = base.solve(U) if U.shape[1] else np.zeros_like(U)
+        K = np.eye(U.shape[1]) + U.T @ self.Z
+        try:
+            self.chol = scipy.linalg.cholesky((K + K.T) / 2, lower=True)
+        except np.linalg.LinAlgError as err:
+            raise IndefiniteError(
+                "the Woodbury capacitance matrix I + Uᵀ(A + reg·I)⁻¹U is not positive "
+                "definite: the base factorization is not of a positive definite matrix"
+            ) from err
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.Z.nbytes + self.chol.nbytes + getattr(self.base, "nbytes", 0))
+
+    def _correction(self, W: Array) -> Array:
+        """``L⁻¹ W`` for ``W`` of shape ``(r, k)``."""
+        return scipy.linalg.solve_triangular(self.chol, W, lower=True)
+
+    def _matmat(self, V: Array) -> Array:
+        y = self.base.solve(V)
+        if not self.rank:
+            return y
+        c = self._correction(self.Z.T @ V)
+        return y - self.Z @ scipy.linalg.solve_triangular(self.chol, c, lower=True, trans="T")
+
+    def logdet(self) -> float:
+        return self.base.logdet() + 2.0 * float(np.sum(np.log(np.diag(self.chol))))
+
+    def inverse_diagonal(self) -> Array:
+        W = self._correction(self.Z.T)
+        return self.base.inverse_diagonal() - np.einsum("ij,ij->j", W, W)

@@ -25,7 +25,7 @@ from .losses import Loss
 from .model import MLP
 
 Array = np.ndarray
-GATHER_BYTES = 64 * 2**20  # memory bound of one gathered Jacobian slab
+GATHER_BYTES = 16 * 2**20  # size of the reused Jacobian buffers of one block chunk
 
 
 class ShardFactors:
@@ -95,8 +95,14 @@ class ShardFactors:
         out = np.empty((len(layer), n_rows, self.sizes[-1]), dtype=self.dtype)
         for l in np.unique(layer):
             pos = np.flatnonzero(layer == l)
-            x = self.XT[l][q[pos]][:, rows]
-            out[pos] = self.CT[l][p[pos]][:, rows] * x[:, :, None]
+            if isinstance(rows, slice):  # basic slice on the row axis: no full copy
+                c, x = self.CT[l][p[pos], rows], self.XT[l][q[pos], rows]
+            else:
+                c, x = self.CT[l][np.ix_(p[pos], rows)], self.XT[l][np.ix_(q[pos], rows)]
+            if pos.size == len(layer):
+                np.multiply(c, x[:, :, None], out=out)
+            else:
+                out[pos] = c * x[:, :, None]
         return out
 
     def sq_norms(self, loc) -> Array:
@@ -109,19 +115,40 @@ class ShardFactors:
         return out
 
     # ------------------------------------------------------- exact entries
+    def _fill(self, buf: Array, loc, ranges, rows: slice) -> Array:
+        """Write Ĵ columns of layer-sorted parameters for a row slice into ``buf``."""
+        layer, p, q = loc
+        for l, a, b in ranges:
+            np.take(self.CT[l][:, rows], p[a:b], axis=0, out=buf[a:b])
+            buf[a:b] *= self.XT[l][q[a:b], rows][:, :, None]
+        return buf
+
     def block(self, loc_I, loc_J) -> Array:
-        """Σ_i Ĵ_i[:, I]ᵀ Ĵ_i[:, J] over this shard, as GEMMs on row chunks."""
-        k, m = len(loc_I[0]), len(loc_J[0])
+        """Σ_i Ĵ_i[:, I]ᵀ Ĵ_i[:, J] over this shard: one GEMM per cache-sized row chunk.
+
+        Parameters are sorted by (layer, row, col) so that each layer's columns
+        are gathered with one ``take`` into a reused buffer; the result is put
+        back into the requested order.
+        """
+        (sI, rI, oI), (sJ, rJ, oJ) = _sorted(loc_I), _sorted(loc_J)
+        k, m = len(oI), len(oJ)
         same = k == m and all(np.array_equal(a, b) for a, b in zip(loc_I, loc_J))
         d = self.sizes[-1]
-        step = max(1, GATHER_BYTES // (max(k + (0 if same else m), 1) * d * self.dtype.itemsize))
+        step = max(1, min(self.n, GATHER_BYTES // (max(k + m, 1) * d * self.dtype.itemsize)))
         out = np.zeros((k, m), dtype=self.dtype)
+        bufI = bufJ = None
         for s in range(0, self.n, step):
             rows = slice(s, min(s + step, self.n))
-            a = self.gather(loc_I, rows).reshape(k, -1)
-            b = a if same else self.gather(loc_J, rows).reshape(m, -1)
+            r = rows.stop - rows.start
+            if bufI is None or bufI.shape[1] != r:
+                bufI = np.empty((k, r, d), dtype=self.dtype)
+                bufJ = bufI if same else np.empty((m, r, d), dtype=self.dtype)
+            a = self._fill(bufI, sI, rI, rows).reshape(k, -1)
+            b = a if same else self._fill(bufJ, sJ, rJ, rows).reshape(m, -1)
             out += a @ b.T
-        return out
+        result = np.empty_like(out)
+        result[np.ix_(oI, oJ)] = out
+        return result
 
     def blocks(self, requests) -> list[Array]:
         """:meth:`block` for a list of ``(loc_I, loc_J)`` requests."""
@@ -286,3 +313,15 @@ class ShardFactors:
             else:
                 out.append(self.sampled_block(*spec[1:]))
         return out
+
+
+def _sorted(loc):
+    """Sort located parameters by (layer, row, col): ``(sorted loc, layer ranges, order)``."""
+    layer, p, q = loc
+    order = np.lexsort((q, p, layer))
+    sl, sp, sq = layer[order], p[order], q[order]
+    bounds = np.flatnonzero(np.diff(sl)) + 1
+    starts = np.concatenate([[0], bounds]).astype(int)
+    ends = np.concatenate([bounds, [len(sl)]]).astype(int)
+    ranges = [(int(sl[a]), int(a), int(b)) for a, b in zip(starts, ends) if b > a]
+    return (sl, sp, sq), ranges, order

@@ -6,11 +6,14 @@ factors plus an exact sum over shards.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
 
 from .backend import LocalBackend, default_shard_size, shard_bounds
+from .cluster import DaskBackend
+from .dataset import Dataset, open_dataset
 from .factors import ShardFactors
 from .losses import get_loss
 from .model import MLP, check_finite_array
@@ -45,6 +48,21 @@ class GaussNewton(Operator):
     loss : ``"mse"``, ``"cross_entropy"`` or ``"binary_cross_entropy"``.
     dtype : ``numpy.float64`` (default) or ``numpy.float32`` for factors and arithmetic.
     shard_size : rows per shard (default: about 128 MiB of factors per shard).
+    client : where the shards live. ``None`` (default): in this process when
+        there is one shard, else on a process-based ``LocalCluster`` sized to
+        the machine, started here and closed by :meth:`close`. ``"in-process"``:
+        always in this process. A ``distributed.Client`` or a scheduler address
+        (``"tcp://host:8786"``, ``"tls://…"``): on that cluster, one resident
+        task per shard (see :mod:`dgnh.cluster`); an unreachable address fails
+        after the Dask setting ``distributed.comm.timeouts.connect``.
+    security : TLS credentials for an address: a ``distributed.security.Security``,
+        a dict of ``tls_ca_file``/``tls_client_cert``/``tls_client_key`` paths or
+        a tuple ``(ca_file, cert_file[, key_file])``.
+
+    ``X`` may instead be the path of a dataset store (:func:`dgnh.save_dataset`),
+    with ``Y=None``: each shard then reads its own rows where it lives. Arrays
+    given in memory travel to a cluster as the shard tasks' arguments, so the
+    scheduler can recompute a shard lost with its worker.
 
     Examples
     --------
@@ -56,34 +74,91 @@ class GaussNewton(Operator):
     >>> G = gn.dense()
     >>> bool(np.allclose(gn.entries([0, 4], [7]), G[[0, 4]][:, [7]]))
     True
+
+    On a cluster, from a dataset store (closed on leaving the block)::
+
+        dgnh.save_dataset("data.zarr", X, Y)
+        with dgnh.GaussNewton(net, "data.zarr", client="tcp://scheduler:8786") as gn:
+            block = gn.entries(rows, cols)
     """
 
-    def __init__(self, model: MLP, X, Y, loss: str = "mse", dtype=np.float64,
-                 shard_size: int | None = None, client=None):
+    def __init__(self, model: MLP, X, Y=None, loss: str = "mse", dtype=np.float64,
+                 shard_size: int | None = None, client=None, security=None):
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a dgnh.MLP, got {type(model).__name__}")
         self.model = model
         self.loss_name = get_loss(loss).name
         self.dtype = check_dtype(dtype)
-        X = model.check_inputs(X)
-        n = X.shape[0]
-        Yv = get_loss(loss).check_targets(Y, n, model.n_outputs, self.dtype)
         if shard_size is None:
             shard_size = default_shard_size(model, self.dtype)
         self.shard_size = check_shard_size(shard_size)
-        self.n_samples = int(n)
+        if isinstance(X, (str, os.PathLike)):
+            if Y is not None:
+                raise ValueError("X is a dataset path, which holds the targets: pass Y=None")
+            X = os.fspath(X)
+        else:
+            if Y is None:
+                raise ValueError("Y is required when X is an array (or pass a dataset path as X)")
+            X = model.check_inputs(X)
+            Y = get_loss(loss).check_targets(Y, X.shape[0], model.n_outputs, self.dtype)
+            self.n_samples = int(X.shape[0])
         self.n_params = model.n_params
         self.shape = (self.n_params, self.n_params)
         self.stats = {"blocks": 0, "entries_exact": 0, "entries_sampled": 0, "rows_sampled": 0}
         self._diag = None
-        self._backend = self._make_backend(X, Yv)
+        self._backend = self._make_backend(X, Y, client, security)
 
-    def _make_backend(self, X, Y):
-        loss = get_loss(self.loss_name)
-        return LocalBackend([
-            ShardFactors(self.model, X[a:b], Y[a:b], loss, self.dtype, index=s)
-            for s, (a, b) in enumerate(shard_bounds(self.n_samples, self.shard_size))
-        ])
+    def _make_backend(self, X, Y, client, security):
+        """Shards in this process or as resident tasks on a Dask cluster.
+
+        In process for ``client="in-process"``, and for ``client=None`` with one
+        shard; ``client=None`` with more shards starts a local cluster. A
+        dataset path is read where the shards live (the metadata through one
+        task on a given cluster, whose workers may not share this file system).
+        """
+        in_process = client is None or (isinstance(client, str) and client == "in-process")
+        if in_process and security is not None:
+            raise ValueError("security applies when client is a scheduler address")
+        backend = None if in_process else DaskBackend(client, security)
+        try:
+            if isinstance(X, str):
+                dataset = open_dataset(X) if backend is None else backend.run(open_dataset, X)
+                self.n_samples = self._check_dataset(dataset)
+            tasks = self._shard_tasks(X, Y)
+            if backend is None:
+                if client is not None or len(tasks) == 1:
+                    return LocalBackend([make(*args) for make, args in tasks])
+                backend = DaskBackend()
+            backend.create_shards(tasks)
+        except BaseException:
+            if backend is not None:
+                backend.close()
+            raise
+        return backend
+
+    def _check_dataset(self, dataset: Dataset) -> int:
+        """Check a store's shapes and dtypes against the model and loss; its n_samples."""
+        if dataset.n_inputs != self.model.n_inputs:
+            raise ValueError(f"dataset {dataset.path}: X has {dataset.n_inputs} columns, the "
+                             f"model takes {self.model.n_inputs} inputs (mismatched store)")
+        empty = np.zeros((0,) + dataset.target_shape, dtype=dataset.y_dtype)
+        try:
+            get_loss(self.loss_name).check_targets(empty, 0, self.model.n_outputs, self.dtype)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"dataset {dataset.path}: targets Y of shape "
+                          f"{(dataset.n_samples,) + dataset.target_shape} and dtype "
+                          f"{dataset.y_dtype} do not fit the model and loss: {e}") from None
+        return dataset.n_samples
+
+    def _shard_tasks(self, X, Y) -> list[tuple]:
+        """One ``(make, args)`` per shard: reads its rows from a store, or holds them."""
+        common = (self.model, self.loss_name, self.dtype)
+        bounds = shard_bounds(self.n_samples, self.shard_size)
+        if isinstance(X, str):
+            return [(shard_from_store, (X, a, b) + common + (s,))
+                    for s, (a, b) in enumerate(bounds)]
+        return [(shard_from_arrays, (X[a:b], Y[a:b]) + common + (s,))
+                for s, (a, b) in enumerate(bounds)]
 
     # -------------------------------------------------------------- lifecycle
     @property
@@ -91,7 +166,7 @@ class GaussNewton(Operator):
         return self._backend.n_shards
 
     def close(self) -> None:
-        """Release the shards (and a cluster this object started)."""
+        """Release the shards, and the client or local cluster this object started."""
         self._backend.close()
 
     def __enter__(self) -> "GaussNewton":
@@ -227,6 +302,24 @@ class HessianOperator(Operator):
     def _matmat(self, V: Array) -> Array:
         gn = self.gn
         return (gn._backend.sum("hessian_matvec", (V,)) / gn.n_samples).astype(gn.dtype)
+
+
+def shard_from_arrays(X: Array, Y: Array, model: MLP, loss_name: str, dtype,
+                      index: int) -> ShardFactors:
+    """The factors of one shard from its validated rows (runs where the shard lives)."""
+    return ShardFactors(model, X, Y, get_loss(loss_name), dtype, index=index)
+
+
+def shard_from_store(path: str, start: int, stop: int, model: MLP, loss_name: str, dtype,
+                     index: int) -> ShardFactors:
+    """The factors of one shard from rows ``start:stop`` of a dataset store."""
+    X, Y = open_dataset(path).read(start, stop)
+    try:
+        X = model.check_inputs(X)
+        Y = get_loss(loss_name).check_targets(Y, stop - start, model.n_outputs, dtype)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"dataset {path}, rows {start}:{stop}: {e}") from None
+    return shard_from_arrays(X, Y, model, loss_name, dtype, index)
 
 
 def check_shard_size(shard_size) -> int:

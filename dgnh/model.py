@@ -283,3 +283,36 @@ class MLP:
             weights = [data[f"W{l}"] for l in range(len(acts))]
             biases = [data[f"b{l}"] if f"b{l}" in data else None for l in range(len(acts))]
         return cls(weights, biases, acts)
+
+    # ---------------------------------------------------------------- interop
+    @classmethod
+    def from_torch(cls, module) -> "MLP":
+        """Import a ``torch.nn.Sequential`` of ``Linear`` layers and activations.
+
+        See :func:`dgnh.interop.mlp_from_torch` (needs ``pip install 'dgnh[torch]'``).
+
+        Examples
+        --------
+        >>> import torch, dgnh
+        >>> net = dgnh.MLP.from_torch(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU()))
+        >>> net.layer_sizes, net.activations
+        ((4, 2), ['relu'])
+        """
+        from .interop import mlp_from_torch
+
+        return mlp_from_torch(module)
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike) -> "MLP":
+        """Import an MLP graph (Gemm or MatMul+Add with activation nodes) from an ONNX file.
+
+        See :func:`dgnh.interop.mlp_from_onnx` (needs ``pip install 'dgnh[onnx]'``).
+
+        Examples
+        --------
+        >>> import dgnh
+        >>> net = dgnh.MLP.from_onnx("model.onnx")  # doctest: +SKIP
+        """
+        from .interop import mlp_from_onnx
+
+        return mlp_from_onnx(path)

@@ -1,0 +1,250 @@
+"""All Dask plumbing: shards resident on a cluster, one task per shard per batch.
+
+:class:`DaskBackend` implements the backend protocol of :mod:`dgnh.backend`
+(``map``, ``sum``, ``close``, ``n_shards``) on a ``distributed`` cluster:
+
+* each shard is one task, ``make(*args)`` → :class:`~dgnh.factors.ShardFactors`,
+  with the key ``dgnh-shard-<token>-<s>``, softly pinned to one worker
+  (``allow_other_workers=True``); the backend keeps its future, so the factors
+  stay resident on the worker. ``args`` are either a dataset path and a row
+  range (the worker reads its rows from the store) or the shard's own rows. In
+  both cases the scheduler keeps the task spec, so a shard lost with its
+  worker is recomputed elsewhere — which ``client.scatter`` would not allow;
+* a request batch is one task per shard, ``getattr(shard, method)(*args)``
+  (key ``dgnh-<method>-<token>-<batch>-<s>``), then for ``sum`` a tree
+  reduction with :func:`~dgnh.backend.add_partials`, ``SPLIT_EVERY`` partials
+  per task (``dgnh-sum-<token>-<batch>-<level>-<i>``): about ``1.33 × n_shards``
+  tasks per batch whatever the number of blocks it holds. Shared arguments
+  larger than ``ARG_TASK_BYTES`` travel once, as one ``dgnh-args-…`` task.
+
+The tree depends only on the number of shards, so results are bit-identical
+for any number of workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+import weakref
+from functools import reduce
+from typing import Any, Callable, Sequence
+
+import dask.config
+from dask.sizeof import sizeof
+from dask.utils import parse_timedelta
+from distributed import Client, Future, LocalCluster, wait
+from distributed.security import Security
+
+from .backend import add_partials, per_shard
+
+SPLIT_EVERY = 4  # partial results added by one reduction task
+ARG_TASK_BYTES = 2**20  # shared arguments above this size are sent once, as a task
+_TLS_FILES = ("tls_ca_file", "tls_client_cert", "tls_client_key")
+
+
+def make_security(security) -> Security | None:
+    """A :class:`distributed.security.Security` from one, or from TLS file paths.
+
+    ``security`` is ``None``, a ``Security``, a dict with some of the keys
+    ``tls_ca_file``, ``tls_client_cert``, ``tls_client_key``, or a tuple
+    ``(ca_file, cert_file[, key_file])`` (a 2-tuple when the certificate file
+    also holds the key).
+
+    Examples
+    --------
+    >>> make_security(None) is None
+    True
+    """
+    if security is None or isinstance(security, Security):
+        return security
+    if isinstance(security, dict):
+        files = dict(security)
+    elif isinstance(security, (tuple, list)) and len(security) in (2, 3):
+        files = dict(zip(_TLS_FILES, security))
+    else:
+        raise TypeError("security must be a distributed.security.Security, a dict of TLS file "
+                        "paths or a tuple (ca_file, cert_file[, key_file]), "
+                        f"got {type(security).__name__}")
+    unknown = sorted(set(files) - set(_TLS_FILES))
+    if unknown:
+        raise ValueError(f"security: unknown keys {unknown}; expected some of {list(_TLS_FILES)}")
+    for name, file in files.items():
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"security: {name} file {file} does not exist")
+    return Security(require_encryption=True, **files)
+
+
+def connect(address: str, security=None) -> Client:
+    """A new ``Client`` of the scheduler at ``address``, or a ``ConnectionError``.
+
+    Waits at most the Dask setting ``distributed.comm.timeouts.connect``
+    (30 s by default) for the scheduler.
+    """
+    if "://" not in address:
+        raise ValueError("client must be None, 'in-process', a distributed.Client or a "
+                         f"scheduler address such as 'tcp://host:8786', got {address!r}")
+    security = make_security(security)
+    if address.startswith("tls://") and security is None:
+        raise ValueError(f"the scheduler at {address} uses TLS: pass security= (a "
+                         "distributed.security.Security or the TLS file paths)")
+    timeout = connect_timeout()
+    try:
+        return Client(address, security=security, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError) as e:
+        raise ConnectionError(f"cannot connect to the Dask scheduler at {address} within "
+                              f"{timeout:g} s (wrong address, scheduler down, or credentials "
+                              f"refused): {e}") from e
+
+
+def connect_timeout() -> float:
+    """Seconds to wait for a scheduler or its first worker (Dask setting
+    ``distributed.comm.timeouts.connect``)."""
+    return parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
+
+
+def call_method(obj: Any, method: str, args: tuple) -> Any:
+    """``getattr(obj, method)(*args)``: the task run on a shard."""
+    return getattr(obj, method)(*args)
+
+
+def sum_partials(*parts: Any) -> Any:
+    """Add partial results (one node of the reduction tree)."""
+    return reduce(add_partials, parts)
+
+
+class DaskBackend:
+    """Shards as resident tasks on a Dask cluster (see the module docstring).
+
+    Parameters
+    ----------
+    client : ``None`` (start a process-based ``LocalCluster`` sized to the
+        machine, closed by :meth:`close`), a ``distributed.Client`` (used, never
+        closed), or a scheduler address ``"tcp://…"``/``"tls://…"`` (a client
+        is connected and closed by :meth:`close`).
+    security : TLS credentials for an address, see :func:`make_security`.
+
+    Shards are created by :meth:`create_shards`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from distributed import Client, LocalCluster
+    >>> with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as lc, \\
+    ...         Client(lc, set_as_default=False) as c:
+    ...     backend = DaskBackend(c)
+    ...     backend.create_shards([(np.arange, (3,)), (np.arange, (3, 6))])
+    ...     total = backend.sum("sum")
+    ...     backend.close()
+    >>> int(total)
+    15
+    """
+
+    def __init__(self, client: Client | str | None = None, security=None):
+        cluster = None
+        if client is None:
+            if security is not None:
+                raise ValueError("security applies when connecting to a scheduler address")
+            cluster = LocalCluster(processes=True, dashboard_address=None)
+            client = Client(cluster, set_as_default=False)
+            owned = True
+        elif isinstance(client, Client):
+            if security is not None:
+                raise ValueError("security applies when connecting to a scheduler address; "
+                                 "a Client carries its own")
+            owned = False
+        elif isinstance(client, str):
+            client = connect(client, security)
+            owned = True
+        else:
+            raise TypeError("client must be None, 'in-process', a distributed.Client or a "
+                            f"scheduler address, got {type(client).__name__}")
+        self.client = client
+        self._shutdown = weakref.finalize(self, _shutdown, client if owned else None, cluster)
+        self._token = uuid.uuid4().hex
+        self._batches = itertools.count()
+        self._shards: list[Future] = []
+        try:
+            client.wait_for_workers(1, timeout=connect_timeout())
+        except TimeoutError as e:
+            self.close()
+            raise ConnectionError(f"the Dask cluster at {client.scheduler.address} has no "
+                                  "workers") from e
+
+    # ----------------------------------------------------------------- setup
+    def run(self, func: Callable, *args) -> Any:
+        """``func(*args)`` as one task on a worker (e.g. to read store metadata
+        where the data lives)."""
+        return self.client.submit(func, *args, pure=False).result()
+
+    def create_shards(self, tasks: Sequence[tuple[Callable, tuple]]) -> None:
+        """Create one resident shard per ``(make, args)`` and wait for them.
+
+        Shard ``s`` is pinned softly to worker ``s mod n_workers``; the first
+        failure (e.g. an unreadable store) is raised here.
+        """
+        workers = sorted(self.client.scheduler_info()["workers"])
+        self._shards = [
+            self.client.submit(make, *args, key=f"dgnh-shard-{self._token}-{s}",
+                               workers=[workers[s % len(workers)]], allow_other_workers=True)
+            for s, (make, args) in enumerate(tasks)
+        ]
+        wait(self._shards)
+        for future in self._shards:
+            if future.status == "error":
+                future.result()
+
+    # ---------------------------------------------------------- the protocol
+    @property
+    def n_shards(self) -> int:
+        return len(self._shards)
+
+    @property
+    def n_workers(self) -> int:
+        return len(self.client.scheduler_info()["workers"])
+
+    def map(self, method: str, args=()) -> list:
+        """``getattr(shard, method)(*args[s])`` on every shard, in shard order."""
+        futures, _ = self._submit_calls(method, args)
+        return self.client.gather(futures)
+
+    def sum(self, method: str, args=()):
+        """The calls of :meth:`map` added up over shards by a reduction tree."""
+        parts, tag = self._submit_calls(method, args)
+        for level in itertools.count():
+            if len(parts) == 1:
+                return parts[0].result()
+            parts = [
+                self.client.submit(sum_partials, *parts[i:i + SPLIT_EVERY],
+                                   key=f"dgnh-sum-{tag}-{level}-{i}")
+                if len(parts[i:i + SPLIT_EVERY]) > 1 else parts[i]
+                for i in range(0, len(parts), SPLIT_EVERY)
+            ]
+
+    def close(self) -> None:
+        """Release the shards; close the client and cluster this backend started."""
+        if self._shards:
+            self.client.cancel(self._shards)
+            self._shards = []
+        self._shutdown()
+
+    def _submit_calls(self, method: str, args) -> tuple[list[Future], str]:
+        tag = f"{self._token}-{next(self._batches)}"
+        if isinstance(args, tuple) and args and sizeof(args) > ARG_TASK_BYTES:
+            args = self.client.submit(tuple, args, key=f"dgnh-args-{tag}")
+        if isinstance(args, Future):
+            per = [args] * self.n_shards
+        else:
+            per = per_shard(args, self.n_shards)
+        futures = [
+            self.client.submit(call_method, shard, method, a, key=f"dgnh-{method}-{tag}-{s}")
+            for s, (shard, a) in enumerate(zip(self._shards, per))
+        ]
+        return futures, tag
+
+
+def _shutdown(client: Client | None, cluster: LocalCluster | None) -> None:
+    if client is not None:
+        client.close()
+    if cluster is not None:
+        cluster.close()

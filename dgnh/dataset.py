@@ -1,0 +1,198 @@
+"""Data sets on disk: inputs ``X`` and targets ``Y`` in a Zarr v3 store, rows chunked.
+
+Layout (``format = "dgnh-dataset"``, ``version = 1``)::
+
+    <path>/                 Zarr v3 group; attributes:
+        format, version     "dgnh-dataset", 1
+        n_samples, n_inputs number of rows, columns of X
+        target_shape        shape of one target row: [] (class labels) or [n_targets]
+        x_dtype, y_dtype    numpy dtype names of X and Y
+        chunk_rows          rows per chunk of X and Y
+    <path>/X                (n_samples, n_inputs) float32/float64, chunks (chunk_rows, n_inputs)
+    <path>/Y                (n_samples,) int64 labels or (n_samples, n_targets) floats,
+                            chunks (chunk_rows, ...)
+
+Every chunk is written, even an all-zero one, so a missing chunk means a
+truncated store. :func:`open_dataset` checks the attributes against the arrays
+and the chunks present; :meth:`Dataset.read` is what a shard task runs on a
+worker to fetch its rows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from .model import check_finite_array
+
+Array = np.ndarray
+
+FORMAT = "dgnh-dataset"
+VERSION = 1
+CHUNK_BYTES = 4 * 2**20  # target size of one chunk of X
+_ATTRS = ("n_samples", "n_inputs", "target_shape", "x_dtype", "y_dtype", "chunk_rows")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Metadata of a validated dataset store; :meth:`read` fetches rows.
+
+    Only metadata is held, so a ``Dataset`` is cheap to pickle and to send to a
+    worker. Obtain one from :func:`open_dataset` or :func:`save_dataset`.
+    """
+
+    path: str
+    n_samples: int
+    n_inputs: int
+    target_shape: tuple[int, ...]
+    x_dtype: np.dtype
+    y_dtype: np.dtype
+    chunk_rows: int
+
+    def read(self, start: int = 0, stop: int | None = None) -> tuple[Array, Array]:
+        """Rows ``start:stop`` of ``X`` and ``Y`` as numpy arrays.
+
+        Examples
+        --------
+        >>> import numpy as np, dgnh, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "d.zarr")
+        >>> ds = dgnh.save_dataset(path, np.ones((10, 3)), np.arange(10))
+        >>> X, Y = ds.read(2, 5)
+        >>> X.shape, Y.tolist()
+        ((3, 3), [2, 3, 4])
+        """
+        stop = self.n_samples if stop is None else stop
+        if not 0 <= start <= stop <= self.n_samples:
+            raise ValueError(f"dataset {self.path}: rows {start}:{stop} are outside "
+                             f"[0, {self.n_samples}]")
+        group = _open_group(self.path)
+        out = []
+        for name in ("X", "Y"):
+            try:
+                out.append(np.asarray(group[name][start:stop]))
+            except Exception as e:  # codec, I/O and missing-key errors alike
+                raise ValueError(f"dataset {self.path}: cannot read rows {start}:{stop} of "
+                                 f"array {name!r} (corrupt or truncated chunk?): {e}") from e
+        return out[0], out[1]
+
+
+def save_dataset(path: str | os.PathLike, X, Y, chunk_rows: int | None = None,
+                 overwrite: bool = False) -> Dataset:
+    """Write ``X`` (n_samples, n_inputs) and ``Y`` to a new Zarr v3 dataset store.
+
+    Parameters
+    ----------
+    path : directory of the store (must not exist unless ``overwrite``).
+    X : real finite array ``(n_samples, n_inputs)``; stored as float32 if given
+        float32, else float64.
+    Y : real finite targets ``(n_samples,)`` (e.g. class labels, stored as int64
+        when integer) or ``(n_samples, n_targets)``.
+    chunk_rows : rows per chunk (default: about 4 MiB of ``X`` per chunk). A
+        shard reads whole chunks, so a shard size that is a multiple of it
+        reads each chunk once.
+    overwrite : replace an existing store at ``path``.
+
+    Examples
+    --------
+    >>> import numpy as np, dgnh, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "d.zarr")
+    >>> ds = dgnh.save_dataset(path, np.zeros((100, 3)), np.zeros((100, 2)), chunk_rows=32)
+    >>> ds.n_samples, ds.n_inputs, ds.target_shape, ds.chunk_rows
+    (100, 3, (2,), 32)
+    """
+    path = os.fspath(path)
+    X = check_finite_array(X, "X", ndim=2)
+    Y = check_finite_array(Y, "Y")
+    n = X.shape[0]
+    if n == 0 or X.shape[1] == 0:
+        raise ValueError(f"X must have at least one row and one column, got shape {X.shape}")
+    if Y.ndim not in (1, 2) or Y.shape[0] != n:
+        raise ValueError(f"Y must have shape ({n},) or ({n}, n_targets) to match X, "
+                         f"got {Y.shape}")
+    X = X.astype(np.float32 if X.dtype == np.float32 else np.float64, copy=False)
+    Y = Y.astype(np.int64 if np.issubdtype(Y.dtype, np.integer) else
+                 (np.float32 if Y.dtype == np.float32 else np.float64), copy=False)
+    if chunk_rows is None:
+        chunk_rows = max(1, min(n, CHUNK_BYTES // (X.shape[1] * X.dtype.itemsize)))
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) \
+            or chunk_rows <= 0:
+        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"dataset store {path} already exists (pass overwrite=True)")
+    group = zarr.create_group(path, overwrite=True, zarr_format=3)
+    for name, arr in (("X", X), ("Y", Y)):
+        z = group.create_array(name, shape=arr.shape, dtype=arr.dtype,
+                               chunks=(int(chunk_rows),) + arr.shape[1:],
+                               config={"write_empty_chunks": True})
+        z[...] = arr
+    # attributes last: a store interrupted while writing has no valid metadata
+    group.attrs.update(format=FORMAT, version=VERSION, n_samples=int(n),
+                       n_inputs=int(X.shape[1]), target_shape=list(Y.shape[1:]),
+                       x_dtype=X.dtype.name, y_dtype=Y.dtype.name, chunk_rows=int(chunk_rows))
+    return open_dataset(path)
+
+
+def open_dataset(path: str | os.PathLike) -> Dataset:
+    """Open and validate a dataset store written by :func:`save_dataset`.
+
+    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` naming
+    the path and the problem for anything else: not a Zarr v3 group, another
+    format or version, missing attributes or arrays, arrays that disagree with
+    the attributes or with each other, missing chunks (a truncated store).
+
+    Examples
+    --------
+    >>> import numpy as np, dgnh, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "d.zarr")
+    >>> _ = dgnh.save_dataset(path, np.ones((10, 3)), np.ones(10))
+    >>> dgnh.open_dataset(path).n_samples
+    10
+    """
+    path = os.fspath(path)
+    group = _open_group(path)
+    attrs = dict(group.attrs)
+    if attrs.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a dgnh dataset store: format attribute is "
+                         f"{attrs.get('format')!r}, expected {FORMAT!r}")
+    if attrs.get("version") != VERSION:
+        raise ValueError(f"dataset {path} has unsupported version {attrs.get('version')!r} "
+                         f"(this dgnh reads version {VERSION})")
+    missing = [k for k in _ATTRS if k not in attrs]
+    if missing:
+        raise ValueError(f"dataset {path} lacks the attributes {missing} (truncated store?)")
+    ds = Dataset(path=path, n_samples=int(attrs["n_samples"]), n_inputs=int(attrs["n_inputs"]),
+                 target_shape=tuple(int(s) for s in attrs["target_shape"]),
+                 x_dtype=np.dtype(attrs["x_dtype"]), y_dtype=np.dtype(attrs["y_dtype"]),
+                 chunk_rows=int(attrs["chunk_rows"]))
+    expected = {"X": ((ds.n_samples, ds.n_inputs), ds.x_dtype),
+                "Y": ((ds.n_samples,) + ds.target_shape, ds.y_dtype)}
+    for name, (shape, dtype) in expected.items():
+        try:
+            arr = group[name]
+        except KeyError:
+            raise ValueError(f"dataset {path} has no array {name!r} (truncated store?)") from None
+        if not isinstance(arr, zarr.Array):
+            raise ValueError(f"dataset {path}: {name!r} is not an array")
+        if arr.shape != shape or arr.dtype != dtype:
+            raise ValueError(f"dataset {path}: array {name!r} has shape {arr.shape} and dtype "
+                             f"{arr.dtype}, but the attributes say {shape} and {dtype} "
+                             f"(mismatched store)")
+        if arr.chunks[0] != ds.chunk_rows:
+            raise ValueError(f"dataset {path}: array {name!r} has {arr.chunks[0]} rows per "
+                             f"chunk, the attributes say {ds.chunk_rows} (mismatched store)")
+        if arr.nchunks_initialized != arr.nchunks:
+            raise ValueError(f"dataset {path} is truncated: array {name!r} has "
+                             f"{arr.nchunks_initialized} of {arr.nchunks} chunks stored")
+    return ds
+
+
+def _open_group(path: str) -> zarr.Group:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset store {path} does not exist")
+    try:
+        return zarr.open_group(path, mode="r", zarr_format=3)
+    except Exception as e:  # zarr raises several types for "not a v3 group"
+        raise ValueError(f"{path} is not a Zarr v3 group ({type(e).__name__}: {e})") from e

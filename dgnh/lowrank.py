@@ -1,0 +1,340 @@
+"""Global low-rank approximations ``G ≈ UUᵀ`` that stay positive semi-definite.
+
+Two constructions (design.md §4):
+
+* :func:`pivoted_cholesky` — adaptive (partial) pivoted Cholesky from entries:
+  the diagonal plus ``r`` columns, ``O(N·r²)`` arithmetic. Pivots are chosen
+  greedily in blocks: each round fetches the columns of the ``block_size``
+  largest residual diagonal entries in *one* ``entries_many`` batch, then
+  eliminates them one by one in order of their current residual diagonal,
+  skipping candidates that earlier pivots of the round made redundant.
+* :func:`nystrom` — randomized Nyström from exact products ``op @ V``
+  (the numerically stable, shifted version of Tropp, Yurtsever, Udell and
+  Cevher, 2017).
+
+Both give ``UUᵀ`` with ``G − UUᵀ`` positive semi-definite for exact input, so
+``UUᵀ`` is never indefinite. Parameters whose diagonal ``G_aa`` is 0 (dead ReLU
+units, constant inputs) have zero rows in ``U`` exactly, and nothing is ever
+divided by a zero diagonal.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+from tqdm.auto import tqdm
+
+from .factorization import LowRankUpdate, ScaledIdentity, check_reg
+from .operator import Operator, check_dense_size
+
+Array = np.ndarray
+RELAXATION = 0.1  # a pivot's residual diagonal is at least this fraction of the largest
+
+
+class LowRank(Operator):
+    """The positive semi-definite operator ``UUᵀ`` with ``U`` of shape ``(N, r)``.
+
+    Parameters
+    ----------
+    U : array ``(N, r)``
+    report : dict, optional
+        How ``U`` was made (parameters, timings, error estimates); copied.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> lr = LowRank(np.arange(6.0).reshape(3, 2))
+    >>> lr.rank, (lr @ np.ones(3)).tolist()
+    (2, [7.0, 29.0, 51.0])
+    """
+
+    def __init__(self, U, report: dict[str, Any] | None = None):
+        U = np.asarray(U)
+        if U.dtype == object or not np.issubdtype(U.dtype, np.floating):
+            raise TypeError(f"U must be a real floating-point array, got dtype {U.dtype}")
+        if U.ndim != 2 or U.shape[0] == 0:
+            raise ValueError(f"U must have shape (N, r) with N >= 1, got {U.shape}")
+        if not np.all(np.isfinite(U)):
+            raise ValueError("U contains NaN or Inf")
+        self.U = U.astype(np.float64, copy=False)
+        self.shape = (U.shape[0], U.shape[0])
+        self.report = dict(report or {})
+        self.report.setdefault("rank", self.rank)
+        self.report.setdefault("nbytes", self.nbytes)
+
+    def __repr__(self) -> str:
+        return f"LowRank(n_params={self.shape[0]}, rank={self.rank})"
+
+    @property
+    def rank(self) -> int:
+        """The number of columns of ``U``."""
+        return self.U.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by ``U``."""
+        return int(self.U.nbytes)
+
+    def _matmat(self, V: Array) -> Array:
+        return self.U @ (self.U.T @ V)
+
+    def diagonal(self) -> Array:
+        """The diagonal of ``UUᵀ``."""
+        return np.einsum("ij,ij->i", self.U, self.U)
+
+    def to_dense(self, max_bytes: int = 2**30) -> Array:
+        """The dense ``UUᵀ`` for small N (refuses above ``max_bytes``)."""
+        check_dense_size(self.shape[0], 8, max_bytes)
+        return self.U @ self.U.T
+
+    def factorize(self, reg: float) -> LowRankUpdate:
+        """Factorization of ``UUᵀ + reg·I`` by Woodbury, O(N·r²).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> lr = LowRank(np.ones((4, 1)))
+        >>> float(lr.factorize(1.0).logdet()) == float(np.log(5.0))
+        True
+        """
+        return LowRankUpdate(ScaledIdentity(self.shape[0], check_reg(reg)), self.U)
+
+
+# ----------------------------------------------------------------- checks
+def _check_tol(tol) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)):
+        raise TypeError(f"tol must be a number in (0, 1), got {tol!r}")
+    if not 0 < float(tol) < 1:
+        raise ValueError(f"tol must lie in the open interval (0, 1), got {tol}")
+    return float(tol)
+
+
+def _check_count(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+# ------------------------------------------------------- pivoted Cholesky
+def pivoted_cholesky(source, tol: float = 1e-3, max_rank: int = 256, block_size: int = 16,
+                     eps: float | None = None, delta: float = 0.01, seed: int = 0,
+                     progress: bool = False) -> LowRank:
+    """Adaptive pivoted Cholesky ``G ≈ UUᵀ`` from entries (the diagonal plus r columns).
+
+    Stopping rule: with exact entries the residual ``E = G − UUᵀ`` is positive
+    semi-definite (a Schur complement) and ``UUᵀ ⪯ G``, so
+
+        ‖E‖₂ ≤ tr(E) ≤ tol · λ_max(UUᵀ) ≤ tol · ‖G‖₂
+
+    certifies ``‖G − UUᵀ‖₂ / ‖G‖₂ ≤ tol`` when the loop stops on ``tol``
+    (``λ_max(UUᵀ)`` is bounded from below by a Rayleigh quotient). The trace is
+    pessimistic when the tail of the spectrum is long and flat, so the rank may
+    be larger than the best rank for ``tol``; ``report["trace_bound"]`` holds the
+    certified bound. Stops also at ``max_rank`` (``report["converged"]`` is then
+    False) or when the residual diagonal is zero to rounding (exact low rank).
+
+    Parameters
+    ----------
+    source : GaussNewton or any object with ``n_params``, ``diagonal()`` and
+        ``entries_many(requests, eps=, delta=, seed=)``.
+    tol : relative tolerance in (0, 1).
+    max_rank : cap on the rank.
+    block_size : pivot candidates (columns) fetched per ``entries_many`` batch.
+    eps, delta, seed : with ``eps``, the columns are sampled entries (design.md
+        §3). ``UUᵀ`` is still PSD, but the stopping rule is no longer certified.
+    progress : show a progress bar (rank so far).
+
+    Returns
+    -------
+    LowRank
+        With ``report``: method, parameters, rank, pivots, trace of the residual,
+        norm estimate, ``trace_bound``, ``converged``, entries evaluated, timings.
+
+    Examples
+    --------
+    >>> import numpy as np, dgnh
+    >>> rng = np.random.default_rng(0)
+    >>> net = dgnh.MLP([rng.normal(size=(6, 3)), rng.normal(size=(2, 6))],
+    ...                [np.zeros(6), np.zeros(2)], ["tanh", "identity"])
+    >>> gn = dgnh.GaussNewton(net, rng.normal(size=(4, 3)), rng.normal(size=(4, 2)))
+    >>> lr = pivoted_cholesky(gn, tol=1e-8)
+    >>> lr.rank <= 8, bool(np.allclose(lr.to_dense(), gn.dense()))
+    (True, True)
+    """
+    tol = _check_tol(tol)
+    max_rank = _check_count(max_rank, "max_rank")
+    block_size = _check_count(block_size, "block_size")
+    t_start = time.perf_counter()
+    N = int(source.n_params)
+    d = np.asarray(source.diagonal(), dtype=np.float64).copy()
+    if d.shape != (N,) or not np.all(np.isfinite(d)) or d.min() < 0:
+        raise ValueError("source.diagonal() must be a finite non-negative vector of length "
+                         f"n_params={N}")
+    live = np.flatnonzero(d > 0)  # zero-diagonal parameters have zero rows: left out
+    d_live = d[live]
+    floor = (np.finfo(np.float64).eps * N * d_live.max()) if live.size else 0.0
+    max_rank = min(max_rank, live.size)
+    L = np.zeros((live.size, max_rank))  # U restricted to the live rows
+    pivots: list[int] = []
+    gram = np.zeros((max_rank, max_rank))  # UᵀU, to bound λ_max(UUᵀ) from below
+    norm_est, power_vec = float(d_live.max()) if live.size else 0.0, None
+    n_batches = entries = 0
+    t_entries = 0.0
+    stop = "exact" if not live.size else "max_rank"
+    bar = tqdm(total=max_rank, desc="pivoted Cholesky", unit="pivot", disable=not progress)
+    while len(pivots) < max_rank:
+        residual_trace = float(d_live.sum())
+        if residual_trace <= tol * norm_est:
+            stop = "tol"
+            break
+        if d_live.max() <= floor:
+            stop = "exact"
+            break
+        k0 = len(pivots)
+        n_cand = min(block_size, max_rank - k0)
+        cand = np.argsort(-d_live, kind="stable")[:n_cand]
+        cand = cand[d_live[cand] > floor]
+        t0 = time.perf_counter()
+        cols = source.entries_many([(live, live[cand])], eps=eps, delta=delta,
+                                   seed=seed + n_batches)[0]
+        t_entries += time.perf_counter() - t0
+        n_batches += 1
+        entries += cols.size
+        # residual columns E[:, cand] = G[:, cand] − U U[cand]ᵀ
+        R = np.asarray(cols, dtype=np.float64) - L[:, :k0] @ L[cand, :k0].T
+        for _ in range(len(cand)):
+            j = int(np.argmax(d_live[cand]))
+            piv = float(d_live[cand[j]])
+            # relaxed greedy: skip candidates that earlier pivots made small
+            if piv <= floor or piv < RELAXATION * d_live.max():
+                break
+            col = R[:, j] / np.sqrt(piv)
+            col[cand[j]] = np.sqrt(piv)
+            L[:, len(pivots)] = col
+            pivots.append(int(live[cand[j]]))
+            R -= np.outer(col, col[cand])
+            d_live -= col * col
+            d_live[cand[j]] = 0.0
+            np.maximum(d_live, 0.0, out=d_live)
+            if d_live.sum() <= tol * norm_est:
+                break
+        k1 = len(pivots)
+        if k1 == k0:
+            stop = "breakdown"  # sampled entries gave no positive pivot
+            break
+        gram[:k1, k0:k1] = L[:, :k1].T @ L[:, k0:k1]
+        gram[k0:k1, :k0] = gram[:k0, k0:k1].T
+        norm_est, power_vec = _largest_eigenvalue_bound(gram[:k1, :k1], power_vec, norm_est)
+        bar.update(k1 - k0)
+    else:
+        if float(d_live.sum()) <= tol * norm_est:
+            stop = "tol"
+    bar.close()
+    r = len(pivots)
+    U = np.zeros((N, r))
+    U[live] = L[:, :r]
+    residual_trace = float(d_live.sum())
+    report = {
+        "method": "pivoted_cholesky",
+        "tol": tol, "max_rank": max_rank, "block_size": block_size,
+        "eps": eps, "delta": delta if eps is not None else None, "seed": seed,
+        "rank": r, "pivots": pivots, "n_zero_diagonal": int(N - live.size),
+        "residual_trace": residual_trace, "norm_estimate": norm_est,
+        "trace_bound": residual_trace / norm_est if norm_est > 0 else 0.0,
+        "stop": stop, "converged": stop in ("tol", "exact"),
+        "n_batches": n_batches, "entries_evaluated": int(entries + N),
+        "time_entries": t_entries, "time_total": time.perf_counter() - t_start,
+    }
+    return LowRank(U, report)
+
+
+def _largest_eigenvalue_bound(gram: Array, v: Array | None, current: float,
+                              n_iter: int = 8) -> tuple[float, Array]:
+    """A Rayleigh-quotient lower bound on ``λ_max(gram)`` by warm-started power iteration."""
+    k = gram.shape[0]
+    x = np.ones(k) if v is None else np.concatenate([v, np.zeros(k - len(v))])
+    x[np.argmax(np.diag(gram))] += 1.0
+    for _ in range(n_iter):
+        x = gram @ x
+        x /= np.linalg.norm(x)
+    return max(current, float(x @ gram @ x)), x
+
+
+# ----------------------------------------------------------------- Nyström
+def nystrom(op, rank: int, oversample: int = 10, seed: int = 0) -> LowRank:
+    """Randomized Nyström approximation ``G ≈ UUᵀ`` of rank ``rank`` from products.
+
+    Sketch ``Y = G Q`` with an orthonormalized Gaussian test matrix ``Q`` of
+    ``rank + oversample`` columns, shift ``Y_ν = Y + νQ`` (ν ≈ machine epsilon
+    times ``‖Y‖``), then ``Y_ν (QᵀY_ν)⁻¹ Y_νᵀ = V Σ² Vᵀ`` and ``U = V_r (Σ_r² − ν)₊^½``
+    (Tropp, Yurtsever, Udell, Cevher 2017, Algorithm 3). ``UUᵀ`` is positive
+    semi-definite by construction. If ``op`` has a ``diagonal()``, the test
+    matrix is zero on zero-diagonal parameters, so their rows of ``U`` are
+    exactly zero.
+
+    Costs one product with ``rank + oversample`` vectors plus O(N·(rank+oversample)²).
+
+    Parameters
+    ----------
+    op : a dgnh Operator (e.g. GaussNewton) of a PSD matrix.
+    rank : rank of the result, ``1 <= rank``; ``rank + oversample <= N``.
+    oversample : extra sketch columns.
+    seed : random seed.
+
+    Returns
+    -------
+    LowRank
+        ``report`` holds the eigenvalue estimates ``eigenvalues`` and the first
+        discarded one ``tail_eigenvalue`` (an estimate of the error ``λ_{r+1}``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> A = LowRank(np.random.default_rng(0).normal(size=(30, 3)))
+    >>> lr = nystrom(A, rank=3)
+    >>> bool(np.allclose(lr.to_dense(), A.to_dense()))
+    True
+    """
+    if not isinstance(op, Operator):
+        raise TypeError(f"op must be a dgnh Operator, got {type(op).__name__}")
+    N = op.shape[0]
+    rank = _check_count(rank, "rank")
+    oversample = _check_count(oversample, "oversample", minimum=0)
+    width = rank + oversample
+    if width > N:
+        raise ValueError(f"rank + oversample = {width} exceeds the operator size N = {N}")
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    omega = rng.standard_normal((N, width))
+    diagonal = getattr(op, "diagonal", None)
+    live = np.ones(N, bool) if diagonal is None else np.asarray(diagonal()) > 0
+    width = min(width, int(live.sum()))
+    if width == 0:
+        return LowRank(np.zeros((N, 0)), {"method": "nystrom", "rank": 0, "seed": seed})
+    omega = omega[:, :width]
+    Q = np.zeros((N, width))
+    Q[live], _ = np.linalg.qr(omega[live])
+    Y = np.asarray(op @ Q, dtype=np.float64)
+    shift = np.sqrt(N) * np.finfo(np.float64).eps * np.linalg.norm(Y)
+    Y += shift * Q
+    M = Q.T @ Y
+    w, V = scipy.linalg.eigh((M + M.T) / 2)
+    keep = w > w.max() * width * np.finfo(np.float64).eps
+    B = Y @ (V[:, keep] / np.sqrt(w[keep]))
+    Ub, s, _ = scipy.linalg.svd(B, full_matrices=False)
+    lam = np.maximum(s**2 - shift, 0.0)
+    r = min(rank, len(lam))
+    U = Ub[:, :r] * np.sqrt(lam[:r])
+    U[~live] = 0.0
+    report = {
+        "method": "nystrom", "rank": r, "oversample": oversample, "seed": seed,
+        "shift": float(shift), "eigenvalues": lam[:r].tolist(),
+        "tail_eigenvalue": float(lam[r]) if len(lam) > r else 0.0,
+        "n_products": int(width), "time_total": time.perf_counter() - t_start,
+    }
+    return LowRank(U, report)

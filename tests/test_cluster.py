@@ -1,0 +1,348 @@
+"""GaussNewton on real Dask clusters against the in-process path.
+
+Clusters (module-scoped, on 127.0.0.1, one thread per worker):
+
+* ``local2``: a process-based ``LocalCluster`` with 2 workers;
+* ``cli2``: a ``dask scheduler`` and two ``dask worker`` processes started here;
+* ``tls1``: a TLS ``LocalCluster`` (``Security.temporary()``) with 1 worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster, get_task_stream
+from distributed.deploy.utils import nprocesses_nthreads
+from distributed.security import Security
+
+import dgnh
+from conftest import random_mlp, random_targets
+from dgnh.backend import LocalBackend
+
+REPO = Path(__file__).resolve().parents[1]
+N_SAMPLES, SHARD_SIZE = 90, 20  # 5 shards
+N_SHARDS = -(-N_SAMPLES // SHARD_SIZE)
+LOSSES = ["mse", "cross_entropy", "binary_cross_entropy"]
+
+
+# ------------------------------------------------------------------ clusters
+@pytest.fixture(scope="module")
+def local2():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def tls1():
+    security = Security.temporary()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, security=security,
+                      dashboard_address=None) as cluster:
+        yield cluster.scheduler_address, security
+
+
+@pytest.fixture(scope="module")
+def cli2(tmp_path_factory):
+    """A real ``dask scheduler`` and two ``dask worker`` processes, stopped at the end."""
+    tmp = tmp_path_factory.mktemp("cli")
+    scheduler_file = tmp / "scheduler.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    dask_cli = [sys.executable, "-m", "dask"]
+    procs = [subprocess.Popen(dask_cli + ["scheduler", "--host", "127.0.0.1", "--port", "0",
+                                          "--no-dashboard", "--scheduler-file",
+                                          str(scheduler_file)],
+                              cwd=tmp, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        procs += [subprocess.Popen(dask_cli + ["worker", "--scheduler-file", str(scheduler_file),
+                                               "--host", "127.0.0.1", "--nthreads", "1",
+                                               "--no-dashboard", "--name", f"w{i}"],
+                                   cwd=tmp, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+                  for i in range(2)]
+        time.sleep(0.2)  # the scheduler writes the file just before listening
+        address = json.loads(scheduler_file.read_text())["address"]
+        with Client(address, set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=60)
+            yield client
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def connect_timeout_2s():
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        yield
+
+
+def cluster_client(request, name):
+    """The ``client`` and ``security`` arguments for a cluster fixture by name."""
+    value = request.getfixturevalue(name)
+    return value if name == "tls1" else (value, None)
+
+
+# ------------------------------------------------------------------ problems
+def make_problem(loss, n_samples=N_SAMPLES, sizes=(5, 7, 3), seed=0):
+    net = random_mlp(list(sizes), ["tanh", "identity"], seed=seed)
+    X = np.random.default_rng(seed).normal(size=(n_samples, sizes[0]))
+    return net, X, random_targets(loss, n_samples, sizes[-1], seed=seed)
+
+
+@pytest.fixture(scope="module", params=LOSSES)
+def problem(request, tmp_path_factory):
+    """(loss, net, X, Y, dataset path, in-process reference GaussNewton)."""
+    loss = request.param
+    net, X, Y = make_problem(loss)
+    path = tmp_path_factory.mktemp("data") / f"{loss}.zarr"
+    dgnh.save_dataset(path, X, Y, chunk_rows=SHARD_SIZE)
+    reference = dgnh.GaussNewton(net, X, Y, loss=loss, shard_size=SHARD_SIZE,
+                                 client="in-process")
+    return loss, net, X, Y, path, reference
+
+
+def rel(a, b):
+    return np.abs(np.asarray(a) - b).max() / max(np.abs(b).max(), 1e-300)
+
+
+ROWS = np.array([0, 3, 11, 40, 2])
+COLS = np.array([5, 1, 20, 33])
+REQUESTS = [(ROWS, COLS), (COLS, ROWS), (np.arange(10), [7]), ([12], [12])]
+
+
+def all_results(gn, V, sampled_seed=3):
+    """Every operation of GaussNewton, in one dict."""
+    return {
+        "dense": gn.dense(),
+        "entries": gn.entries(ROWS, COLS),
+        "entries_many": gn.entries_many(REQUESTS),
+        "sampled": gn.entries_many(REQUESTS, eps=0.5, delta=0.1, seed=sampled_seed),
+        "diagonal": gn.diagonal(),
+        "column": gn.column(17),
+        "matvec": gn @ V,
+        "hvp": gn.hvp(V),
+        "loss": gn.loss(),
+        "gradient": gn.gradient(),
+    }
+
+
+# --------------------------------------------------- equality with in-process
+@pytest.mark.parametrize("cluster", ["local2", "cli2", "tls1"])
+@pytest.mark.parametrize("source", ["arrays", "store"])
+def test_cluster_equals_in_process(request, problem, cluster, source):
+    loss, net, X, Y, path, reference = problem
+    client, security = cluster_client(request, cluster)
+    data = (X, Y) if source == "arrays" else (path, None)
+    V = np.random.default_rng(1).normal(size=(net.n_params, 3))
+    expected = all_results(reference, V)
+    with dgnh.GaussNewton(net, *data, loss=loss, shard_size=SHARD_SIZE, client=client,
+                          security=security) as gn:
+        assert gn.n_shards == N_SHARDS and gn.n_samples == N_SAMPLES
+        got = all_results(gn, V)
+    for name, want in expected.items():
+        if isinstance(want, list):
+            for g, w in zip(got[name], want):
+                assert rel(g, w) <= 1e-12, name
+        else:
+            assert rel(got[name], want) <= 1e-12, name
+    # bit-identical across clusters with 1 and 2 workers (same reduction tree)
+    previous = request.config.cache_results = getattr(request.config, "cache_results", {})
+    key = (loss, source)
+    if key in previous:
+        for name, other in previous[key].items():
+            assert all(np.array_equal(a, b) for a, b in zip(np.atleast_1d(got[name]),
+                                                            np.atleast_1d(other))), name
+    previous[key] = got
+
+
+def test_sampled_identical_for_1_and_2_workers(request):
+    """Sampled blocks with one seed are bit-identical on 1 and 2 workers."""
+    net, X, Y = make_problem("mse", n_samples=200)
+    out = []
+    for name in ["tls1", "local2"]:
+        client, security = cluster_client(request, name)
+        with dgnh.GaussNewton(net, X, Y, shard_size=30, client=client,
+                              security=security) as gn:
+            assert gn._backend.n_workers == (1 if name == "tls1" else 2)
+            out.append(gn.entries_many(REQUESTS, eps=0.3, delta=0.05, seed=11))
+    for a, b in zip(*out):
+        assert np.array_equal(a, b)
+
+
+# -------------------------------------------------------- tasks per batch
+def batch_keys(client, call):
+    with get_task_stream(client) as ts:
+        call()
+    return [d["key"] for d in ts.data]
+
+
+def prefix_count(keys, prefix):
+    return sum(k.startswith(prefix) for k in keys)
+
+
+@pytest.mark.parametrize("n_blocks", [1, 40])
+def test_tasks_per_batch_are_O_shards(local2, n_blocks):
+    net, X, Y = make_problem("mse", n_samples=160)
+    rng = np.random.default_rng(0)
+    requests = [(rng.integers(0, net.n_params, 6), rng.integers(0, net.n_params, 4))
+                for _ in range(n_blocks)]
+    with dgnh.GaussNewton(net, X, Y, shard_size=10, client=local2) as gn:  # 16 shards
+        s = gn.n_shards
+        tree = 4 + 1  # reduction tasks for 16 shards, 4 partials per task
+        exact = batch_keys(local2, lambda: gn.entries_many(requests))
+        assert prefix_count(exact, "dgnh-evaluate-") == s
+        assert prefix_count(exact, "dgnh-sum-") == tree and len(exact) == s + tree
+        sampled = batch_keys(local2, lambda: gn.entries_many(requests, eps=0.5, seed=1))
+        assert prefix_count(sampled, "dgnh-sq_norm_sums-") == s
+        assert prefix_count(sampled, "dgnh-evaluate-") == s and len(sampled) == 2 * s + tree
+        big = np.ones((net.n_params, 2000))  # > 1 MiB: sent once as an argument task
+        products = batch_keys(local2, lambda: gn @ big)
+        assert prefix_count(products, "dgnh-args-") == 1 and len(products) == s + tree + 1
+
+
+# ----------------------------------------------------- default local cluster
+def test_default_client_starts_and_closes_a_local_cluster():
+    net, X, Y = make_problem("mse", n_samples=40)
+    reference = dgnh.GaussNewton(net, X, Y, shard_size=10, client="in-process")
+    with dgnh.GaussNewton(net, X, Y, shard_size=10) as gn:
+        backend = gn._backend
+        assert backend.n_workers == nprocesses_nthreads()[0]
+        assert rel(gn.dense(), reference.dense()) <= 1e-12
+    assert backend.client.status == "closed"
+    single = dgnh.GaussNewton(net, X, Y)  # one shard: no cluster
+    assert isinstance(single._backend, LocalBackend)
+    assert rel(single.dense(), reference.dense()) <= 1e-12
+
+
+# ----------------------------------------------------------------- TLS
+def test_tls_with_file_paths(tls1, tmp_path):
+    address, security = tls1
+    files = {}
+    for name in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        files[name] = str(tmp_path / f"{name}.pem")
+        Path(files[name]).write_text(getattr(security, name))
+    net, X, Y = make_problem("mse")
+    reference = dgnh.GaussNewton(net, X, Y, shard_size=SHARD_SIZE, client="in-process")
+    for creds in (files, tuple(files.values())):
+        with dgnh.GaussNewton(net, X, Y, shard_size=SHARD_SIZE, client=address,
+                              security=creds) as gn:
+            assert rel(gn.diagonal(), reference.diagonal()) <= 1e-12
+
+
+@pytest.mark.parametrize("how, exc, match", [
+    ("other CA", ConnectionError, "cannot connect to the Dask scheduler at tls://"),
+    ("plain tcp", ConnectionError, "cannot connect to the Dask scheduler at tcp://"),
+    ("no credentials", ValueError, "uses TLS: pass security="),
+])
+def test_tls_refuses_clients_without_credentials(tls1, connect_timeout_2s, how, exc, match):
+    address, _ = tls1
+    net, X, Y = make_problem("mse")
+    client, security = {"other CA": (address, Security.temporary()),
+                        "plain tcp": (address.replace("tls://", "tcp://"), None),
+                        "no credentials": (address, None)}[how]
+    start = time.monotonic()
+    with pytest.raises(exc, match=match):
+        dgnh.GaussNewton(net, X, Y, shard_size=SHARD_SIZE, client=client, security=security)
+    assert time.monotonic() - start < 10
+
+
+# ------------------------------------------------------------- bad input
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_address_fails_fast(connect_timeout_2s):
+    net, X, Y = make_problem("mse")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"scheduler at {address} within 2 s"):
+        dgnh.GaussNewton(net, X, Y, shard_size=SHARD_SIZE, client=address)
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(client="localhost"), ValueError, "scheduler address such as 'tcp://"),
+    (dict(client=42), TypeError, "client must be None"),
+    (dict(security=("ca.pem", "cert.pem")), ValueError, "security applies when client is a"),
+    (dict(client="in-process", security={"tls_ca_file": "x"}), ValueError, "security applies"),
+    (dict(client="tls://127.0.0.1:1", security={"tls_ca_file": "/nonexistent/ca.pem"}),
+     FileNotFoundError, "tls_ca_file file /nonexistent/ca.pem does not exist"),
+    (dict(client="tls://127.0.0.1:1", security={"ca": "x"}), ValueError, r"unknown keys \['ca'\]"),
+    (dict(client="tls://127.0.0.1:1", security=5), TypeError, "security must be"),
+    (dict(shard_size=0), ValueError, "shard_size must be a positive integer"),
+    (dict(shard_size=-4), ValueError, "shard_size must be a positive integer"),
+    (dict(shard_size=2.5), TypeError, "shard_size must be a positive integer"),
+])
+def test_bad_cluster_arguments(kwargs, exc, match):
+    net, X, Y = make_problem("mse")
+    with pytest.raises(exc, match=match):
+        dgnh.GaussNewton(net, X, Y, **kwargs)
+
+
+def test_client_object_refuses_security(local2):
+    net, X, Y = make_problem("mse")
+    with pytest.raises(ValueError, match="a Client carries its own"):
+        dgnh.GaussNewton(net, X, Y, shard_size=SHARD_SIZE, client=local2,
+                         security=Security.temporary())
+
+
+def test_missing_store_on_cluster_is_named(local2, tmp_path):
+    net, _, _ = make_problem("mse")
+    path = tmp_path / "absent.zarr"
+    with pytest.raises(FileNotFoundError, match=f"dataset store {path} does not exist"):
+        dgnh.GaussNewton(net, path, shard_size=SHARD_SIZE, client=local2)
+
+
+# --------------------------------------------------- a worker killed mid-batch
+def test_worker_killed_mid_batch_recomputes_shards(cli2, tmp_path):
+    """SIGKILL a worker while it evaluates a batch: the batch still returns the
+    exact result, and the task stream shows shards rebuilt from the store."""
+    net, X, Y = make_problem("mse", n_samples=2400, sizes=(8, 32, 32, 4))
+    path = tmp_path / "big.zarr"
+    dgnh.save_dataset(path, X, Y, chunk_rows=300)
+    reference = dgnh.GaussNewton(net, X, Y, shard_size=300, client="in-process")
+    expected = reference.dense()
+    pids = cli2.run(os.getpid)
+    with dgnh.GaussNewton(net, path, shard_size=300, client=cli2) as gn, \
+            get_task_stream(cli2) as stream:
+        result = {}
+        batch = threading.Thread(target=lambda: result.setdefault("G", gn.dense()))
+        batch.start()
+        victim = None
+        while victim is None and batch.is_alive():
+            busy = [w for w, keys in cli2.processing().items()
+                    if any(k.startswith("dgnh-evaluate-") for k in keys)]
+            victim = busy[0] if busy else None
+            time.sleep(0.005)
+        assert victim is not None, "the batch ended before a worker could be killed"
+        os.kill(pids[victim], signal.SIGKILL)
+        batch.join(timeout=120)
+        assert not batch.is_alive()
+        assert rel(result["G"], expected) <= 1e-12
+        rebuilt = [d["key"] for d in stream.data if d["key"].startswith("dgnh-shard-")]
+        assert rebuilt, "no shard was recomputed"
+        # later batches use the rebuilt shards
+        assert rel(gn.diagonal(), reference.diagonal()) <= 1e-12

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import dask.config
 from dask.sizeof import sizeof
 from dask.utils import parse_timedelta
-from distributed import Client, Future, LocalCluster, wait
+from distributed import Client, Future, LocalCluster
 from distributed.security import Security
 
 from .backend import add_partials, per_shard
@@ -189,10 +189,10 @@ class DaskBackend:
                                workers=[workers[s % len(workers)]], allow_other_workers=True)
             for s, (make, args) in enumerate(tasks)
         ]
-        wait(self._shards)
         for future in self._shards:
-            if future.status == "error":
-                future.result()
+            error = future.exception()  # waits for the shard; fetches no data
+            if error is not None:
+                raise error
 
     # ---------------------------------------------------------- the protocol
     @property

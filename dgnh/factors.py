@@ -143,8 +143,8 @@ class ShardFactors:
             if bufI is None or bufI.shape[1] != r:
                 bufI = np.empty((k, r, d), dtype=self.dtype)
                 bufJ = bufI if same else np.empty((m, r, d), dtype=self.dtype)
-            a = self._fill(bufI, sI, rI, rows).reshape(k, -1)
-            b = a if same else self._fill(bufJ, sJ, rJ, rows).reshape(m, -1)
+            a = self._fill(bufI, sI, rI, rows).reshape(k, r * d)
+            b = a if same else self._fill(bufJ, sJ, rJ, rows).reshape(m, r * d)
             out += a @ b.T
         result = np.empty_like(out)
         result[np.ix_(oI, oJ)] = out

@@ -165,14 +165,6 @@ def test_cluster_equals_in_process(request, problem, cluster, source):
                 assert rel(g, w) <= 1e-12, name
         else:
             assert rel(got[name], want) <= 1e-12, name
-    # bit-identical across clusters with 1 and 2 workers (same reduction tree)
-    previous = request.config.cache_results = getattr(request.config, "cache_results", {})
-    key = (loss, source)
-    if key in previous:
-        for name, other in previous[key].items():
-            assert all(np.array_equal(a, b) for a, b in zip(np.atleast_1d(got[name]),
-                                                            np.atleast_1d(other))), name
-    previous[key] = got
 
 
 def test_sampled_identical_for_1_and_2_workers(request):
@@ -215,7 +207,7 @@ def test_tasks_per_batch_are_O_shards(local2, n_blocks):
         sampled = batch_keys(local2, lambda: gn.entries_many(requests, eps=0.5, seed=1))
         assert prefix_count(sampled, "dgnh-sq_norm_sums-") == s
         assert prefix_count(sampled, "dgnh-evaluate-") == s and len(sampled) == 2 * s + tree
-        big = np.ones((net.n_params, 2000))  # > 1 MiB: sent once as an argument task
+        big = np.ones((net.n_params, 4000))  # > 1 MiB: sent once as an argument task
         products = batch_keys(local2, lambda: gn @ big)
         assert prefix_count(products, "dgnh-args-") == 1 and len(products) == s + tree + 1
 

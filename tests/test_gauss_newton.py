@@ -170,3 +170,13 @@ def test_bad_requests_are_named(call, exc, match):
     gn = dgnh.GaussNewton(client="in-process", **_bad())
     with pytest.raises(exc, match=match):
         call(gn)
+
+
+@pytest.mark.parametrize("rows, cols", [([], [1, 2]), ([1, 1, 0], [2, 2]), ([5, 0, 3], []),
+                                        ([25, 0, 13, 2], [0, 25, 25])])
+def test_unsorted_duplicate_and_empty_indices(rows, cols):
+    gn = dgnh.GaussNewton(client="in-process", **_bad(X=np.random.default_rng(0).normal(size=(5, 3))))
+    G = gn.dense()
+    block = gn.entries(rows, cols)
+    assert block.shape == (len(rows), len(cols))
+    np.testing.assert_allclose(block, G[np.ix_(rows, cols)], rtol=1e-13, atol=0)

@@ -7,13 +7,14 @@ Non-smooth points use PyTorch's convention: ``relu'(0) = 0``,
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import numpy as np
 from scipy.special import erf, expit
 
-_SQRT2 = np.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
+_SQRT2 = math.sqrt(2.0)  # Python floats: they keep float32 arrays float32
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 LEAKY_SLOPE = 0.01
 
 Array = np.ndarray

@@ -130,7 +130,7 @@ class DaskBackend:
     --------
     >>> import numpy as np
     >>> from distributed import Client, LocalCluster
-    >>> with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as lc, \\
+    >>> with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as lc, \\
     ...         Client(lc, set_as_default=False) as c:
     ...     backend = DaskBackend(c)
     ...     backend.create_shards([(np.arange, (3,)), (np.arange, (3, 6))])
@@ -145,7 +145,7 @@ class DaskBackend:
         if client is None:
             if security is not None:
                 raise ValueError("security applies when connecting to a scheduler address")
-            cluster = LocalCluster(processes=True, dashboard_address=None)
+            cluster = LocalCluster(processes=True, dashboard_address=":0")
             client = Client(cluster, set_as_default=False)
             owned = True
         elif isinstance(client, Client):

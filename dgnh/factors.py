@@ -61,13 +61,13 @@ class ShardFactors:
             if b is not None:
                 z += b
             Z.append(z)
-            A.append(act.f(z))
+            A.append(act.f(z).astype(self.dtype, copy=False))
         self.A, self.Z = A, Z
-        self.dS = [act.df(z) for act, z in zip(self.acts, Z)]
+        self.dS = [act.df(z).astype(self.dtype, copy=False) for act, z in zip(self.acts, Z)]
         self.F = A[-1]
         # backward factors C_l (n_s, d, d_l), stored transposed as (d_l, n_s, d)
         d = self.sizes[-1]
-        C = loss.factor(self.F) * self.dS[-1][:, None, :]
+        C = loss.factor(self.F).astype(self.dtype, copy=False) * self.dS[-1][:, None, :]
         self.CT: list[Array] = [None] * len(self.W)
         for l in range(len(self.W) - 1, -1, -1):
             self.CT[l] = np.ascontiguousarray(C.transpose(2, 0, 1))
@@ -119,7 +119,7 @@ class ShardFactors:
         """Write Ĵ columns of layer-sorted parameters for a row slice into ``buf``."""
         layer, p, q = loc
         for l, a, b in ranges:
-            np.take(self.CT[l][:, rows], p[a:b], axis=0, out=buf[a:b])
+            np.take(self.CT[l][:, rows], p[a:b], axis=0, out=buf[a:b], mode="clip")
             buf[a:b] *= self.XT[l][q[a:b], rows][:, :, None]
         return buf
 

@@ -39,7 +39,7 @@ LOSSES = ["mse", "cross_entropy", "binary_cross_entropy"]
 @pytest.fixture(scope="module")
 def local2():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, \
+                      dashboard_address=":0") as cluster, \
             Client(cluster, set_as_default=False) as client:
         yield client
 
@@ -48,7 +48,7 @@ def local2():
 def tls1():
     security = Security.temporary()
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, security=security,
-                      dashboard_address=None) as cluster:
+                      dashboard_address=":0") as cluster:
         yield cluster.scheduler_address, security
 
 
@@ -104,7 +104,7 @@ def cluster_client(request, name):
 
 # ------------------------------------------------------------------ problems
 def make_problem(loss, n_samples=N_SAMPLES, sizes=(5, 7, 3), seed=0):
-    net = random_mlp(list(sizes), ["tanh", "identity"], seed=seed)
+    net = random_mlp(list(sizes), ["tanh"] * (len(sizes) - 2) + ["identity"], seed=seed)
     X = np.random.default_rng(seed).normal(size=(n_samples, sizes[0]))
     return net, X, random_targets(loss, n_samples, sizes[-1], seed=seed)
 

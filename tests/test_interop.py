@@ -375,7 +375,9 @@ def test_onnx_helper_graph(tmp_path, graph, dtype):
 
     X = np.random.default_rng(5).normal(size=(11, sizes[0])).astype(dtype)
     (reference,) = ReferenceEvaluator(model).run(None, {"x": X})
-    assert_close(mlp.forward(X), reference, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    # ONNX stores attributes (LeakyRelu's alpha) in float32 and onnx.reference evaluates
+    # Erf and Gelu in float32, so even a float64 graph agrees to float32 accuracy only
+    assert_close(mlp.forward(X), reference, rtol=1e-5 if dtype == np.float32 else 1e-6)
 
 
 def bad_graph(onnx, what):

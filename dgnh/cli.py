@@ -23,6 +23,46 @@ def _bench(args: argparse.Namespace) -> int:
     return int(module.main(args.rest) or 0)
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .job import load_job, run_job
+
+    result = run_job(load_job(args.job), scheduler=args.scheduler, overwrite=args.overwrite,
+                     progress=False if args.quiet else None)
+    print(f"result: {result['job']['output']} (dgnh info / plot / solve / eig it)")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .store import summary
+
+    print(summary(args.path))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plot import plot_store
+
+    print(f"wrote {plot_store(args.path, args.output, panels=args.panels, k=args.k, overwrite=args.overwrite)}")
+    return 0
+
+
+def _solve(args: argparse.Namespace) -> int:
+    from .store import open as open_store, solve_stored
+
+    raise NotImplementedError
+
+
+def _eig(args: argparse.Namespace) -> int:
+    raise NotImplementedError
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, overwrite=args.overwrite)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dgnh`` argument parser with one subcommand per task."""
     ap = argparse.ArgumentParser(prog="dgnh", description="Gauss-Newton Hessians of MLPs")
@@ -34,6 +74,47 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", choices=sorted(BENCHMARKS))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     b.set_defaults(func=_bench)
+
+    r = sub.add_parser("run", help="run a job file: compress, certify, factorize, store",
+                       description="Run a TOML job file (see dgnh.job). A job killed mid-way "
+                                   "resumes from its checkpoint when run again.")
+    r.add_argument("job", metavar="JOB.toml")
+    r.add_argument("--scheduler", metavar="ADDR",
+                   help="Dask scheduler address (overrides the job's [cluster] scheduler)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output store")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=_run)
+
+    i = sub.add_parser("info", help="summarize a result store")
+    i.add_argument("path", metavar="PATH")
+    i.set_defaults(func=_info)
+
+    p = sub.add_parser("plot", help="draw the block structure and the spectrum of a result")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.png")
+    p.add_argument("--panels", choices=("both", "structure", "spectrum"), default="both")
+    p.add_argument("-k", type=int, default=40, help="eigenvalues in the spectrum (default 40)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing picture")
+    p.set_defaults(func=_plot)
+
+    s = sub.add_parser("solve", help="solve (G̃ + λI) x = b with a stored result")
+    s.add_argument("path", metavar="PATH")
+    s.add_argument("--rhs", required=True, metavar="b.npy", help="right-hand side(s), (N,) or (N, k)")
+    s.add_argument("--reg", required=True, type=float, metavar="λ", help="regularization λ > 0")
+    s.add_argument("-o", "--output", required=True, metavar="x.npy")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing x.npy")
+    s.set_defaults(func=_solve)
+
+    e = sub.add_parser("eig", help="top eigenvalues of a stored result")
+    e.add_argument("path", metavar="PATH")
+    e.add_argument("-k", type=int, default=10, help="number of eigenvalues (default 10)")
+    e.set_defaults(func=_eig)
+
+    d = sub.add_parser("demo", help="train a digits MLP and run the whole pipeline on a "
+                                    "local cluster (the README's main job)")
+    d.add_argument("--out", default="dgnh-demo", metavar="DIR", help="output directory")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing demo output")
+    d.set_defaults(func=_demo)
     return ap
 
 

@@ -298,13 +298,26 @@ def compress(gn, method: str = "auto", tol: float = 1e-3, max_rank: int = 256,
     candidates = [{"method": m, "nbytes": op.nbytes, "error_estimate": op.report["error_estimate"],
                    "entries_evaluated": op.report["entries_evaluated"],
                    "time": op.report["timings"]["build"]} for m, op in built.items()]
-    meeting = [c for c in candidates if c["error_estimate"] <= params["tol"]]
-    best = (min(meeting, key=lambda c: c["nbytes"]) if meeting
-            else min(candidates, key=lambda c: c["error_estimate"]))
-    chosen = built[best["method"]]
+    chosen = built[choose_candidate(candidates, params["tol"])]
     chosen.report["candidates"] = candidates
     chosen.report["parameters"] = {**params, "method": "auto"}
     return chosen
+
+
+def choose_candidate(candidates: list[dict[str, Any]], tol: float) -> str:
+    """The ``"auto"`` rule: the smallest ``nbytes`` among candidates whose
+    ``error_estimate`` meets ``tol``; if none does, the smallest ``error_estimate``.
+
+    Examples
+    --------
+    >>> choose_candidate([{"method": "a", "nbytes": 10, "error_estimate": 0.1},
+    ...                   {"method": "b", "nbytes": 20, "error_estimate": 0.01}], 0.05)
+    'b'
+    """
+    meeting = [c for c in candidates if c["error_estimate"] <= tol]
+    best = (min(meeting, key=lambda c: c["nbytes"]) if meeting
+            else min(candidates, key=lambda c: c["error_estimate"]))
+    return best["method"]
 
 
 def _entry_count(gn) -> int:

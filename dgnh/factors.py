@@ -314,6 +314,48 @@ class ShardFactors:
                 out.append(self.sampled_block(*spec[1:]))
         return out
 
+    # ------------------------------------------- dual route (dgnh.solve)
+    def jacobian_matvec(self, V: Array) -> Array:
+        """``Ĵ_s V``: this shard's rows of the scaled Jacobian ``Ĵ = RJ`` times ``V (N, k)``.
+
+        Rows are ordered ``(i, o)`` (sample-major), shape ``(n_s·d, k)``; a forward
+        R-op pass, O(n_s·N·k).
+        """
+        _, Ra = self._forward_tangent(self._split(V))
+        R = self.loss.factor(self.F)  # (n_s, d, d)
+        out = np.einsum("iab,kib->iak", R, Ra[-1])
+        return out.reshape(self.n * self.sizes[-1], -1)
+
+    def jacobian_rmatvec(self, Y: Array) -> Array:
+        """``Ĵ_sᵀ Y`` for ``Y`` of shape ``(n_s·d, k)`` (rows ``(i, o)``): shape ``(N, k)``."""
+        R = self.loss.factor(self.F)
+        Y = Y.reshape(self.n, self.sizes[-1], -1).astype(self.dtype, copy=False)
+        return self._flatten(self._backprop(np.einsum("iab,iak->kib", R, Y)))
+
+    def dual_factors(self) -> tuple[list[Array], list[Array]]:
+        """Per layer ``C_l`` as ``(n_s·d, d_l)`` (rows ``(i, o)``) and ``XT[l]``, float64."""
+        d = self.sizes[-1]
+        C = [c.transpose(1, 2, 0).reshape(self.n * d, -1).astype(np.float64) for c in self.CT]
+        return C, [x.astype(np.float64) for x in self.XT]
+
+    def dual_gram(self, others) -> Array:
+        """Row block ``[ĴĴᵀ]_{s,t}`` of this shard against the shards ``t`` in ``others``.
+
+        ``others`` is a list of :meth:`dual_factors` results; the blocks are
+        ``Σ_l (C_{l,s} C_{l,t}ᵀ) ∘ (X_{l-1,s}X_{l-1,t}ᵀ + 1_bias)`` side by side,
+        shape ``(n_s·d, Σ_t n_t·d)``, without forming Ĵ.
+        """
+        C_s, X_s = self.dual_factors()
+        d = self.sizes[-1]
+        blocks = []
+        for C_t, X_t in others:
+            n_t = X_t[0].shape[1]
+            K = np.zeros((self.n, d, n_t, d))
+            for Cs, Xs, Ct, Xt in zip(C_s, X_s, C_t, X_t):
+                K += (Cs @ Ct.T).reshape(self.n, d, n_t, d) * (Xs.T @ Xt)[:, None, :, None]
+            blocks.append(K.reshape(self.n * d, n_t * d))
+        return np.hstack(blocks)
+
 
 def _sorted(loc):
     """Sort located parameters by (layer, row, col): ``(sorted loc, layer ranges, order)``."""

@@ -284,7 +284,8 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
     # --- near field from neighbour votes (leaf pairs of the cluster tree)
     t0 = time.perf_counter()
     per_leaf = min(max_near, int(np.ceil(budget * (n_leaves - 1))))
-    near_pairs = _near_pairs(nbr, leaf_start, per_leaf)
+    leaf_node = np.flatnonzero(node_level == depth)
+    near_pairs = [(leaf_node[a], leaf_node[b]) for a, b in _near_pairs(nbr, leaf_start, per_leaf)]
     timings["near_selection"] = time.perf_counter() - t0
 
     # --- skeletonization bottom-up, one round per level (+ the couplings one level below)
@@ -330,9 +331,7 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
                 coupling, leaf_blocks, np.zeros((0, 2), dtype=np.int64), [])
     # near field: exact corrections G[α, β] − H_hss[α, β]
     t0 = time.perf_counter()
-    leaf_node = np.flatnonzero(node_level == depth)
-    pairs = np.array([[leaf_node[a], leaf_node[b]] for a, b in near_pairs],
-                     dtype=np.int64).reshape(-1, 2)
+    pairs = np.array(near_pairs, dtype=np.int64).reshape(-1, 2)
     h._near_pairs = pairs
     h._near_blocks = [G_ab - h._hss_block(a, b) for (a, b), G_ab in zip(pairs, near_exact)]
     timings["near_blocks"] = time.perf_counter() - t0
@@ -368,8 +367,9 @@ def _sample_rows(start: int, stop: int, n_rows: int, nbr: Array, weights: Array,
     ids, counts = np.unique(nb, return_counts=True)
     near = ids[np.argsort(-counts, kind="stable")][: n_rows // 2]
     pool = np.setdiff1d(outside, near, assume_unique=True)
-    w = weights[pool]
-    picked = rng.choice(pool, size=n_rows - len(near), replace=False, p=w / w.sum())
+    # successive sampling ∝ weights without replacement: the first arrivals of Exp(w) clocks
+    arrival = rng.standard_exponential(len(pool)) / weights[pool]
+    picked = pool[np.argsort(arrival, kind="stable")[: n_rows - len(near)]]
     return np.sort(np.concatenate([near, picked]))
 
 

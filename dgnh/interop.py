@@ -217,10 +217,11 @@ class _OnnxGraph:
         self.nodes = []
         for node in graph.node:
             if node.op_type == "Constant":
-                attr = node.attribute[0]
-                if attr.name != "value":
-                    raise ValueError(f"unsupported Constant node {node.name!r} ({attr.name})")
-                self.consts[node.output[0]] = to_array(attr.t)
+                attrs = {a.name: a for a in node.attribute}
+                if "value" not in attrs:
+                    raise ValueError(f"unsupported Constant node {node.name!r} with "
+                                     f"attributes {sorted(attrs)} (dgnh reads 'value')")
+                self.consts[node.output[0]] = to_array(attrs["value"].t)
             else:
                 self.nodes.append(node)
         self.producer = {out: k for k, n in enumerate(self.nodes) for out in n.output}
@@ -266,12 +267,13 @@ class _OnnxGraph:
             )
         node = self.nodes[k]
         self.used.add(k)
-        what = f"{node.op_type} {node.name or node.output[0]!r}: weight"
+        where = f"layer {layer} ({self.describe(k)})"
         if node.input[0] != tensor:
-            raise ValueError(f"{what} is the first operand; dgnh expects x·Wᵀ (data first)")
-        B = self.const(node.input[1], what)
+            raise ValueError(f"{where}: the weight is the first operand; dgnh expects "
+                             f"the data first (x·Wᵀ)")
+        B = self.const(node.input[1], f"{where}: the weight")
         if B.ndim != 2:
-            raise ValueError(f"{what} must be a matrix, got shape {B.shape}")
+            raise ValueError(f"{where}: the weight must be a matrix, got shape {B.shape}")
         if node.op_type == "MatMul":
             W, bias, out = B.T, None, node.output[0]
             after = self.consumers.get(out, [])
@@ -280,20 +282,21 @@ class _OnnxGraph:
                 other = add.input[1] if add.input[0] == out else add.input[0]
                 if other in self.consts:
                     self.used.add(after[0])
-                    bias, out = self.const(other, "bias"), add.output[0]
+                    bias, out = self.const(other, f"{where}: the bias"), add.output[0]
         else:
             attrs = {a.name: a for a in node.attribute}
             if "transA" in attrs and attrs["transA"].i:
-                raise ValueError(f"unsupported Gemm attribute transA=1 in {what}")
+                raise ValueError(f"{where}: unsupported Gemm attribute transA=1")
             alpha = attrs["alpha"].f if "alpha" in attrs else 1.0
             beta = attrs["beta"].f if "beta" in attrs else 1.0
             W = alpha * (B if "transB" in attrs and attrs["transB"].i else B.T)
-            bias = beta * self.const(node.input[2], "bias") if len(node.input) > 2 and node.input[2] else None
+            has_bias = len(node.input) > 2 and node.input[2]
+            bias = beta * self.const(node.input[2], f"{where}: the bias") if has_bias else None
             out = node.output[0]
         if bias is not None:
             if bias.size != W.shape[0]:
                 raise ValueError(
-                    f"layer {layer}: bias of shape {bias.shape} does not have one entry "
+                    f"{where}: the bias of shape {bias.shape} does not have one entry "
                     f"per output ({W.shape[0]})"
                 )
             bias = bias.reshape(-1)
@@ -369,11 +372,15 @@ def _check_attributes(node, layer: int) -> None:
     found = {a.name: a for a in node.attribute}
     if attr not in found:
         return
-    got = found[attr].s.decode() if isinstance(value, str) else found[attr].f
-    same = got == value if isinstance(value, str) else math.isclose(got, value, rel_tol=1e-6)
+    if isinstance(value, str):
+        got = found[attr].s.decode()
+        same, shown = got == value, repr(got)
+    else:  # ONNX stores float attributes in float32
+        got = found[attr].f
+        same, shown = math.isclose(got, value, rel_tol=1e-6), f"{got:.6g}"
     if not same:
         raise ValueError(
-            f"unsupported {node.op_type}({attr}={got!r}) after layer {layer}: dgnh's "
+            f"unsupported {node.op_type}({attr}={shown}) after layer {layer}: dgnh's "
             f"{_ONNX_ACTIVATIONS[node.op_type]!r} activation has {attr}={value!r}"
         )
 

@@ -79,9 +79,10 @@ def cli2(tmp_path_factory):
         with Client(address, set_as_default=False) as client:
             client.wait_for_workers(2, timeout=60)
             yield client
+            client.shutdown()  # scheduler and workers exit
     finally:
         for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(signal.SIGTERM)  # no-op after a clean shutdown
         for p in reversed(procs):
             try:
                 p.wait(timeout=20)
@@ -312,26 +313,26 @@ def test_missing_store_on_cluster_is_named(local2, tmp_path):
 def test_worker_killed_mid_batch_recomputes_shards(cli2, tmp_path):
     """SIGKILL a worker while it evaluates a batch: the batch still returns the
     exact result, and the task stream shows shards rebuilt from the store."""
-    net, X, Y = make_problem("mse", n_samples=2400, sizes=(8, 32, 32, 4))
+    net, X, Y = make_problem("mse", n_samples=2400, sizes=(8, 24, 24, 4))
     path = tmp_path / "big.zarr"
     dgnh.save_dataset(path, X, Y, chunk_rows=300)
     reference = dgnh.GaussNewton(net, X, Y, shard_size=300, client="in-process")
     expected = reference.dense()
     pids = cli2.run(os.getpid)
-    with dgnh.GaussNewton(net, path, shard_size=300, client=cli2) as gn, \
-            get_task_stream(cli2) as stream:
-        result = {}
-        batch = threading.Thread(target=lambda: result.setdefault("G", gn.dense()))
-        batch.start()
-        victim = None
-        while victim is None and batch.is_alive():
-            busy = [w for w, keys in cli2.processing().items()
-                    if any(k.startswith("dgnh-evaluate-") for k in keys)]
-            victim = busy[0] if busy else None
-            time.sleep(0.005)
-        assert victim is not None, "the batch ended before a worker could be killed"
-        os.kill(pids[victim], signal.SIGKILL)
-        batch.join(timeout=120)
+    with dgnh.GaussNewton(net, path, shard_size=300, client=cli2) as gn:
+        with get_task_stream(cli2) as stream:
+            result = {}
+            batch = threading.Thread(target=lambda: result.setdefault("G", gn.dense()))
+            batch.start()
+            victim = None
+            while victim is None and batch.is_alive():
+                busy = [w for w, keys in cli2.processing().items()
+                        if any(k.startswith("dgnh-evaluate-") for k in keys)]
+                victim = busy[0] if busy else None
+                time.sleep(0.005)
+            assert victim is not None, "the batch ended before a worker could be killed"
+            os.kill(pids[victim], signal.SIGKILL)
+            batch.join(timeout=120)
         assert not batch.is_alive()
         assert rel(result["G"], expected) <= 1e-12
         rebuilt = [d["key"] for d in stream.data if d["key"].startswith("dgnh-shard-")]

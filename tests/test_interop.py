@@ -21,6 +21,8 @@ import dgnh
 ACTIVATIONS = ["relu", "leaky_relu", "tanh", "sigmoid", "softplus", "gelu", "elu", "identity"]
 LOSSES = ["mse", "cross_entropy", "binary_cross_entropy"]
 RTOL = 1e-8
+# the legacy TorchScript-based exporter (torch.onnx.export(dynamo=False)) warns on import
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.* is deprecated")
 
 
 def assert_close(actual, reference, rtol=RTOL):
@@ -35,6 +37,15 @@ def test_core_imports_neither_torch_nor_onnx():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("importer, module", [
+    (dgnh.MLP.from_torch, "torch"), (dgnh.MLP.from_onnx, "onnx"),
+])
+def test_missing_extra_names_the_install(monkeypatch, importer, module):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    with pytest.raises(ImportError, match=rf"pip install 'dgnh\[{module}\]'"):
+        importer("model.onnx")
 
 
 # ------------------------------------------------------------------ PyTorch

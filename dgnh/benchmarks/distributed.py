@@ -1,0 +1,122 @@
+"""``dgnh bench distributed``: batches of blocks and of matvecs on a process-based
+LocalCluster with 1 and 2 workers (one thread each, shards read from a dataset store)
+against the in-process path, all in one run; tasks per batch counted from the
+scheduler's task stream."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+from distributed import Client, LocalCluster, get_task_stream
+
+from ..dataset import save_dataset
+from ..gauss_newton import GaussNewton
+from ..model import MLP
+from .common import best_time, print_table
+
+
+def _network(rng, sizes) -> MLP:
+    Ws = [rng.normal(scale=1 / np.sqrt(a), size=(b, a)) for a, b in zip(sizes[:-1], sizes[1:])]
+    bs = [rng.normal(scale=0.1, size=b) for b in sizes[1:]]
+    return MLP(Ws, bs, ["tanh"] * (len(sizes) - 2) + ["identity"])
+
+
+def _workloads(gn: GaussNewton, rng, n_blocks: int, block: int, k: int) -> dict:
+    """Name -> zero-argument call of one request batch."""
+    N = gn.n_params
+    blocks = [(rng.choice(N, block, replace=False), rng.choice(N, block, replace=False))
+              for _ in range(n_blocks)]
+    V = rng.normal(size=(N, k))
+    return {
+        f"{n_blocks} blocks {block}x{block}": lambda: gn.entries_many(blocks),
+        f"{n_blocks} sampled blocks eps=0.2": lambda: gn.entries_many(blocks, eps=0.2,
+                                                                      delta=0.1, seed=1),
+        f"matvec with {k} vectors": lambda: gn @ V,
+        "1 entry (latency)": lambda: gn.entries([0], [1]),
+    }
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="dgnh bench distributed", description=__doc__)
+    ap.add_argument("--n-samples", type=int, default=16_000)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--n-shards", type=int, default=8)
+    ap.add_argument("--blocks", type=int, default=32, help="blocks per batch")
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--vectors", type=int, default=16, help="columns of the matvec batch")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    n, d = args.n_samples, 10
+    sizes = [64, args.hidden, args.hidden, d]
+    net = _network(rng, sizes)
+    X = rng.normal(size=(n, 64))
+    Y = rng.integers(0, d, size=n)
+    shard_size = -(-n // args.n_shards)
+    print(f"network {sizes}, N = {net.n_params}, n = {n}, {args.n_shards} shards of "
+          f"{shard_size} rows, cross_entropy, float64; {os.cpu_count()} CPU cores")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "data.zarr")
+        save_dataset(path, X, Y, chunk_rows=shard_size)
+        results = {("in-process", 0): _measure(net, path, shard_size, "in-process", None, args)}
+        for n_workers in (1, 2):
+            with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                              dashboard_address=":0") as cluster, \
+                    Client(cluster, set_as_default=False) as client:
+                results["LocalCluster", n_workers] = _measure(net, path, shard_size, client,
+                                                              client, args)
+
+    base = results["in-process", 0]
+    rows = []
+    for (label, n_workers), res in results.items():
+        for name, (t, tasks, out) in res["batches"].items():
+            t0, _, ref = base["batches"][name]
+            rows.append([name, label, n_workers or "-", t, tasks if tasks else "-",
+                         t0 / t, _rel(out, ref) if n_workers else 0.0])
+    print_table("One request batch: best wall time, tasks the scheduler ran, "
+                "speed-up vs in-process (same run)",
+                ["batch", "path", "workers", "time s", "tasks", "in-process/this",
+                 "max rel diff"], rows)
+    print_table("Building the shards (factors), from the dataset store",
+                ["path", "workers", "time s"],
+                [[label, w or "-", res["build"]] for (label, w), res in results.items()])
+    print("in-process uses this process's multithreaded BLAS; each worker runs one thread "
+          "with single-threaded BLAS.")
+    return 0
+
+
+def _measure(net, path, shard_size, client, task_client, args) -> dict:
+    """Build time and, per workload, (best time, tasks per batch, result)."""
+    t = time.perf_counter()
+    gn = GaussNewton(net, path, loss="cross_entropy", shard_size=shard_size, client=client)
+    build = time.perf_counter() - t
+    batches = {}
+    with gn:
+        loads = _workloads(gn, np.random.default_rng(args.seed + 1), args.blocks,
+                           args.block_size, args.vectors)
+        for name, call in loads.items():
+            t_best = best_time(call, repeat=args.repeat)
+            tasks = 0
+            if task_client is not None:
+                with get_task_stream(task_client) as stream:
+                    out = call()
+                tasks = len(stream.data)
+            else:
+                out = call()
+            batches[name] = (t_best, tasks, out)
+    return {"build": build, "batches": batches}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

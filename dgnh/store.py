@@ -1,0 +1,615 @@
+"""Zarr v3 storage of compressed GNH results and of the checkpoints of running jobs.
+
+Layout (``format = "dgnh-result"``, ``version = 1``; design.md §6)::
+
+    <path>/                       Zarr v3 group; attributes:
+        format, version           "dgnh-result", 1
+        layout                    one line pointing to this description
+        complete                  true once the result is written (written last)
+        kind                      "lowrank" | "hmatrix" | "hybrid"
+        n_params                  N
+        provenance                created (UTC), dgnh/python/numpy/scipy/zarr/dask/
+                                  distributed versions, platform
+        job, run                  only from `dgnh run`: the validated job parameters;
+                                  timings per phase, shards, workers, checkpoint counts
+    <path>/operator/              the compressed operator; attributes: kind, report
+                                  (parameters, seed, timings, entries evaluated, memory,
+                                  error estimate), arrays (the names of its arrays)
+        kind "lowrank":  U        (N, r) float64, G ≈ U Uᵀ
+        kind "hmatrix":           the arrays of HMatrix.to_arrays(), attributes also
+                                  format "dgnh.hmatrix", version, n_params:
+            perm, node_parent, node_children, node_start, node_stop   the cluster tree
+            skeleton_offsets, skeleton_params          packed skeleton index lists
+            {interp,coupling,leaf,near}_{offsets,shapes,values}
+                                  packed blocks: block i is
+                                  values[offsets[i]:offsets[i+1]].reshape(shapes[i])
+            coupling_nodes, leaf_nodes, near_pairs     which node (pair) owns each block
+        kind "hybrid":            operator/lowrank (as above) + operator/hmatrix (as above),
+                                  G ≈ U Uᵀ + H
+    <path>/factorization/         optional: a factorization of operator + reg·I
+        attributes                reg, logdet, exact (false: HSS part only, a
+                                  preconditioner), kind, seconds
+        inverse_diagonal          (N,) float64, diagonal of (operator + reg·I)⁻¹
+    <path>/checkpoint/            only while a job runs (see :class:`JobStore`)
+        attributes                fingerprint of the job
+        diagonal                  (N,) the GNH diagonal
+        rounds/<k>/               entry round k (one tree level / one pivot batch):
+                                  values, offsets, shapes (packed blocks as above);
+                                  attributes digest (of the requests), n_entries,
+                                  complete (written last)
+
+Every array carries a ``description`` attribute; every chunk is written (even
+an all-zero one), so a missing chunk means a truncated store. Numbers in the
+JSON attributes that are not finite are stored as ``null``. Arrays are written
+in chunk-aligned row slabs (:func:`write_rows`), so writers never share a chunk;
+the attributes (metadata) are written by the driver only, after the arrays they
+describe.
+
+Examples
+--------
+>>> import numpy as np, tempfile, os, dgnh
+>>> from dgnh.lowrank import LowRank
+>>> path = os.path.join(tempfile.mkdtemp(), "r.zarr")
+>>> save(LowRank(np.ones((5, 2))), path)
+>>> op = dgnh.open(path)
+>>> type(op).__name__, op.rank
+('LowRank', 2)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+
+from .compress import Hybrid
+from .factorization import Factorization
+from .hmatrix import HMatrix
+from .lowrank import LowRank
+from .operator import Operator
+
+Array = np.ndarray
+
+FORMAT = "dgnh-result"
+VERSION = 1
+KINDS = ("lowrank", "hmatrix", "hybrid")
+CHUNK_BYTES = 4 * 2**20  # target bytes of one chunk
+SLAB_CHUNKS = 16  # chunks written per call in write_rows
+LAYOUT = "dgnh result store, see the docstring of dgnh.store"
+
+_DESCRIPTIONS = {
+    "U": "low-rank factor (N, r): G ≈ U Uᵀ",
+    "perm": "parameter index of each tree position (nonzero-diagonal parameters only)",
+    "node_parent": "parent node of each tree node (-1 for the root), level order",
+    "node_children": "the two children of each node (-1 for leaves)",
+    "node_start": "first tree position of each node",
+    "node_stop": "one past the last tree position of each node",
+    "skeleton_offsets": "skeleton i is skeleton_params[skeleton_offsets[i]:skeleton_offsets[i+1]]",
+    "skeleton_params": "packed skeleton parameter indices of all nodes",
+    "coupling_nodes": "inner node owning each coupling block (its children's interaction)",
+    "leaf_nodes": "leaf node owning each exact diagonal block",
+    "near_pairs": "leaf node pair of each near-field correction block",
+    "inverse_diagonal": "diagonal of (operator + reg·I)^-1",
+    "diagonal": "diagonal of the GNH",
+    "values": "packed block values; block i is values[offsets[i]:offsets[i+1]].reshape(shapes[i])",
+    "offsets": "start of each packed block in values (n_blocks + 1)",
+    "shapes": "shape (rows, cols) of each packed block",
+}
+_PACKED = {"interp": "interpolation matrix of each node",
+           "coupling": "coupling block of each inner node",
+           "leaf": "exact diagonal block of each leaf",
+           "near": "near-field correction block of each near leaf pair"}
+
+
+# ------------------------------------------------------------------- helpers
+def pack_blocks(blocks: Sequence[Array]) -> tuple[Array, Array, Array]:
+    """Ragged 2-D blocks → ``(offsets (n+1,), shapes (n, 2), values (Σ sizes,))``.
+
+    Examples
+    --------
+    >>> off, shp, val = pack_blocks([np.ones((2, 3)), np.zeros((1, 1))])
+    >>> off.tolist(), shp.tolist(), val.size
+    ([0, 6, 7], [[2, 3], [1, 1]], 7)
+    """
+    shapes = np.array([np.shape(b) for b in blocks], dtype=np.int64).reshape(-1, 2)
+    offsets = np.concatenate([[0], np.cumsum(shapes.prod(axis=1))]).astype(np.int64)
+    dtype = np.result_type(*blocks) if len(blocks) else np.float64
+    values = (np.concatenate([np.asarray(b, dtype=dtype).ravel() for b in blocks])
+              if len(blocks) else np.zeros(0, dtype=dtype))
+    return offsets, shapes, values
+
+
+def unpack_blocks(offsets: Array, shapes: Array, values: Array) -> list[Array]:
+    """The inverse of :func:`pack_blocks`."""
+    return [values[offsets[i]:offsets[i + 1]].reshape(shapes[i]) for i in range(len(shapes))]
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON values: numpy scalars/arrays → Python, tuples → lists, keys → str,
+    non-finite floats → ``None``."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def provenance() -> dict[str, str]:
+    """Creation time and the versions of dgnh and the libraries that made a result."""
+    import dask
+    import distributed
+    import scipy
+
+    from . import __version__
+
+    return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dgnh": __version__, "python": platform.python_version(),
+            "numpy": np.__version__, "scipy": scipy.__version__, "zarr": zarr.__version__,
+            "dask": dask.__version__, "distributed": distributed.__version__,
+            "platform": platform.platform()}
+
+
+def _chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Row chunks of about ``CHUNK_BYTES`` (whole trailing dimensions)."""
+    row_bytes = itemsize * int(np.prod([max(s, 1) for s in shape[1:]]))
+    rows = max(1, min(max(shape[0], 1), CHUNK_BYTES // row_bytes))
+    return (rows,) + tuple(max(s, 1) for s in shape[1:])
+
+
+def write_rows(array: zarr.Array, start: int, values: Array) -> None:
+    """Write ``values`` into rows ``start:start+len(values)`` of ``array``.
+
+    The region must be chunk-aligned (it starts on a chunk boundary and ends on
+    one or at the end of the array), so concurrent writers — e.g. one task per
+    region on different workers — never touch the same chunk.
+    """
+    rows = array.chunks[0]
+    stop = start + len(values)
+    if start % rows or (stop % rows and stop != array.shape[0]) or stop > array.shape[0]:
+        raise ValueError(f"rows {start}:{stop} of array {array.path!r} are not aligned to its "
+                         f"chunks of {rows} rows (shape {array.shape})")
+    array[start:stop] = values
+
+
+def _write_array(group: zarr.Group, name: str, data: Array, description: str) -> zarr.Array:
+    """A new array ``group/name`` holding ``data``, written in chunk-aligned slabs."""
+    data = np.ascontiguousarray(data)
+    z = group.create_array(name, shape=data.shape, dtype=data.dtype,
+                           chunks=_chunk_shape(data.shape, data.dtype.itemsize),
+                           overwrite=True, attributes={"description": description},
+                           config={"write_empty_chunks": True})
+    slab = SLAB_CHUNKS * z.chunks[0]
+    for start in range(0, data.shape[0], slab):
+        write_rows(z, start, data[start:start + slab])
+    return z
+
+
+def _description(name: str) -> str:
+    if name in _DESCRIPTIONS:
+        return _DESCRIPTIONS[name]
+    prefix, _, part = name.rpartition("_")
+    if prefix in _PACKED and part in _DESCRIPTIONS:
+        return f"{_PACKED[prefix]}: {_DESCRIPTIONS[part]}"
+    return "see dgnh.store"
+
+
+def _read_array(group: zarr.Group, name: str, where: str) -> Array:
+    """``group[name]`` as numpy; clear errors for a missing or truncated array."""
+    try:
+        z = group[name]
+    except KeyError:
+        raise ValueError(f"{where}: array {name!r} is missing (incomplete or damaged "
+                         f"store)") from None
+    if not isinstance(z, zarr.Array):
+        raise ValueError(f"{where}: {name!r} is not an array")
+    if z.nchunks_initialized != z.nchunks:
+        raise ValueError(f"{where} is truncated: array {name!r} has {z.nchunks_initialized} "
+                         f"of its {z.nchunks} chunks")
+    try:
+        return np.asarray(z[...])
+    except Exception as e:  # codec and I/O errors alike
+        raise ValueError(f"{where}: cannot read array {name!r} (damaged chunk?): {e}") from e
+
+
+def _open_group(path: str, mode: str = "r") -> zarr.Group:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"result store {path} does not exist")
+    try:
+        return zarr.open_group(path, mode=mode, zarr_format=3)
+    except Exception as e:  # zarr raises several types for "not a v3 group"
+        raise ValueError(f"{path} is not a Zarr v3 group ({type(e).__name__}: {e})") from e
+
+
+def _check_format(attrs: dict, path: str) -> None:
+    if attrs.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a dgnh result store: its format attribute is "
+                         f"{attrs.get('format')!r}, expected {FORMAT!r}")
+    if attrs.get("version") != VERSION:
+        raise ValueError(f"result store {path} has format version {attrs.get('version')!r}; "
+                         f"this dgnh reads version {VERSION} (upgrade dgnh?)")
+
+
+def check_new_output(path: str, overwrite: bool, what: str = "output") -> None:
+    """``FileExistsError`` if ``path`` exists and ``overwrite`` is not set."""
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{what} {path} already exists: pass overwrite=True "
+                              f"(--overwrite) to replace it")
+
+
+def remove_path(path: str) -> None:
+    """Delete a file or a directory tree (an output being overwritten)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+# ------------------------------------------------------------ the operator
+def kind_of(op: Operator) -> str:
+    """``"lowrank"``, ``"hmatrix"`` or ``"hybrid"``; ``TypeError`` for anything else."""
+    for kind, cls in (("lowrank", LowRank), ("hmatrix", HMatrix), ("hybrid", Hybrid)):
+        if isinstance(op, cls):
+            return kind
+    raise TypeError(f"cannot store a {type(op).__name__}: expected a compressed operator "
+                    "(dgnh LowRank, HMatrix or Hybrid, e.g. from dgnh.compress)")
+
+
+def factorizes_exactly(op: Operator) -> bool:
+    """False when ``op.factorize`` covers only the HSS part (a near field exists)."""
+    if isinstance(op, Hybrid):
+        return op.hmatrix.is_hss
+    return getattr(op, "is_hss", True)
+
+
+def _write_operator(group: zarr.Group, op: Operator) -> None:
+    kind = kind_of(op)
+    if kind == "hybrid":
+        _write_operator(group.create_group("lowrank", overwrite=True), op.lowrank)
+        _write_operator(group.create_group("hmatrix", overwrite=True), op.hmatrix)
+        arrays, attrs = {}, {}
+    elif kind == "lowrank":
+        arrays, attrs = {"U": op.U}, {"n_params": op.shape[0]}
+    else:
+        arrays = op.to_arrays()
+        attrs = {k: v for k, v in op.attrs().items() if k != "report"}
+    for name, data in arrays.items():
+        _write_array(group, name, data, _description(name))
+    group.attrs.update(jsonable({**attrs, "kind": kind, "arrays": sorted(arrays),
+                                 "report": getattr(op, "report", {})}))
+
+
+def _read_operator(group: zarr.Group, where: str) -> Operator:
+    attrs = dict(group.attrs)
+    kind = attrs.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"{where}: unknown operator kind {kind!r} (expected one of {KINDS})")
+    if kind == "hybrid":
+        parts = {}
+        for name in ("lowrank", "hmatrix"):
+            if name not in group:
+                raise ValueError(f"{where}: the hybrid operator lacks its {name!r} part "
+                                 "(incomplete or damaged store)")
+            parts[name] = _read_operator(group[name], f"{where}/{name}")
+        return Hybrid(parts["lowrank"], parts["hmatrix"], attrs.get("report"))
+    arrays = {name: _read_array(group, name, where) for name in attrs.get("arrays", [])}
+    try:
+        if kind == "lowrank":
+            if arrays["U"].shape[0] != attrs.get("n_params"):
+                raise ValueError(f"U has {arrays['U'].shape[0]} rows, n_params is "
+                                 f"{attrs.get('n_params')}")
+            return LowRank(arrays["U"], attrs.get("report"))
+        return HMatrix.from_arrays(arrays, attrs)
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"{where}: inconsistent {kind} operator: {e}") from e
+
+
+def _write_factorization(root: zarr.Group, op: Operator, factorization: Factorization,
+                         seconds: float | None = None) -> None:
+    if not isinstance(factorization, Factorization) or factorization.shape != op.shape:
+        raise TypeError(f"factorization must be a dgnh Factorization of shape {op.shape} "
+                        f"(from op.factorize(reg)), got {type(factorization).__name__}")
+    group = root.create_group("factorization", overwrite=True)
+    _write_array(group, "inverse_diagonal", factorization.inverse_diagonal(),
+                 _DESCRIPTIONS["inverse_diagonal"])
+    group.attrs.update(jsonable({"reg": factorization.reg, "logdet": factorization.logdet(),
+                                 "exact": factorizes_exactly(op),
+                                 "kind": type(factorization).__name__, "seconds": seconds}))
+
+
+def _write_result(root: zarr.Group, op: Operator, factorization: Factorization | None,
+                  extra_attrs: dict | None = None, factorization_seconds: float | None = None
+                  ) -> None:
+    """Operator, factorization, then the root attributes with ``complete = true`` last."""
+    kind = kind_of(op)
+    _write_operator(root.create_group("operator", overwrite=True), op)
+    if factorization is not None:
+        _write_factorization(root, op, factorization, factorization_seconds)
+    elif "factorization" in root:
+        del root["factorization"]
+    root.attrs.update(jsonable({**(extra_attrs or {}), "kind": kind, "n_params": op.shape[0],
+                                "provenance": provenance(), "complete": True}))
+
+
+def save(op: Operator, path: str | os.PathLike, overwrite: bool = False,
+         factorization: Factorization | None = None) -> None:
+    """Write a compressed operator (and optionally its factorization) to a new store.
+
+    Parameters
+    ----------
+    op : LowRank, HMatrix or Hybrid (e.g. from :func:`dgnh.compress`); its
+        ``report`` is stored with it.
+    path : directory of the Zarr v3 store; must not exist unless ``overwrite``.
+    overwrite : replace whatever is at ``path``.
+    factorization : optional ``op.factorize(reg)``: its ``reg``, ``logdet`` and
+        ``inverse_diagonal`` are stored.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> from dgnh.lowrank import LowRank
+    >>> op = LowRank(np.eye(4, 2))
+    >>> path = os.path.join(tempfile.mkdtemp(), "lr.zarr")
+    >>> save(op, path, factorization=op.factorize(0.5))
+    >>> round(read_factorization(path)["logdet"], 6)
+    -0.367123
+    """
+    path = os.fspath(path)
+    kind_of(op)
+    check_new_output(path, overwrite, "result store")
+    remove_path(path)
+    root = zarr.create_group(path, zarr_format=3)
+    root.attrs.update({"format": FORMAT, "version": VERSION, "layout": LAYOUT,
+                       "complete": False})
+    _write_result(root, op, factorization)
+
+
+def _open_complete(path: str | os.PathLike) -> tuple[str, zarr.Group]:
+    path = os.fspath(path)
+    root = _open_group(path)
+    attrs = dict(root.attrs)
+    _check_format(attrs, path)
+    if attrs.get("complete") is not True:
+        raise ValueError(f"result store {path} is incomplete: its job has not finished "
+                         f"({checkpoint_rounds(path)} entry rounds checkpointed); run the job "
+                         "again to resume it")
+    if "operator" not in root:
+        raise ValueError(f"result store {path}: group 'operator' is missing (damaged store)")
+    return path, root
+
+
+def open(path: str | os.PathLike) -> Operator:
+    """Open a result store: the compressed operator, usable without a cluster.
+
+    Returns the :class:`~dgnh.lowrank.LowRank`, :class:`~dgnh.hmatrix.HMatrix`
+    or :class:`~dgnh.compress.Hybrid` that was stored, with its ``report``.
+    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` naming
+    the path and the problem for an unknown format or version, an incomplete
+    job, missing arrays or a truncated store.
+
+    Examples
+    --------
+    >>> import dgnh
+    >>> H = dgnh.open("result.zarr")  # doctest: +SKIP
+    >>> x = H.factorize(1e-3).solve(b)  # doctest: +SKIP
+    """
+    path, root = _open_complete(path)
+    return _read_operator(root["operator"], f"result store {path}")
+
+
+def read_factorization(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The stored factorization: ``reg``, ``logdet``, ``exact``, ``kind``,
+    ``seconds``, ``inverse_diagonal``; ``None`` if the store has none."""
+    path, root = _open_complete(path)
+    if "factorization" not in root:
+        return None
+    group = root["factorization"]
+    where = f"result store {path}/factorization"
+    return {**dict(group.attrs),
+            "inverse_diagonal": _read_array(group, "inverse_diagonal", where)}
+
+
+def read_attributes(path: str | os.PathLike) -> dict[str, Any]:
+    """Root attributes plus ``operator`` (its attributes, with the report), no arrays."""
+    path, root = _open_complete(path)
+    out = dict(root.attrs)
+    out["operator"] = dict(root["operator"].attrs)
+    if "factorization" in root:
+        out["factorization"] = dict(root["factorization"].attrs)
+    return out
+
+
+def summary(path: str | os.PathLike) -> str:
+    """A readable multi-line summary of a result store (attributes only)."""
+    a = read_attributes(path)
+    report = a["operator"].get("report", {})
+    params = report.get("parameters", {})
+    prov = a.get("provenance", {})
+    N = a["n_params"]
+    lines = [f"{os.fspath(path)}: dgnh result, format version {a['version']}",
+             f"  operator           {a['kind']}, N = {N:,} parameters"]
+    for key, label in (("rank", "rank"), ("lowrank_rank", "low-rank part"),
+                       ("rank_max", "max skeleton rank"),
+                       ("rank_mean", "mean skeleton rank")):
+        if key in report:
+            value = report[key]
+            lines.append(f"  {label:<18} {value:.1f}" if isinstance(value, float)
+                         else f"  {label:<18} {value}")
+    if "nbytes" in report:
+        frac = report.get("memory_fraction")
+        lines.append(f"  memory             {report['nbytes'] / 2**20:,.2f} MiB"
+                     + (f" ({100 * frac:.2f}% of dense)" if frac is not None else ""))
+    if "error_estimate" in report:
+        err = report["error_estimate"]
+        lines.append(f"  error              ‖G − H‖₂/‖G‖₂ ≈ {err:.3g} (estimated; tol "
+                     f"{params.get('tol')}, {'met' if report.get('tol_met') else 'NOT met'})")
+    if "norm_estimate" in report:
+        lines.append(f"  ‖G‖₂               ≈ {report['norm_estimate']:.6g}")
+    if params:
+        lines.append("  parameters         " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    if "entries_evaluated" in report:
+        lines.append(f"  entries            {report['entries_evaluated']:,} evaluated")
+    run = a.get("run")
+    if run:
+        ck = run.get("checkpoint", {})
+        if ck.get("rounds_loaded"):
+            lines.append(f"  resumed            {ck['rounds_loaded']} of {ck['rounds']} entry rounds "
+                         f"({ck['entries_loaded']:,} entries) loaded from the checkpoint")
+        lines.append("  timings            " + ", ".join(f"{k} {v:.2f} s"
+                                                   for k, v in run.get("timings", {}).items()))
+        lines.append(f"  data               {run.get('n_samples'):,} samples in "
+                     f"{run.get('n_shards')} shards")
+    fac = a.get("factorization")
+    if fac:
+        lines.append(f"  factorization      reg = {fac['reg']:.6g}, log det = {fac['logdet']:.10g}"
+                     + ("" if fac.get("exact") else " (HSS part only: a preconditioner)"))
+    lines.append(f"  created            {prov.get('created')} with dgnh {prov.get('dgnh')}, "
+                 f"numpy {prov.get('numpy')}, zarr {prov.get('zarr')}, "
+                 f"dask {prov.get('dask')}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- checkpoints
+def checkpoint_rounds(path: str | os.PathLike) -> int:
+    """Entry rounds stored, complete and contiguous from 0, in a job's checkpoint.
+
+    0 when there is no checkpoint (or nothing readable yet); safe to call while
+    the job writes.
+    """
+    try:
+        rounds = zarr.open_group(os.fspath(path), mode="r", zarr_format=3)["checkpoint/rounds"]
+        names = sorted(rounds.group_keys())
+        count = 0
+        for name in names:
+            if name != _round_name(count) or rounds[name].attrs.get("complete") is not True:
+                break
+            count += 1
+        return count
+    except Exception:  # missing, or being written right now
+        return 0
+
+
+def _round_name(k: int) -> str:
+    return f"{k:06d}"
+
+
+def request_digest(requests: Sequence[tuple], **options) -> str:
+    """SHA-256 of a batch of entry requests ``[(rows, cols), ...]`` and its options."""
+    h = hashlib.sha256(json.dumps(jsonable(options), sort_keys=True).encode())
+    for rows, cols in requests:
+        for idx in (rows, cols):
+            idx = np.ascontiguousarray(idx, dtype=np.int64)
+            h.update(np.int64(idx.size).tobytes())
+            h.update(idx.tobytes())
+    return h.hexdigest()
+
+
+class JobStore:
+    """The output store of a job: its checkpoint while it runs, then its result.
+
+    Use :meth:`begin`. Entry rounds are saved with :meth:`save_round` (one group
+    per round, its ``complete`` attribute written last) and read back by
+    :meth:`load_round` when a killed job runs again; :meth:`finish` writes the
+    result, marks the store complete and removes the checkpoint.
+    """
+
+    def __init__(self, path: str, root: zarr.Group):
+        self.path = path
+        self.root = root
+        self.checkpoint = root["checkpoint"]
+        self.n_rounds = checkpoint_rounds(path)
+
+    @classmethod
+    def begin(cls, path: str | os.PathLike, fingerprint: str, overwrite: bool = False,
+              job: dict | None = None) -> "JobStore":
+        """Create the store, or reopen the checkpoint of the same job (same fingerprint).
+
+        Refuses (``FileExistsError``) an existing complete result, another job's
+        checkpoint or anything else at ``path`` unless ``overwrite``, which starts
+        over.
+        """
+        path = os.fspath(path)
+        if os.path.lexists(path) and not overwrite:
+            try:
+                root = _open_group(path, mode="r+")
+                attrs = dict(root.attrs)
+                _check_format(attrs, path)
+            except ValueError as e:
+                raise FileExistsError(f"output {path} exists and is not a dgnh result store "
+                                      f"({e}): pass --overwrite (overwrite=True) to replace "
+                                      "it") from None
+            if attrs.get("complete") is True:
+                raise FileExistsError(f"output {path} already holds a complete result: pass "
+                                      "--overwrite (overwrite=True) to replace it")
+            if attrs.get("fingerprint") != fingerprint or "checkpoint" not in root:
+                raise FileExistsError(f"output {path} holds the checkpoint of a different job "
+                                      "(other model, data or parameters): pass --overwrite "
+                                      "(overwrite=True) to start over")
+            return cls(path, root)
+        remove_path(path)
+        root = zarr.create_group(path, zarr_format=3)
+        root.create_group("checkpoint/rounds")
+        root.attrs.update(jsonable({"format": FORMAT, "version": VERSION, "layout": LAYOUT,
+                                    "complete": False, "fingerprint": fingerprint,
+                                    "job": job or {}}))
+        return cls(path, root)
+
+    # ------------------------------------------------------------- arrays
+    def load_array(self, name: str) -> Array | None:
+        """A checkpointed array (e.g. ``"diagonal"``), or ``None`` if not stored."""
+        if name not in self.checkpoint or self.checkpoint[name].attrs.get("complete") is not True:
+            return None
+        return _read_array(self.checkpoint, name, f"checkpoint of {self.path}")
+
+    def save_array(self, name: str, data: Array) -> None:
+        z = _write_array(self.checkpoint, name, np.asarray(data), _description(name))
+        z.attrs["complete"] = True
+
+    # ------------------------------------------------------------- rounds
+    def load_round(self, k: int) -> tuple[str, list[Array]]:
+        """The digest and blocks of stored round ``k`` (``k < n_rounds``)."""
+        group = self.checkpoint["rounds"][_round_name(k)]
+        where = f"checkpoint of {self.path}, round {k}"
+        blocks = unpack_blocks(*(_read_array(group, n, where)
+                                 for n in ("offsets", "shapes", "values")))
+        return group.attrs["digest"], blocks
+
+    def save_round(self, k: int, digest: str, blocks: Sequence[Array]) -> None:
+        """Store round ``k`` (arrays first, then its attributes with ``complete``)."""
+        if k != self.n_rounds:
+            raise ValueError(f"round {k} cannot follow the {self.n_rounds} stored rounds")
+        group = self.checkpoint["rounds"].create_group(_round_name(k), overwrite=True)
+        for name, data in zip(("offsets", "shapes", "values"), pack_blocks(blocks)):
+            _write_array(group, name, data, _DESCRIPTIONS[name])
+        group.attrs.update({"digest": digest, "n_blocks": len(blocks),
+                            "n_entries": int(sum(np.size(b) for b in blocks)),
+                            "complete": True})
+        self.n_rounds = k + 1
+
+    def discard_rounds(self, k: int) -> None:
+        """Delete the stored rounds ``k, k+1, …`` (a run that no longer matches them)."""
+        rounds = self.checkpoint["rounds"]
+        for name in sorted(rounds.group_keys()):
+            if int(name) >= k:
+                del rounds[name]
+        self.n_rounds = min(self.n_rounds, k)
+
+    # ------------------------------------------------------------- result
+    def finish(self, op: Operator, factorization: Factorization | None = None,
+               attrs: dict | None = None, factorization_seconds: float | None = None) -> None:
+        """Write the result, mark the store complete, then drop the checkpoint."""
+        _write_result(self.root, op, factorization, attrs, factorization_seconds)
+        del self.root["checkpoint"]

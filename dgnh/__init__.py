@@ -8,6 +8,7 @@ from .operator import Operator
 from .sampling import SamplePlan, plan as sampling_plan
 from .dataset import Dataset, open_dataset, save_dataset
 from .cluster import DaskBackend
+from .store import open, save
 
 __version__ = "0.1.0"
 
@@ -24,5 +25,7 @@ __all__ = [
     "open_dataset",
     "save_dataset",
     "DaskBackend",
+    "open",
+    "save",
     "__version__",
 ]

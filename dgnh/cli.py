@@ -42,18 +42,62 @@ def _info(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from .plot import plot_store
 
-    print(f"wrote {plot_store(args.path, args.output, panels=args.panels, k=args.k, overwrite=args.overwrite)}")
+    path = plot_store(args.path, args.output, panels=args.panels, k=args.k,
+                      overwrite=args.overwrite)
+    print(f"wrote {path}")
     return 0
 
 
-def _solve(args: argparse.Namespace) -> int:
-    from .store import open as open_store, solve_stored
+def _load_npy(path: str, what: str):
+    import numpy as np
 
-    raise NotImplementedError
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} file {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} file {path} is not a readable .npy array: {e}") from None
+
+
+def _solve(args: argparse.Namespace) -> int:
+    """Direct solve with the factorization when it is exact, else CG preconditioned by it."""
+    import warnings
+
+    import numpy as np
+
+    from . import store
+    from .solve import cg
+
+    store.check_new_output(args.output, args.overwrite, "solution")
+    op = store.open(args.path)
+    b = _load_npy(args.rhs, "right-hand side")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # near field: handled by CG below
+        factorization = op.factorize(args.reg)
+    if store.factorizes_exactly(op):
+        x = factorization.solve(b)
+        residual = np.linalg.norm(op @ x + args.reg * x - b) / max(np.linalg.norm(b), 1e-300)
+        how = "direct solve with its factorization"
+    else:
+        result = cg(op, b, args.reg, preconditioner=factorization)
+        x, residual = result.x, np.max(result.residual)
+        how = f"CG preconditioned by its HSS factorization, {result.n_iter} iterations"
+    with open(args.output, "wb") as fh:
+        np.save(fh, x)
+    print(f"wrote {args.output}: x of shape {x.shape} solving (G̃ + λI) x = b, λ = {args.reg:g} "
+          f"({how}; relative residual {residual:.2e})")
+    return 0
 
 
 def _eig(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from . import store
+    from .spectral import eigsh
+
+    values = eigsh(store.open(args.path), args.k)[0]
+    print(f"top {len(values)} eigenvalues of {args.path}:")
+    for i, value in enumerate(values, 1):
+        print(f"{i:5d}  {value: .10e}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@
   range (the worker reads its rows from the store) or the shard's own rows. In
   both cases the scheduler keeps the task spec, so a shard lost with its
   worker is recomputed elsewhere — which ``client.scatter`` would not allow;
-* a request batch is one task per shard, ``getattr(shard, method)(*args)``
+* a request batch is one graph, sent to the scheduler in one message: one
+  task per shard, ``getattr(shard, method)(*args)``
   (key ``dgnh-<method>-<token>-<batch>-<s>``), then for ``sum`` a tree
   reduction with :func:`~dgnh.backend.add_partials`, ``SPLIT_EVERY`` partials
   per task (``dgnh-sum-<token>-<batch>-<level>-<i>``): about ``1.33 × n_shards``
@@ -31,6 +32,7 @@ from functools import reduce
 from typing import Any, Callable, Sequence
 
 import dask.config
+from dask.delayed import Delayed, delayed
 from dask.sizeof import sizeof
 from dask.utils import parse_timedelta
 from distributed import Client, Future, LocalCluster
@@ -205,18 +207,18 @@ class DaskBackend:
 
     def map(self, method: str, args=()) -> list:
         """``getattr(shard, method)(*args[s])`` on every shard, in shard order."""
-        futures, _ = self._submit_calls(method, args)
-        return self.client.gather(futures)
+        calls, _ = self._calls(method, args)
+        return self.client.gather(self.client.compute(calls, optimize_graph=False))
 
     def sum(self, method: str, args=()):
         """The calls of :meth:`map` added up over shards by a reduction tree."""
-        parts, tag = self._submit_calls(method, args)
+        parts, tag = self._calls(method, args)
         for level in itertools.count():
             if len(parts) == 1:
-                return parts[0].result()
+                return self.client.compute(parts[0], optimize_graph=False).result()
             parts = [
-                self.client.submit(sum_partials, *parts[i:i + SPLIT_EVERY],
-                                   key=f"dgnh-sum-{tag}-{level}-{i}")
+                delayed(sum_partials, pure=False)(*parts[i:i + SPLIT_EVERY],
+                                                  dask_key_name=f"dgnh-sum-{tag}-{level}-{i}")
                 if len(parts[i:i + SPLIT_EVERY]) > 1 else parts[i]
                 for i in range(0, len(parts), SPLIT_EVERY)
             ]
@@ -228,19 +230,20 @@ class DaskBackend:
             self._shards = []
         self._shutdown()
 
-    def _submit_calls(self, method: str, args) -> tuple[list[Future], str]:
+    def _calls(self, method: str, args) -> tuple[list[Delayed], str]:
+        """One call task per shard; the graph of a batch is sent in one message."""
         tag = f"{self._token}-{next(self._batches)}"
         if isinstance(args, tuple) and args and sizeof(args) > ARG_TASK_BYTES:
-            args = self.client.submit(tuple, args, key=f"dgnh-args-{tag}")
-        if isinstance(args, Future):
-            per = [args] * self.n_shards
+            shared = delayed(tuple, pure=False)(args, dask_key_name=f"dgnh-args-{tag}")
+            per = [shared] * self.n_shards
         else:
             per = per_shard(args, self.n_shards)
-        futures = [
-            self.client.submit(call_method, shard, method, a, key=f"dgnh-{method}-{tag}-{s}")
+        calls = [
+            delayed(call_method, pure=False)(shard, method, a,
+                                             dask_key_name=f"dgnh-{method}-{tag}-{s}")
             for s, (shard, a) in enumerate(zip(self._shards, per))
         ]
-        return futures, tag
+        return calls, tag
 
 
 def _shutdown(client: Client | None, cluster: LocalCluster | None) -> None:

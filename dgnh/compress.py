@@ -169,6 +169,10 @@ class RemainderSource:
         rem[rem <= REMAINDER_ZERO * full] = 0.0
         return rem
 
+    def matvec(self, V: Array) -> Array:
+        """``(G − UUᵀ) V`` with exact products of the wrapped source."""
+        return np.asarray(self.source.matvec(V), dtype=np.float64) - self.U @ (self.U.T @ V)
+
     def entries_many(self, requests, eps: float | None = None, seed: int = 0) -> list[Array]:
         blocks = self.source.entries_many(requests, eps=eps, seed=seed)
         return [np.asarray(B, dtype=np.float64) - self.U[np.asarray(r, dtype=np.int64)]

@@ -235,6 +235,9 @@ class ShardFactors:
 
     def _split(self, V: Array) -> list[tuple[Array, Array | None]]:
         """Per-layer directions ``dW (k, d_l, d_in)``, ``db (k, d_l)`` from ``V (N, k)``."""
+        # V deserialized on a worker may be unaligned: numpy then skips BLAS and rounds
+        # differently from run to run; an aligned copy keeps products bit-reproducible
+        V = np.require(V, requirements="A")
         out, o = [], 0
         for W, b in zip(self.W, self.b):
             dW = V[o:o + W.size].T.reshape((-1,) + W.shape)

@@ -53,7 +53,7 @@ METRICS = ("angle", "gram")
 FORMAT = "dgnh.hmatrix"
 FORMAT_VERSION = 1
 PIVOT_SAMPLES = 16  # sampled columns per node from which the split pivots are chosen
-ROW_OVERSAMPLING = 2  # sampled rows per candidate in a skeletonization
+OVERSAMPLING = 10  # sketch columns beyond max_rank
 
 
 # ------------------------------------------------------------------ per-node numerics
@@ -164,28 +164,48 @@ def interpolative_decomposition(block: Array, tol: float, max_rank: int) -> tupl
 
 
 # ------------------------------------------------------------------------ the builder
+def leaf_sketch(Y_leaf: Array, D: Array, omega_leaf: Array) -> Array:
+    """``Ω[out]ᵀ G[out, α]`` of a leaf from the product rows ``Y[α] = (GΩ)[α]``: ``(Y − DΩ[α])ᵀ``."""
+    return (Y_leaf - D @ omega_leaf).T
+
+
+def parent_sketch(S1: Array, skel1: Array, S2: Array, skel2: Array, omega1: Array,
+                  omega2: Array, B: Array) -> Array:
+    """``Ω[out(p)]ᵀ G[out(p), α̃₁ ∪ α̃₂]`` of a parent from its children.
+
+    ``S_i`` are the children's sketches (over their candidates), ``skel_i`` the
+    skeleton positions in them, ``omega_i = V_iᵀ Ω[α_i]`` their upward test
+    coefficients and ``B = G[α̃₁, α̃₂]``; the sibling's share
+    ``Ω[α₂]ᵀ G[α₂, α̃₁] ≈ omega₂ᵀ Bᵀ`` is removed.
+    """
+    return np.hstack([S1[:, skel1] - omega2.T @ B.T, S2[:, skel2] - omega1.T @ B])
+
+
 def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int = 256,
                   budget: float = 0.0, neighbors: int = 32, metric: str = "angle",
                   eps: float | None = None, seed: int = 0, n_trees: int = 4,
-                  max_near: int = 32, progress: bool | None = None) -> "HMatrix":
-    """Build an :class:`HMatrix` of the symmetric PSD matrix behind ``source`` from entries.
+                  max_near: int = 32, oversampling: int = OVERSAMPLING,
+                  progress: bool | None = None) -> "HMatrix":
+    """Build an :class:`HMatrix` of the symmetric PSD matrix behind ``source``.
 
-    Parameters are validated by :func:`dgnh.compress`, which is the public entry
+    :func:`dgnh.compress` validates the parameters and is the public entry
     point; see the module docstring for the algorithm.
 
     Parameters
     ----------
-    source : entry source (``n_params``, ``diagonal()``, ``entries_many``).
+    source : entry source with exact products: ``n_params``, ``diagonal()``,
+        ``entries_many(requests, eps=, seed=)`` and ``matvec(V)``.
     tol : relative tolerance of every interpolative decomposition.
     max_rank : cap on every skeleton size.
     leaf_size : largest leaf (the tree is balanced, leaves hold ≤ ``leaf_size``).
     budget : near-field budget in [0, 1] (fraction of the other leaves), 0 = HSS.
-    neighbors : nearest neighbours per parameter.
+    neighbors : nearest neighbours per parameter (for the near-field votes).
     metric : ``"angle"`` or ``"gram"``.
     eps : ``None`` for exact entries, else the sampled-entry accuracy (design.md §3).
     seed : seeds every random choice (and the entry sampler).
     n_trees : randomized trees for the neighbour search (the first is the cluster tree).
     max_near : absolute cap on the near leaves of one leaf.
+    oversampling : sketch columns beyond ``max_rank``.
     progress : show a progress bar per tree level (``None``: only on a terminal).
 
     Examples
@@ -208,6 +228,7 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
     active = np.flatnonzero(diag > 0)
     n_act = len(active)
     depth = int(np.ceil(np.log2(n_act / leaf_size))) if n_act > leaf_size else 0
+    n_trees = n_trees if budget > 0 else 1  # the other trees only find neighbours
     counter = {"rounds": 0, "entries": 0}
     bar = tqdm(total=2 * depth + 2, desc="H-matrix", unit="level",
                disable=(not progress) if progress is not None else None)
@@ -224,7 +245,7 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
         bar.update(1)
         return [np.asarray(b, dtype=np.float64) for b in blocks]
 
-    # --- cluster tree and randomized trees, one round per level
+    # --- cluster tree (and randomized trees for neighbours), one round per level
     t0 = time.perf_counter()
     d_act = diag[active]
     trees = [[np.arange(n_act)] for _ in range(n_trees)]  # trees[t]: nodes of the current level
@@ -243,31 +264,34 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
         trees = split
     timings["tree"] = time.perf_counter() - t0
 
-    # --- leaves of every tree: neighbours; the first tree's leaf blocks are kept
+    # --- leaves: the cluster tree's diagonal blocks (+ other trees' leaves for neighbours)
     t0 = time.perf_counter()
-    leaf_requests = [(active[L], active[L]) for nodes in trees for L in nodes]
-    leaf_blocks_all = fetch(leaf_requests, "leaves")
     n_leaves = 2**depth
-    perm_pos = np.concatenate(trees[0]) if n_act else np.zeros(0, dtype=np.int64)
-    tree_order = np.empty(n_act, dtype=np.int64)
-    tree_order[perm_pos] = np.arange(n_act)
-    cand_ids, cand_dist = [], []
-    for t, nodes in enumerate(trees):
-        ids = np.full((n_act, neighbors), -1, dtype=np.int64)
-        dst = np.full((n_act, neighbors), np.inf)
-        for j, L in enumerate(nodes):
-            local, dist = leaf_neighbors(leaf_blocks_all[t * n_leaves + j], d_act[L], neighbors, metric)
-            ids[L] = np.where(local >= 0, L[np.maximum(local, 0)], -1)
-            dst[L] = dist
-        cand_ids.append(ids)
-        cand_dist.append(dst)
-    nbr = merge_neighbors(np.hstack(cand_ids), np.hstack(cand_dist), neighbors)
-    nbr = np.where(nbr >= 0, tree_order[np.maximum(nbr, 0)], -1)[perm_pos]  # tree order
+    leaf_blocks_all = fetch([(active[L], active[L]) for nodes in trees for L in nodes]
+                            if n_act else [], "leaves")
+    leaf_blocks = [(B + B.T) / 2 for B in leaf_blocks_all[:n_leaves]] or [np.zeros((0, 0))]
+    perm_pos = np.concatenate(trees[0]).astype(np.int64)
     perm = active[perm_pos]
-    sizes = np.array([len(L) for L in trees[0]], dtype=np.int64)
-    leaf_start = np.concatenate([[0], np.cumsum(sizes)])
-    leaf_blocks = [(B + B.T) / 2 for B in leaf_blocks_all[:n_leaves]]
-    timings["neighbors"] = time.perf_counter() - t0
+    leaf_start = np.concatenate([[0], np.cumsum([len(L) for L in trees[0]])]).astype(np.int64)
+    near_pairs: list[tuple[int, int]] = []
+    if budget > 0 and depth > 0:
+        tree_order = np.empty(n_act, dtype=np.int64)
+        tree_order[perm_pos] = np.arange(n_act)
+        cand_ids, cand_dist = [], []
+        for t, nodes in enumerate(trees):
+            ids = np.full((n_act, neighbors), -1, dtype=np.int64)
+            dst = np.full((n_act, neighbors), np.inf)
+            for j, L in enumerate(nodes):
+                local, dst[L] = leaf_neighbors(leaf_blocks_all[t * n_leaves + j], d_act[L],
+                                               neighbors, metric)
+                ids[L] = np.where(local >= 0, L[np.maximum(local, 0)], -1)
+            cand_ids.append(ids)
+            cand_dist.append(dst)
+        nbr = merge_neighbors(np.hstack(cand_ids), np.hstack(cand_dist), neighbors)
+        nbr = np.where(nbr >= 0, tree_order[np.maximum(nbr, 0)], -1)[perm_pos]  # tree order
+        per_leaf = min(max_near, int(np.ceil(budget * (n_leaves - 1))))
+        near_pairs = _near_pairs(nbr, leaf_start, per_leaf)
+    timings["leaves_and_neighbors"] = time.perf_counter() - t0
 
     # --- tree arrays (level order, balanced)
     n_nodes = 2 ** (depth + 1) - 1
@@ -280,49 +304,64 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
     node_children[inner, 0] = 2 * inner + 1
     node_children[inner, 1] = 2 * inner + 2
     node_parent = np.concatenate([[-1], (np.arange(1, n_nodes) - 1) // 2]).astype(np.int64)
-
-    # --- near field from neighbour votes (leaf pairs of the cluster tree)
-    t0 = time.perf_counter()
-    per_leaf = min(max_near, int(np.ceil(budget * (n_leaves - 1))))
     leaf_node = np.flatnonzero(node_level == depth)
-    near_pairs = [(leaf_node[a], leaf_node[b]) for a, b in _near_pairs(nbr, leaf_start, per_leaf)]
-    timings["near_selection"] = time.perf_counter() - t0
+    near_pairs = [(int(leaf_node[a]), int(leaf_node[b])) for a, b in near_pairs]
 
-    # --- skeletonization bottom-up, one round per level (+ the couplings one level below)
+    # --- randomized sketch of every off-diagonal block row from ONE product round
     t0 = time.perf_counter()
-    d_tree = d_act[perm_pos]
+    width = min(max_rank, n_act) + oversampling if depth > 0 else 0
+    omega = np.random.default_rng([seed, 3]).standard_normal((n_act, width))
+    Y = np.zeros((n_act, width))
+    if width:
+        bar.set_postfix_str("products")
+        full = np.zeros((N, width))
+        full[perm] = omega
+        Y = np.asarray(source.matvec(full), dtype=np.float64)[perm]
+    timings["products"] = time.perf_counter() - t0
+
+    # --- skeletonization bottom-up; the round of level ℓ fetches the couplings of its children
+    t0 = time.perf_counter()
     skel = [np.zeros(0, dtype=np.int64) for _ in range(n_nodes)]
     interp: list[Array | None] = [None] * n_nodes
     coupling: list[Array | None] = [None] * n_nodes
+    sketch: list[Array | None] = [None] * n_nodes  # over the node's candidates
+    local_skel: list[Array | None] = [None] * n_nodes
+    omega_hat: list[Array | None] = [None] * n_nodes  # V_αᵀ Ω[α]
     near_exact: list[Array] = []
-    for level in range(depth, 0, -1):
-        rng = np.random.default_rng([seed, 2, level])
+    for level in range(depth, -1, -1):
         nodes = np.flatnonzero(node_level == level)
-        requests, cands = [], []
+        if level < depth:
+            requests = [(perm[skel[node_children[a, 0]]], perm[skel[node_children[a, 1]]])
+                        for a in nodes]
+            if level == depth - 1:
+                requests += [(perm[node_start[a]:node_stop[a]], perm[node_start[b]:node_stop[b]])
+                             for a, b in near_pairs]
+            blocks = fetch(requests, f"couplings level {level + 1}")
+            for a, block in zip(nodes, blocks):
+                coupling[a] = block
+            if level == depth - 1:
+                near_exact = blocks[len(nodes):]
+        if level == 0:
+            break
         for a in nodes:
-            c = (np.arange(node_start[a], node_stop[a]) if level == depth
-                 else np.concatenate([skel[node_children[a, 0]], skel[node_children[a, 1]]]))
-            rows = _sample_rows(node_start[a], node_stop[a], ROW_OVERSAMPLING * len(c), nbr,
-                                d_tree, rng)
-            requests.append((perm[rows], perm[c]))
-            cands.append(c)
-        couple = [a for a in nodes if level < depth]
-        requests += [(perm[skel[node_children[a, 0]]], perm[skel[node_children[a, 1]]])
-                     for a in couple]
+            c1, c2 = node_children[a]
+            s, e = node_start[a], node_stop[a]
+            if c1 < 0:
+                sketch[a] = leaf_sketch(Y[s:e], leaf_blocks[a - leaf_node[0]], omega[s:e])
+                cands = np.arange(s, e)
+                below = omega[s:e]
+            else:
+                sketch[a] = parent_sketch(sketch[c1], local_skel[c1], sketch[c2], local_skel[c2],
+                                          omega_hat[c1], omega_hat[c2], coupling[a])
+                cands = np.concatenate([skel[c1], skel[c2]])
+                below = np.vstack([omega_hat[c1], omega_hat[c2]])
+                sketch[c1] = sketch[c2] = None
+            local_skel[a], interp[a] = interpolative_decomposition(sketch[a], tol, max_rank)
+            skel[a] = cands[local_skel[a]]
+            omega_hat[a] = interp[a] @ below
         if level == depth:
-            requests += [(perm[node_start[a]:node_stop[a]], perm[node_start[b]:node_stop[b]])
-                         for a, b in near_pairs]
-        blocks = fetch(requests, f"skeletons level {level}")
-        for a, c, block in zip(nodes, cands, blocks):
-            local, interp[a] = interpolative_decomposition(block, tol, max_rank)
-            skel[a] = c[local]
-        for a, block in zip(couple, blocks[len(nodes):]):
-            coupling[a] = block
-        if level == depth:
-            near_exact = blocks[len(nodes) + len(couple):]
-    if depth > 0:
-        coupling[0] = fetch([(perm[skel[1]], perm[skel[2]])], "root coupling")[0]
-    else:
+            bar.update(1)
+    if depth == 0:
         bar.update(bar.total - bar.n)
     bar.close()
     timings["skeletons"] = time.perf_counter() - t0
@@ -340,37 +379,15 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
         "method": "hmatrix",
         "parameters": {"tol": tol, "max_rank": max_rank, "leaf_size": leaf_size,
                        "budget": budget, "neighbors": neighbors, "metric": metric,
-                       "eps": eps, "seed": seed, "n_trees": n_trees, "max_near": max_near},
+                       "eps": eps, "seed": seed, "n_trees": n_trees, "max_near": max_near,
+                       "oversampling": oversampling},
         "n_params": N, "n_zero_diagonal": int(N - n_act), "depth": depth,
         "n_leaves": n_leaves if n_act else 0, "n_near_pairs": len(pairs),
         "entry_rounds": counter["rounds"], "entries_requested": counter["entries"],
-        "timings": timings, **h.rank_statistics(), "nbytes": h.nbytes,
-        "dense_nbytes": 8 * N * N,
+        "sketch_columns": width, "timings": timings, **h.rank_statistics(),
+        "nbytes": h.nbytes, "dense_nbytes": 8 * N * N,
     }
     return h
-
-
-def _sample_rows(start: int, stop: int, n_rows: int, nbr: Array, weights: Array,
-                 rng: np.random.Generator) -> Array:
-    """Rows outside ``[start, stop)`` for a skeletonization (tree-order positions).
-
-    All outside rows if there are at most ``n_rows``; else up to ``n_rows/2``
-    neighbours of the node's members (most frequent first), then importance
-    samples ∝ ``weights`` (the diagonal) without replacement.
-    """
-    n = len(weights)
-    outside = np.concatenate([np.arange(start), np.arange(stop, n)])
-    if len(outside) <= n_rows:
-        return outside
-    nb = nbr[start:stop].ravel()
-    nb = nb[(nb >= 0) & ((nb < start) | (nb >= stop))]
-    ids, counts = np.unique(nb, return_counts=True)
-    near = ids[np.argsort(-counts, kind="stable")][: n_rows // 2]
-    pool = np.setdiff1d(outside, near, assume_unique=True)
-    # successive sampling ∝ weights without replacement: the first arrivals of Exp(w) clocks
-    arrival = rng.standard_exponential(len(pool)) / weights[pool]
-    picked = pool[np.argsort(arrival, kind="stable")[: n_rows - len(near)]]
-    return np.sort(np.concatenate([near, picked]))
 
 
 def _near_pairs(nbr: Array, leaf_start: Array, per_leaf: int) -> list[tuple[int, int]]:

@@ -59,6 +59,10 @@ def _torch_layers(module, torch, prefix: str = ""):
             yield where, child
 
 
+def _float64(tensor, torch) -> Array:
+    return tensor.detach().to("cpu", torch.float64).numpy()
+
+
 def _torch_activation(layer, where: str, torch) -> str:
     kind = type(layer).__name__
     if kind not in _TORCH_ACTIVATIONS or type(layer) is not getattr(torch.nn, kind):
@@ -117,9 +121,8 @@ def mlp_from_torch(module) -> MLP:
         if type(layer) is torch.nn.Linear:
             if len(activations) < len(weights):
                 activations.append("identity")
-            weights.append(layer.weight.detach().to("cpu", torch.float64).numpy())
-            biases.append(None if layer.bias is None
-                          else layer.bias.detach().to("cpu", torch.float64).numpy())
+            weights.append(_float64(layer.weight, torch))
+            biases.append(None if layer.bias is None else _float64(layer.bias, torch))
             continue
         name = _torch_activation(layer, where, torch)
         if not weights:

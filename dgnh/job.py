@@ -141,13 +141,13 @@ def parse_job(raw: dict[str, Any], base_dir: str = ".", source: str = "job") -> 
     def unknown(table: dict, known: tuple, prefix: str) -> None:
         extra = sorted(set(table) - set(known))
         if extra:
-            raise JobError(f"{source}: unknown key {prefix}{extra[0]!r} (known keys: "
+            raise JobError(f"{source}: unknown key {prefix + extra[0]!r} (known keys: "
                            f"{', '.join(known)})")
 
     def text(table: dict, key: str, prefix: str = "", required: bool = True) -> str | None:
         if key not in table:
             if required:
-                raise JobError(f"{source}: missing key {prefix}{key!r}")
+                raise JobError(f"{source}: missing key {prefix + key!r}")
             return None
         value = table[key]
         if not isinstance(value, str) or not value:
@@ -287,13 +287,11 @@ class CheckpointedGaussNewton(Operator):
         digest = store.request_digest(requests, eps=eps, delta=delta, seed=seed)
         blocks = None
         if k < self.job_store.n_rounds:
-            stored_digest, stored = self.job_store.load_round(k)
-            if stored_digest == digest:
-                blocks = stored
-            else:
-                warnings.warn(f"checkpoint round {k} was stored for other requests; "
-                              "recomputing from there", RuntimeWarning, stacklevel=2)
-                self.job_store.discard_rounds(k)
+            stored_digest, blocks = self.job_store.load_round(k)
+            if stored_digest != digest:
+                raise RuntimeError(f"checkpoint round {k} in {self.job_store.path} holds other "
+                                   "entry requests than this run makes: pass --overwrite "
+                                   "(overwrite=True) to start over")
         loaded = blocks is not None
         n_entries = int(sum(len(r) * len(c) for r, c in requests))
         if loaded:
@@ -370,14 +368,14 @@ def run_job(job: Job, scheduler: str | None = None, overwrite: bool = False,
     t0 = time.perf_counter()
     with ph.bar("load", 1) as bar:
         model = load_model(job.model)
-        job_store = store.JobStore.begin(job.output, fingerprint(job, model), overwrite,
-                                         job=job.to_dict())
+        job_fingerprint = fingerprint(job, model)
+        resuming = store.JobStore.check(job.output, job_fingerprint, overwrite)
         bar.update()
     ph.timings["load"] = time.perf_counter() - t0
     ph.log("load", f"model {os.path.basename(job.model)}: {model.n_params:,} parameters, "
                    f"layers {model.layer_sizes}; output {job.output}"
-                   + (f" (resuming: {job_store.n_rounds} entry rounds stored)"
-                      if job_store.n_rounds else ""))
+                   + (f" (resuming: {store.checkpoint_rounds(job.output)} entry rounds stored)"
+                      if resuming else ""))
 
     t0 = time.perf_counter()
     with ph.bar("factors", 1) as bar:
@@ -388,6 +386,8 @@ def run_job(job: Job, scheduler: str | None = None, overwrite: bool = False,
     where = address or ("a local cluster" if gn.n_shards > 1 else "this process")
     ph.log("factors", f"{gn.n_samples:,} samples in {gn.n_shards} shards on {where}")
     try:
+        job_store = store.JobStore.begin(job.output, job_fingerprint, overwrite,
+                                         job=job.to_dict())
         op, source = _compress(job, gn, job_store, ph)
         factorization, fact_info = _factorize(job, op, ph)
         run = {"timings": ph.timings, "n_samples": gn.n_samples, "n_shards": gn.n_shards,

@@ -27,7 +27,6 @@ from matplotlib.patches import Rectangle
 
 from . import store
 from .compress import Hybrid
-from .hmatrix import HMatrix
 from .lowrank import LowRank
 from .operator import Operator
 from .spectral import eigsh

@@ -364,8 +364,8 @@ def save(op: Operator, path: str | os.PathLike, overwrite: bool = False,
     >>> op = LowRank(np.eye(4, 2))
     >>> path = os.path.join(tempfile.mkdtemp(), "lr.zarr")
     >>> save(op, path, factorization=op.factorize(0.5))
-    >>> round(read_factorization(path)["logdet"], 6)
-    -0.367123
+    >>> round(read_factorization(path)["logdet"], 6)  # log det diag(1.5, 1.5, 0.5, 0.5)
+    -0.575364
     """
     path = os.fspath(path)
     kind_of(op)
@@ -532,33 +532,40 @@ class JobStore:
         self.checkpoint = root["checkpoint"]
         self.n_rounds = checkpoint_rounds(path)
 
+    @staticmethod
+    def check(path: str | os.PathLike, fingerprint: str, overwrite: bool = False) -> bool:
+        """Whether ``path`` holds a checkpoint of this job (same fingerprint) to resume.
+
+        ``False`` when ``path`` does not exist or ``overwrite`` (start over).
+        Raises ``FileExistsError`` for a complete result, another job's
+        checkpoint or anything else at ``path`` (unless ``overwrite``).
+        """
+        path = os.fspath(path)
+        if overwrite or not os.path.lexists(path):
+            return False
+        try:
+            root = _open_group(path)
+            attrs = dict(root.attrs)
+            _check_format(attrs, path)
+        except ValueError as e:
+            raise FileExistsError(f"output {path} exists and is not a dgnh result store ({e}): "
+                                  "pass --overwrite (overwrite=True) to replace it") from None
+        if attrs.get("complete") is True:
+            raise FileExistsError(f"output {path} already holds a complete result: pass "
+                                  "--overwrite (overwrite=True) to replace it")
+        if attrs.get("fingerprint") != fingerprint or "checkpoint" not in root:
+            raise FileExistsError(f"output {path} holds the checkpoint of a different job "
+                                  "(other model, data or parameters): pass --overwrite "
+                                  "(overwrite=True) to start over")
+        return True
+
     @classmethod
     def begin(cls, path: str | os.PathLike, fingerprint: str, overwrite: bool = False,
               job: dict | None = None) -> "JobStore":
-        """Create the store, or reopen the checkpoint of the same job (same fingerprint).
-
-        Refuses (``FileExistsError``) an existing complete result, another job's
-        checkpoint or anything else at ``path`` unless ``overwrite``, which starts
-        over.
-        """
+        """Reopen the checkpoint of the same job, or create the store (see :meth:`check`)."""
         path = os.fspath(path)
-        if os.path.lexists(path) and not overwrite:
-            try:
-                root = _open_group(path, mode="r+")
-                attrs = dict(root.attrs)
-                _check_format(attrs, path)
-            except ValueError as e:
-                raise FileExistsError(f"output {path} exists and is not a dgnh result store "
-                                      f"({e}): pass --overwrite (overwrite=True) to replace "
-                                      "it") from None
-            if attrs.get("complete") is True:
-                raise FileExistsError(f"output {path} already holds a complete result: pass "
-                                      "--overwrite (overwrite=True) to replace it")
-            if attrs.get("fingerprint") != fingerprint or "checkpoint" not in root:
-                raise FileExistsError(f"output {path} holds the checkpoint of a different job "
-                                      "(other model, data or parameters): pass --overwrite "
-                                      "(overwrite=True) to start over")
-            return cls(path, root)
+        if cls.check(path, fingerprint, overwrite):
+            return cls(path, _open_group(path, mode="r+"))
         remove_path(path)
         root = zarr.create_group(path, zarr_format=3)
         root.create_group("checkpoint/rounds")
@@ -598,14 +605,6 @@ class JobStore:
                             "n_entries": int(sum(np.size(b) for b in blocks)),
                             "complete": True})
         self.n_rounds = k + 1
-
-    def discard_rounds(self, k: int) -> None:
-        """Delete the stored rounds ``k, k+1, …`` (a run that no longer matches them)."""
-        rounds = self.checkpoint["rounds"]
-        for name in sorted(rounds.group_keys()):
-            if int(name) >= k:
-                del rounds[name]
-        self.n_rounds = min(self.n_rounds, k)
 
     # ------------------------------------------------------------- result
     def finish(self, op: Operator, factorization: Factorization | None = None,

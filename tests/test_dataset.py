@@ -146,7 +146,8 @@ def test_corrupt_chunk_is_named_by_the_shard_reading_it(tmp_path):
     chunk = path / "X" / "c" / "2" / "0"
     chunk.write_bytes(chunk.read_bytes()[:5])  # truncated file
     net = random_mlp([3, 2, 1], ["tanh", "identity"])
-    with pytest.raises(ValueError, match=f"dataset {re.escape(str(path))}: cannot read rows 8:10 of array 'X'"):
+    match = f"dataset {re.escape(str(path))}: cannot read rows 8:10 of array 'X'"
+    with pytest.raises(ValueError, match=match):
         dgnh.GaussNewton(net, path, shard_size=2, client="in-process")
 
 

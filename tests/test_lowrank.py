@@ -1,0 +1,253 @@
+"""Global low-rank GNH approximations and Woodbury factorizations against dense float64 references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dgnh
+from conftest import random_mlp
+from dgnh.benchmarks.solve import digits_gnh
+from dgnh.factorization import Factorization, IndefiniteError, LowRankUpdate, ScaledIdentity
+from dgnh.lowrank import LowRank, nystrom, pivoted_cholesky
+from dgnh.solve import dual_factorize
+
+
+def dead_relu_gnh():
+    """A ReLU network with a dead hidden unit and a constant-zero input: zero diagonal entries."""
+    net = random_mlp([5, 8, 3], ["relu", "identity"], seed=3)
+    net.biases[0][2] = -50.0  # unit 2 never fires
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(30, 5))
+    X[:, 1] = 0.0  # weights reading input 1 have zero gradient
+    return dgnh.GaussNewton(net, X, rng.normal(size=(30, 3)), loss="mse", client="in-process")
+
+
+PROBLEMS = {
+    "digits": lambda: digits_gnh((12,), n_samples=60, max_iter=50),  # N = 910 > n·d = 600
+    "dead-relu": dead_relu_gnh,  # N = 83
+}
+
+
+@pytest.fixture(scope="module", params=list(PROBLEMS))
+def problem(request):
+    gn = PROBLEMS[request.param]()
+    G = gn.dense()
+    yield gn, G, float(np.linalg.eigvalsh(G)[-1])
+    gn.close()
+
+
+class CountingSource:
+    """A real GaussNewton seen through its entry interface, counting ``entries_many`` calls."""
+
+    def __init__(self, gn):
+        self.gn, self.n_params, self.calls = gn, gn.n_params, 0
+
+    def diagonal(self):
+        return self.gn.diagonal()
+
+    def entries_many(self, requests, **kwargs):
+        self.calls += 1
+        return self.gn.entries_many(requests, **kwargs)
+
+
+def rel_2norm(A, B, norm):
+    return np.linalg.norm(A - B, 2) / norm
+
+
+def check_psd_lowrank(lr, G, norm):
+    """UUᵀ and G − UUᵀ PSD; zero-diagonal parameters have exactly zero rows."""
+    H = lr.to_dense()
+    assert np.linalg.eigvalsh(H).min() >= -1e-12 * norm
+    assert np.linalg.eigvalsh(G - H).min() >= -1e-10 * norm
+    dead = np.diag(G) == 0
+    assert np.all(lr.U[dead] == 0)
+    assert np.all(np.isfinite(lr.U))
+
+
+# ------------------------------------------------------------------ LowRank
+def test_lowrank_operator_against_dense():
+    rng = np.random.default_rng(0)
+    U = rng.normal(size=(40, 5))
+    lr = LowRank(U, {"method": "test"})
+    V = rng.normal(size=(40, 3))
+    np.testing.assert_allclose(lr @ V, U @ (U.T @ V), rtol=1e-13)
+    np.testing.assert_allclose(lr.to_dense(), U @ U.T, rtol=1e-13)
+    np.testing.assert_allclose(lr.diagonal(), np.diag(U @ U.T), rtol=1e-13)
+    assert (lr.rank, lr.nbytes, lr.report["method"], lr.report["rank"]) == (5, U.nbytes, "test", 5)
+
+
+@pytest.mark.parametrize("U, error", [
+    (np.ones(4), ValueError), (np.ones((0, 2)), ValueError), (np.array([[1.0, np.nan]]), ValueError),
+    (np.ones((3, 2), dtype=int), TypeError),
+])
+def test_lowrank_rejects_bad_factor(U, error):
+    with pytest.raises(error):
+        LowRank(U)
+
+
+# ------------------------------------------------------- pivoted Cholesky
+@pytest.mark.parametrize("tol", [1e-2, 1e-4])
+def test_pivoted_cholesky_error_and_psd(problem, tol):
+    gn, G, norm = problem
+    source = CountingSource(gn)
+    lr = pivoted_cholesky(source, tol=tol, max_rank=1000, block_size=8)
+    rep = lr.report
+    assert rep["converged"] and rep["stop"] in ("estimate", "trace", "exact")
+    err = rel_2norm(G, lr.to_dense(), norm)
+    assert err <= 10 * tol
+    assert err <= rep["trace_bound"] * (1 + 1e-8) + 1e-14
+    assert source.calls == rep["n_batches"]  # one entries_many batch per pivot batch
+    assert len(set(rep["pivots"])) == lr.rank
+    assert all(G[p, p] > 0 for p in rep["pivots"])
+    check_psd_lowrank(lr, G, norm)
+
+
+def test_pivoted_cholesky_exact_low_rank_reproduces_g(problem):
+    gn, G, norm = problem
+    lr = pivoted_cholesky(gn, tol=1e-15 * 10, max_rank=gn.n_params)
+    assert lr.rank <= gn.n_samples * gn.model.n_outputs
+    assert rel_2norm(G, lr.to_dense(), norm) <= 1e-10
+    check_psd_lowrank(lr, G, norm)
+
+
+def test_pivoted_cholesky_rank_cap(problem):
+    gn, G, norm = problem
+    lr = pivoted_cholesky(gn, tol=1e-8, max_rank=10, block_size=4)
+    assert lr.rank == 10 and not lr.report["converged"] and lr.report["stop"] == "max_rank"
+    check_psd_lowrank(lr, G, norm)
+
+
+def test_pivoted_cholesky_sampled_entries_stay_psd(problem):
+    gn, G, norm = problem
+    lr = pivoted_cholesky(gn, tol=1e-2, max_rank=200, eps=0.1, seed=5)
+    assert lr.rank >= 1 and lr.report["eps"] == 0.1
+    H = lr.to_dense()
+    assert np.linalg.eigvalsh(H).min() >= -1e-12 * norm
+    assert np.all(lr.U[np.diag(G) == 0] == 0)
+    assert rel_2norm(G, H, norm) < 0.5
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"tol": 0.0}, ValueError), ({"tol": 1.0}, ValueError), ({"tol": "a"}, TypeError),
+    ({"max_rank": 0}, ValueError), ({"block_size": 0}, ValueError), ({"max_rank": 2.5}, TypeError),
+])
+def test_pivoted_cholesky_rejects_bad_parameters(problem, kwargs, error):
+    with pytest.raises(error):
+        pivoted_cholesky(problem[0], **kwargs)
+
+
+# ----------------------------------------------------------------- Nyström
+@pytest.mark.parametrize("rank", [5, 30])
+def test_nystrom_near_optimal_and_psd(problem, rank):
+    gn, G, norm = problem
+    lam = np.linalg.eigvalsh(G)[::-1] / norm
+    lr = nystrom(gn, rank, oversample=10, seed=1)
+    assert lr.rank == rank
+    err = rel_2norm(G, lr.to_dense(), norm)
+    assert lam[rank] * (1 - 1e-8) <= err <= 10 * lam[rank] + 1e-12  # Eckart–Young and near it
+    check_psd_lowrank(lr, G, norm)
+    again = nystrom(gn, rank, oversample=10, seed=1)
+    np.testing.assert_array_equal(again.U, lr.U)
+
+
+def test_nystrom_recovers_exact_low_rank():
+    rng = np.random.default_rng(2)
+    U = rng.normal(size=(60, 4)) * [10.0, 1.0, 1e-2, 1e-4]
+    exact = LowRank(U)
+    lr = nystrom(exact, rank=4, oversample=3)
+    assert np.abs(lr.to_dense() - exact.to_dense()).max() <= 1e-10 * np.abs(U @ U.T).max()
+
+
+@pytest.mark.parametrize("rank, oversample, error", [
+    (0, 5, ValueError), (90, 0, ValueError), (3, -1, ValueError), (2.0, 5, TypeError),
+])
+def test_nystrom_rejects_bad_parameters(rank, oversample, error):
+    with pytest.raises(error):
+        nystrom(LowRank(np.ones((80, 2))), rank, oversample=oversample)
+
+
+# --------------------------------------------------- Woodbury factorizations
+@pytest.mark.parametrize("rel_reg", [1e-3, 1e-6])
+def test_lowrank_factorization_against_dense(problem, rel_reg):
+    gn, G, norm = problem
+    tol = 1e-4
+    lr = pivoted_cholesky(gn, tol=tol, max_rank=1000)
+    reg = rel_reg * norm
+    N = gn.n_params
+    A = lr.to_dense() + reg * np.eye(N)
+    f = lr.factorize(reg)
+    B = np.random.default_rng(0).normal(size=(N, 3))
+    X = f.solve(B)
+    # against the approximation itself: exact up to Woodbury rounding (eps·‖G‖/λ)
+    assert np.linalg.norm(A @ X - B) / np.linalg.norm(B) <= 1e-14 / rel_reg
+    # against G: consistent with the compression error
+    resid_G = np.linalg.norm(G @ X + reg * X - B) / np.linalg.norm(B)
+    assert resid_G <= 10 * tol / rel_reg
+    np.testing.assert_allclose(f.solve(B[:, 0]), X[:, 0], atol=1e-12 * np.abs(X).max())
+    assert abs(f.logdet() - np.linalg.slogdet(A)[1]) <= 1e-10 * abs(np.linalg.slogdet(A)[1])
+    inv_diag = np.diag(np.linalg.inv(A))
+    np.testing.assert_allclose(f.inverse_diagonal(), inv_diag, rtol=1e-12 / rel_reg)
+
+
+def test_exact_lowrank_direct_solve_residual(problem):
+    gn, G, norm = problem
+    lr = pivoted_cholesky(gn, tol=1e-14, max_rank=gn.n_params)
+    reg = 1e-3 * norm
+    b = np.random.default_rng(1).normal(size=gn.n_params)
+    x = lr.factorize(reg).solve(b)
+    assert np.linalg.norm(G @ x + reg * x - b) / np.linalg.norm(b) <= 1e-10
+
+
+def test_lowrank_update_on_dual_base(problem):
+    """Woodbury on top of a non-trivial base: (G + VVᵀ + λI) from the exact dual factorization."""
+    gn, G, norm = problem
+    reg = 1e-2 * norm
+    V = np.random.default_rng(3).normal(size=(gn.n_params, 4)) * np.sqrt(norm)
+    f = LowRankUpdate(dual_factorize(gn, reg), V)
+    A = G + V @ V.T + reg * np.eye(gn.n_params)
+    B = np.random.default_rng(4).normal(size=(gn.n_params, 2))
+    np.testing.assert_allclose(A @ f.solve(B), B, atol=1e-10 * np.abs(B).max())
+    assert abs(f.logdet() - np.linalg.slogdet(A)[1]) <= 1e-9 * abs(np.linalg.slogdet(A)[1])
+    np.testing.assert_allclose(f.inverse_diagonal(), np.diag(np.linalg.inv(A)), rtol=1e-9)
+    assert f.rank == 4 and f.reg == reg
+
+
+def test_scaled_identity():
+    f = ScaledIdentity(4, 0.5)
+    np.testing.assert_array_equal(f.solve(np.ones(4)), np.full(4, 2.0))
+    assert f.logdet() == pytest.approx(4 * np.log(0.5))
+    np.testing.assert_array_equal(f.inverse_diagonal(), np.full(4, 2.0))
+
+
+class DenseInverse(Factorization):
+    """A dense factorization of an arbitrary symmetric matrix (may be indefinite)."""
+
+    def __init__(self, A, reg):
+        self.A, self.reg, self.shape = A, reg, A.shape
+
+    def _matmat(self, V):
+        return np.linalg.solve(self.A, V)
+
+
+def test_lowrank_update_detects_indefinite_base():
+    base = DenseInverse(np.diag([1.0, -1.0, 2.0]), reg=1.0)
+    with pytest.raises(IndefiniteError, match="not positive definite"):
+        LowRankUpdate(base, np.array([[0.0], [3.0], [0.0]]))
+
+
+@pytest.mark.parametrize("args, error", [
+    ((ScaledIdentity(3, 1.0), np.ones((4, 1))), ValueError),
+    ((ScaledIdentity(3, 1.0), np.full((3, 1), np.inf)), ValueError),
+    ((np.eye(3), np.ones((3, 1))), TypeError),
+])
+def test_lowrank_update_rejects_bad_input(args, error):
+    with pytest.raises(error):
+        LowRankUpdate(*args)
+
+
+@pytest.mark.parametrize("reg, error", [(0.0, ValueError), (-1.0, ValueError),
+                                        (np.nan, ValueError), ("1", TypeError)])
+def test_factorize_rejects_bad_reg(reg, error):
+    with pytest.raises(error):
+        LowRank(np.ones((3, 1))).factorize(reg)

@@ -1,0 +1,291 @@
+"""Result stores: round trips, the documented layout read with plain zarr, damaged stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import zarr
+from conftest import random_mlp, random_targets
+
+import dgnh
+from dgnh import store
+from dgnh.compress import Hybrid, compress
+from dgnh.hmatrix import HMatrix
+from dgnh.lowrank import LowRank
+
+REG = 0.05  # above the most negative eigenvalue of the rank-16 H-matrix (−0.006)
+KINDS = {"lowrank": LowRank, "hmatrix": HMatrix, "hybrid": Hybrid}
+
+
+@pytest.fixture(scope="module")
+def gn():
+    # a dead ReLU unit (bias -50) gives zero rows, kept out of the H-matrix tree
+    net = random_mlp([5, 10, 3], ["relu", "identity"], seed=3)
+    net.biases[0][2] = -50.0
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(60, 5))
+    with dgnh.GaussNewton(net, X, random_targets("cross_entropy", 60, 3), loss="cross_entropy",
+                          client="in-process") as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def dense(gn):
+    return gn.dense()
+
+
+@pytest.fixture(scope="module")
+def ops(gn):
+    return {kind: compress(gn, method=kind, tol=1e-6, max_rank=16, leaf_size=12, progress=False)
+            for kind in KINDS}
+
+
+def factorize(op):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return op.factorize(REG)
+
+
+@pytest.fixture
+def saved(ops, tmp_path):
+    def make(kind, factorized=True):
+        path = tmp_path / f"{kind}.zarr"
+        op = ops[kind]
+        store.save(op, path, factorization=factorize(op) if factorized else None)
+        return op, str(path)
+    return make
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_round_trip_gives_identical_products_and_solves(saved, kind, rng):
+    op, path = saved(kind)
+    back = dgnh.open(path)
+    assert type(back) is KINDS[kind] and back.shape == op.shape
+    V = rng.normal(size=(op.shape[0], 3))
+    assert np.array_equal(back @ V, op @ V)
+    assert np.array_equal(back @ V[:, 0], op @ V[:, 0])
+    f, g = factorize(op), factorize(back)
+    assert np.array_equal(g.solve(V), f.solve(V))
+    assert g.logdet() == f.logdet()
+    stored = store.read_factorization(path)
+    assert stored["reg"] == REG and stored["logdet"] == f.logdet() and stored["exact"] is True
+    assert np.array_equal(stored["inverse_diagonal"], f.inverse_diagonal())
+    assert back.report["error_estimate"] == op.report["error_estimate"]
+    assert back.report["parameters"] == json.loads(json.dumps(op.report["parameters"]))
+
+
+def test_store_without_factorization(saved):
+    _, path = saved("lowrank", factorized=False)
+    assert store.read_factorization(path) is None
+    assert "factorization" not in store.summary(path)
+
+
+def test_layout_is_self_describing_with_plain_zarr(saved, gn, dense):
+    """Read the H-matrix with zarr and numpy only, following the documented layout."""
+    _, path = saved("hmatrix")
+    root = zarr.open_group(path, mode="r")
+    attrs = dict(root.attrs)
+    assert (attrs["format"], attrs["version"], attrs["kind"]) == ("dgnh-result", 1, "hmatrix")
+    assert attrs["complete"] is True and attrs["n_params"] == gn.n_params
+    assert {"dgnh", "numpy", "scipy", "zarr", "dask", "distributed", "created"} <= set(
+        attrs["provenance"])
+    group = root["operator"]
+    for name in group.attrs["arrays"]:
+        assert group[name].attrs["description"]
+    a = {name: group[name][...] for name in group.attrs["arrays"]}
+    perm = a["perm"]
+    zero = np.setdiff1d(np.arange(gn.n_params), perm)
+    assert zero.size > 0 and np.all(dense[zero] == 0)  # the dead unit, outside the tree
+
+    def block(prefix, i):
+        off, shp = a[f"{prefix}_offsets"], a[f"{prefix}_shapes"]
+        return a[f"{prefix}_values"][off[i]:off[i + 1]].reshape(shp[i])
+
+    def skeleton(node):
+        off = a["skeleton_offsets"]
+        return a["skeleton_params"][off[node]:off[node + 1]]
+
+    for i, node in enumerate(a["leaf_nodes"]):  # exact diagonal blocks of G in tree order
+        idx = perm[a["node_start"][node]:a["node_stop"][node]]
+        np.testing.assert_allclose(block("leaf", i), dense[np.ix_(idx, idx)], rtol=1e-12,
+                                   atol=1e-15)
+    for i, node in enumerate(a["coupling_nodes"]):  # G[skeleton(child 1), skeleton(child 2)]
+        c1, c2 = a["node_children"][node]
+        np.testing.assert_allclose(block("coupling", i),
+                                   dense[np.ix_(skeleton(c1), skeleton(c2))], rtol=1e-12,
+                                   atol=1e-15)
+    assert len(a["leaf_nodes"]) >= 2 and len(a["coupling_nodes"]) >= 1
+
+
+def test_lowrank_factor_with_plain_zarr(saved, ops):
+    _, path = saved("lowrank")
+    U = zarr.open_group(path, mode="r")["operator/U"][...]
+    np.testing.assert_array_equal(U @ U.T, ops["lowrank"].to_dense())
+
+
+def test_hybrid_parts_with_plain_zarr(saved, ops, rng):
+    _, path = saved("hybrid")
+    root = zarr.open_group(path, mode="r")
+    assert root["operator"].attrs["kind"] == "hybrid"
+    assert root["operator/lowrank"].attrs["kind"] == "lowrank"
+    assert root["operator/hmatrix"].attrs["kind"] == "hmatrix"
+    U = root["operator/lowrank/U"][...]
+    v = rng.normal(size=U.shape[0])
+    np.testing.assert_allclose(U @ (U.T @ v) + ops["hybrid"].hmatrix @ v, ops["hybrid"] @ v,
+                               rtol=1e-13, atol=1e-15)
+
+
+def _set_attr(path, key, value, group=""):
+    zarr.open_group(os.path.join(path, group), mode="r+").attrs[key] = value
+
+
+def _damage(path, how):
+    if how == "unknown version":
+        _set_attr(path, "version", 99)
+    elif how == "other format":
+        _set_attr(path, "format", "something-else")
+    elif how == "incomplete":
+        _set_attr(path, "complete", False)
+    elif how == "missing array":
+        shutil.rmtree(os.path.join(path, "operator", "U"))
+    elif how == "truncated":
+        shutil.rmtree(os.path.join(path, "operator", "U", "c"))
+    elif how == "unknown kind":
+        _set_attr(path, "kind", "tensor-train", "operator")
+    elif how == "missing operator":
+        shutil.rmtree(os.path.join(path, "operator"))
+    elif how == "not zarr":
+        shutil.rmtree(path)
+        os.makedirs(path)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("unknown version", "format version 99; this dgnh reads version 1"),
+    ("other format", "not a dgnh result store"),
+    ("incomplete", "is incomplete: its job has not finished"),
+    ("missing array", "array 'U' is missing"),
+    ("truncated", "is truncated: array 'U' has 0 of its 1 chunks"),
+    ("unknown kind", "unknown operator kind 'tensor-train'"),
+    ("missing operator", "group 'operator' is missing"),
+    ("not zarr", "is not a Zarr v3 group"),
+])
+def test_damaged_store_gives_a_clear_error(saved, how, message):
+    _, path = saved("lowrank")
+    _damage(path, how)
+    with pytest.raises(ValueError, match=message):
+        dgnh.open(path)
+
+
+def test_missing_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dgnh.open(tmp_path / "nothing.zarr")
+
+
+def test_existing_output_is_never_overwritten_without_overwrite(saved, ops):
+    _, path = saved("lowrank")
+    with pytest.raises(FileExistsError, match="already exists"):
+        store.save(ops["hmatrix"], path)
+    assert type(dgnh.open(path)) is LowRank
+    store.save(ops["hmatrix"], path, overwrite=True)
+    assert type(dgnh.open(path)) is HMatrix
+    assert store.read_factorization(path) is None
+
+
+def test_save_rejects_what_is_not_a_compressed_operator(gn, tmp_path):
+    with pytest.raises(TypeError, match="cannot store a GaussNewton"):
+        store.save(gn, tmp_path / "g.zarr")
+    assert not os.path.exists(tmp_path / "g.zarr")
+
+
+@pytest.mark.parametrize("n_rows, chunk_rows, start, length, ok", [
+    (10, 4, 0, 4, True), (10, 4, 4, 6, True), (10, 4, 8, 2, True), (10, 4, 0, 10, True),
+    (10, 4, 2, 4, False), (10, 4, 4, 3, False), (10, 4, 8, 3, False),
+])
+def test_write_rows_accepts_only_chunk_aligned_regions(tmp_path, n_rows, chunk_rows, start,
+                                                        length, ok):
+    z = zarr.create_array(tmp_path / "a.zarr", shape=(n_rows,), chunks=(chunk_rows,),
+                          dtype="f8", fill_value=0.0)
+    values = np.arange(length, dtype=float) + 1
+    if ok:
+        store.write_rows(z, start, values)
+        np.testing.assert_array_equal(z[start:start + length], values)
+    else:
+        with pytest.raises(ValueError, match="not aligned"):
+            store.write_rows(z, start, values)
+
+
+@pytest.mark.parametrize("shapes", [[], [(2, 3)], [(2, 3), (0, 4), (1, 1), (5, 2)]])
+def test_pack_blocks_round_trip(rng, shapes):
+    blocks = [rng.normal(size=s) for s in shapes]
+    offsets, shp, values = store.pack_blocks(blocks)
+    assert offsets[-1] == values.size == sum(int(np.prod(s)) for s in shapes)
+    back = store.unpack_blocks(offsets, shp, values)
+    assert len(back) == len(blocks)
+    for a, b in zip(back, blocks):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- job stores
+def test_job_store_rounds_resume_and_refusals(tmp_path, rng, ops):
+    path = str(tmp_path / "job.zarr")
+    js = store.JobStore.begin(path, "fp-1")
+    assert js.n_rounds == 0 and js.load_array("diagonal") is None
+    rounds = [[rng.normal(size=(3, 2)), rng.normal(size=(1, 4))], [rng.normal(size=(2, 2))]]
+    for k, blocks in enumerate(rounds):
+        js.save_round(k, f"digest-{k}", blocks)
+    js.save_array("diagonal", np.arange(4.0))
+    with pytest.raises(ValueError, match="cannot follow"):
+        js.save_round(5, "x", [])
+    assert store.checkpoint_rounds(path) == 2
+    with pytest.raises(ValueError, match="incomplete"):
+        dgnh.open(path)
+
+    again = store.JobStore.begin(path, "fp-1")  # the same job: resume
+    assert again.n_rounds == 2
+    np.testing.assert_array_equal(again.load_array("diagonal"), np.arange(4.0))
+    for k, blocks in enumerate(rounds):
+        digest, back = again.load_round(k)
+        assert digest == f"digest-{k}"
+        for a, b in zip(back, blocks):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileExistsError, match="checkpoint of a different job"):
+        store.JobStore.begin(path, "fp-2")
+
+    again.finish(ops["lowrank"])
+    assert type(dgnh.open(path)) is LowRank
+    assert "checkpoint" not in zarr.open_group(path, mode="r")
+    with pytest.raises(FileExistsError, match="already holds a complete result"):
+        store.JobStore.begin(path, "fp-1")
+    assert store.JobStore.begin(path, "fp-1", overwrite=True).n_rounds == 0
+
+
+def test_checkpoint_counts_only_complete_contiguous_rounds(tmp_path, rng):
+    path = str(tmp_path / "job.zarr")
+    js = store.JobStore.begin(path, "fp")
+    for k in range(3):
+        js.save_round(k, "d", [rng.normal(size=(2, 2))])
+    _set_attr(path, "complete", False, "checkpoint/rounds/000001")  # killed while writing 1
+    assert store.checkpoint_rounds(path) == 1
+    assert store.JobStore.begin(path, "fp").n_rounds == 1
+
+
+def test_job_store_refuses_foreign_content(tmp_path):
+    path = tmp_path / "x"
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a dgnh result store"):
+        store.JobStore.begin(path, "fp")
+    assert (path / "notes.txt").read_text() == "mine"
+
+
+def test_summary_names_the_essentials(saved, gn):
+    _, path = saved("hybrid")
+    text = store.summary(path)
+    for fragment in ("hybrid", f"N = {gn.n_params}", "error", "factorization", "reg = 0.05",
+                     "numpy"):
+        assert fragment in text

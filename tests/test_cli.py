@@ -28,7 +28,7 @@ N_SAMPLES = 400
 JOB = {"model": "model.npz", "data": "data.zarr", "loss": "cross_entropy",
        "output": "out.zarr", "shard_size": N_SAMPLES // 2,
        "compress": {"method": "hybrid", "tol": 1e-4, "max_rank": 16, "leaf_size": 16},
-       "factorize": {"relative_reg": 1e-2}}
+       "factorize": {"relative_reg": 0.1}}
 
 
 def dgnh_cli(*args, timeout=300, **kw):
@@ -164,7 +164,7 @@ def result(problem, tmp_path_factory):
     d = tmp_path_factory.mktemp("result")
     with dgnh.GaussNewton(problem["net"], problem["X"], problem["Y"], loss="cross_entropy",
                           client="in-process") as gn:
-        op = compress(gn, method="hmatrix", tol=1e-3, max_rank=16, leaf_size=16,
+        op = compress(gn, method="hmatrix", tol=1e-6, max_rank=48, leaf_size=16,
                       progress=False)
     path = str(d / "h.zarr")
     reg = 0.05 * op.report["norm_estimate"]

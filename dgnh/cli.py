@@ -107,9 +107,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr too (exit code 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dgnh`` argument parser with one subcommand per task."""
-    ap = argparse.ArgumentParser(prog="dgnh", description="Gauss-Newton Hessians of MLPs")
+    ap = _Parser(prog="dgnh", description="Gauss-Newton Hessians of MLPs")
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -143,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("solve", help="solve (G̃ + λI) x = b with a stored result")
     s.add_argument("path", metavar="PATH")
-    s.add_argument("--rhs", required=True, metavar="b.npy", help="right-hand side(s), (N,) or (N, k)")
+    s.add_argument("--rhs", required=True, metavar="b.npy",
+                   help="right-hand side(s), (N,) or (N, k)")
     s.add_argument("--reg", required=True, type=float, metavar="λ", help="regularization λ > 0")
     s.add_argument("-o", "--output", required=True, metavar="x.npy")
     s.add_argument("--overwrite", action="store_true", help="replace an existing x.npy")

@@ -24,6 +24,8 @@ for any number of workers.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
 import os
 import uuid
@@ -35,7 +37,7 @@ import dask.config
 from dask.delayed import Delayed, delayed
 from dask.sizeof import sizeof
 from dask.utils import parse_timedelta
-from distributed import Client, Future, LocalCluster
+from distributed import Client, Future, LocalCluster, WorkerPlugin
 from distributed.security import Security
 
 from .backend import add_partials, per_shard
@@ -43,6 +45,7 @@ from .backend import add_partials, per_shard
 SPLIT_EVERY = 4  # partial results added by one reduction task
 ARG_TASK_BYTES = 2**20  # shared arguments above this size are sent once, as a task
 _TLS_FILES = ("tls_ca_file", "tls_client_cert", "tls_client_key")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc malloc.h
 
 
 def make_security(security) -> Security | None:
@@ -105,6 +108,37 @@ def connect_timeout() -> float:
     return parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
 
 
+def set_malloc_thresholds(trim_bytes: int = 64 * 2**20, mmap_bytes: int = 32 * 2**20) -> bool:
+    """Set glibc's trim and mmap thresholds in this process; ``False`` off glibc.
+
+    The defaults are the maxima glibc's adaptive thresholds reach on 64-bit.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, trim_bytes)) and bool(
+        mallopt(_M_MMAP_THRESHOLD, mmap_bytes))
+
+
+class MallocTuning(WorkerPlugin):
+    """Worker plugin: glibc's adaptive large-allocation thresholds, as fixed values.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which
+    switches glibc's adaptive mmap threshold off: every large temporary of a
+    block evaluation is then a fresh ``mmap``, and the page faults make it
+    about 3× slower (see ``dgnh bench distributed --dask-malloc``). This plugin
+    calls :func:`set_malloc_thresholds` in every worker, restarted ones
+    included. Clusters that dgnh starts get it; add it to your own with
+    ``client.register_plugin(MallocTuning())``.
+    """
+
+    name = "dgnh-malloc-tuning"
+
+    def setup(self, worker) -> None:
+        set_malloc_thresholds()
+
+
 def call_method(obj: Any, method: str, args: tuple) -> Any:
     """``getattr(obj, method)(*args)``: the task run on a shard."""
     return getattr(obj, method)(*args)
@@ -121,7 +155,7 @@ class DaskBackend:
     Parameters
     ----------
     client : ``None`` (start a process-based ``LocalCluster`` sized to the
-        machine, closed by :meth:`close`), a ``distributed.Client`` (used, never
+        machine, with :class:`MallocTuning`, closed by :meth:`close`), a ``distributed.Client`` (used, never
         closed), or a scheduler address ``"tcp://…"``/``"tls://…"`` (a client
         is connected and closed by :meth:`close`).
     security : TLS credentials for an address, see :func:`make_security`.
@@ -149,6 +183,7 @@ class DaskBackend:
                 raise ValueError("security applies when connecting to a scheduler address")
             cluster = LocalCluster(processes=True, dashboard_address=":0")
             client = Client(cluster, set_as_default=False)
+            client.register_plugin(MallocTuning())
             owned = True
         elif isinstance(client, Client):
             if security is not None:

@@ -85,16 +85,16 @@ class ScaledIdentity(Factorization):
 class LowRankUpdate(Factorization):
     """Factorization of ``A + UUᵀ + reg·I`` on top of a factorization of ``A + reg·I``.
 
-    Sherman–Morrison–Woodbury with ``Z = (A + reg·I)⁻¹ U`` and the ``r × r``
-    capacitance matrix ``K = I + UᵀZ = L Lᵀ`` (Cholesky):
+    Sherman–Morrison–Woodbury with ``Z = (A + reg·I)⁻¹ U``, the ``r × r``
+    capacitance matrix ``K = I + UᵀZ = L Lᵀ`` (Cholesky) and ``W = Z L⁻ᵀ``:
 
-    * ``solve``: ``x = y − Z K⁻¹ Zᵀ b`` with ``y = base.solve(b)`` (one base solve);
+    * ``solve``: ``x = base.solve(b) − W (Wᵀ b)`` (one base solve and two GEMMs);
     * ``logdet``: ``base.logdet() + log det K`` (matrix determinant lemma);
-    * ``inverse_diagonal``: ``base.inverse_diagonal() − Σ_j (L⁻¹Zᵀ)_{j,:}²``.
+    * ``inverse_diagonal``: ``base.inverse_diagonal() − Σ_j W[:, j]²``.
 
-    Set-up costs one base solve with ``r`` right-hand sides plus O(N·r²);
-    it stores ``Z`` (N × r). The Woodbury subtraction loses about
-    ``eps·‖UUᵀ‖/reg`` in relative accuracy (1e-10 at ``reg = 1e-6‖UUᵀ‖``).
+    Set-up costs one base solve with ``r`` right-hand sides plus O(N·r²); it
+    stores ``W`` (N × r). The Woodbury subtraction loses about ``eps·‖UUᵀ‖/reg``
+    in relative accuracy (1e-10 at ``reg = 1e-6‖UUᵀ‖``).
 
     Parameters
     ----------
@@ -131,39 +131,31 @@ class LowRankUpdate(Factorization):
         self.base = base
         self.reg = base.reg
         self.shape = base.shape
-        self.U = U
-        self.Z = base.solve(U) if U.shape[1] else np.zeros_like(U)
-        K = np.eye(U.shape[1]) + U.T @ self.Z
+        Z = base.solve(U) if U.shape[1] else np.zeros_like(U)
+        K = np.eye(U.shape[1]) + U.T @ Z
         try:
-            self.chol = scipy.linalg.cholesky((K + K.T) / 2, lower=True)
+            chol = scipy.linalg.cholesky((K + K.T) / 2, lower=True)
         except np.linalg.LinAlgError as err:
             raise IndefiniteError(
                 "the Woodbury capacitance matrix I + Uᵀ(A + reg·I)⁻¹U is not positive "
                 "definite: the base factorization is not of a positive definite matrix"
             ) from err
+        self.W = scipy.linalg.solve_triangular(chol, Z.T, lower=True).T
+        self.logdet_capacitance = 2.0 * float(np.sum(np.log(np.diag(chol))))
 
     @property
     def rank(self) -> int:
-        return self.U.shape[1]
+        return self.W.shape[1]
 
     @property
     def nbytes(self) -> int:
-        return int(self.Z.nbytes + self.chol.nbytes + getattr(self.base, "nbytes", 0))
-
-    def _correction(self, W: Array) -> Array:
-        """``L⁻¹ W`` for ``W`` of shape ``(r, k)``."""
-        return scipy.linalg.solve_triangular(self.chol, W, lower=True)
+        return int(self.W.nbytes + getattr(self.base, "nbytes", 0))
 
     def _matmat(self, V: Array) -> Array:
-        y = self.base.solve(V)
-        if not self.rank:
-            return y
-        c = self._correction(self.Z.T @ V)
-        return y - self.Z @ scipy.linalg.solve_triangular(self.chol, c, lower=True, trans="T")
+        return self.base.solve(V) - self.W @ (self.W.T @ V)
 
     def logdet(self) -> float:
-        return self.base.logdet() + 2.0 * float(np.sum(np.log(np.diag(self.chol))))
+        return self.base.logdet() + self.logdet_capacitance
 
     def inverse_diagonal(self) -> Array:
-        W = self._correction(self.Z.T)
-        return self.base.inverse_diagonal() - np.einsum("ij,ij->j", W, W)
+        return self.base.inverse_diagonal() - np.einsum("ij,ij->i", self.W, self.W)

@@ -129,7 +129,8 @@ def load_job(path: str | os.PathLike) -> Job:
         raise FileNotFoundError(f"job file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise JobError(f"job file {path} is not valid TOML: {e}") from None
-    return parse_job(raw, base_dir=os.path.dirname(os.path.abspath(path)), source=f"job file {path}")
+    return parse_job(raw, base_dir=os.path.dirname(os.path.abspath(path)),
+                     source=f"job file {path}")
 
 
 def parse_job(raw: dict[str, Any], base_dir: str = ".", source: str = "job") -> Job:
@@ -435,7 +436,9 @@ def _compress(job: Job, gn: GaussNewton, job_store: store.JobStore,
                        f"({100 * report['memory_fraction']:.2f}% of dense)")
     ph.log("certify", f"‖G − H‖₂/‖G‖₂ ≈ {report['error_estimate']:.3g} (tol "
                       f"{job.compress['tol']:g}: {'met' if report['tol_met'] else 'NOT met'}),"
-                      f" ‖G‖₂ ≈ {report['norm_estimate']:.4g}")
+                      f" ‖G‖₂ ≈ {report['norm_estimate']:.4g}" + (
+                          f"; indefinite: λ_min ≤ {report['min_eigenvalue_estimate']:.2g}‖G‖₂"
+                          if report.get("indefinite") else ""))
     return op, source
 
 

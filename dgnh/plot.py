@@ -23,7 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
 
 from . import store
 from .compress import Hybrid
@@ -33,29 +33,34 @@ from .spectral import eigsh
 
 Array = np.ndarray
 DENSE_COLOR = "tab:red"
+NEAR_COLOR = "tab:orange"
 ZERO_COLOR = "0.85"
 RANK_CMAP = "Greens"
 
 
-def _blocks(op: Operator) -> tuple[list[tuple[int, int, int, int, int | None]], int]:
-    """``[(row, col, height, width, rank or None for dense), ...]`` and the tree size."""
+def _blocks(op: Operator) -> tuple[list[tuple[int, int, int, int, str, int]], int]:
+    """``[(row, col, height, width, kind, rank), ...]`` and the size of the tree.
+
+    ``kind`` is ``"leaf"`` (exact diagonal block), ``"near"`` (near-field
+    correction) or ``"far"`` (a coupling, of rank ``rank``).
+    """
     if isinstance(op, LowRank):
         live = int(np.count_nonzero(np.any(op.U != 0, axis=1)))
-        return [(0, 0, live, live, op.rank)], live
+        return [(0, 0, live, live, "far", op.rank)], live
     h = op.hmatrix if isinstance(op, Hybrid) else op
-    start, stop = h.node_start, h.node_stop
+    start, size = h.node_start, h.node_stop - h.node_start
     out = []
     for a in range(h.n_nodes):
         c1, c2 = h.node_children[a]
         if c1 < 0:
-            out.append((start[a], start[a], stop[a] - start[a], stop[a] - start[a], None))
+            out.append((start[a], start[a], size[a], size[a], "leaf", size[a]))
             continue
         rank = int(min(len(h.skeletons[c1]), len(h.skeletons[c2])))
-        out.append((start[c1], start[c2], stop[c1] - start[c1], stop[c2] - start[c2], rank))
-        out.append((start[c2], start[c1], stop[c2] - start[c2], stop[c1] - start[c1], rank))
+        out += [(start[x], start[y], size[x], size[y], "far", rank)
+                for x, y in ((c1, c2), (c2, c1))]
     for a, b in h.near_pairs:
-        out.append((start[a], start[b], stop[a] - start[a], stop[b] - start[b], None))
-        out.append((start[b], start[a], stop[b] - start[b], stop[a] - start[a], None))
+        out += [(start[x], start[y], size[x], size[y], "near", min(size[x], size[y]))
+                for x, y in ((a, b), (b, a))]
     return out, len(h.perm)
 
 
@@ -64,7 +69,9 @@ def plot_structure(op: Operator, ax: Axes) -> Axes:
 
     The axes are tree positions (the H-matrix permutation; for a low rank, the
     parameters with nonzero rows first); parameters outside the tree (zero
-    diagonal) come last, in grey.
+    diagonal) come last, in grey. Far blocks are shaded by rank (written in
+    the block when it is large enough), exact diagonal blocks are red and
+    near-field corrections orange.
 
     Examples
     --------
@@ -75,14 +82,13 @@ def plot_structure(op: Operator, ax: Axes) -> Axes:
     store.kind_of(op)
     blocks, n_tree = _blocks(op)
     N = op.shape[0]
-    ranks = [r for *_, r in blocks if r is not None]
-    norm = Normalize(vmin=0, vmax=max(ranks + [1]))
+    norm = Normalize(vmin=0, vmax=max([r for *_, kind, r in blocks if kind == "far"] + [1]))
     cmap = ScalarMappable(norm=norm, cmap=RANK_CMAP)
-    for row, col, height, width, rank in blocks:
-        dense = rank is None
+    colors = {"leaf": DENSE_COLOR, "near": NEAR_COLOR}
+    for row, col, height, width, kind, rank in blocks:
         ax.add_patch(Rectangle((col, row), width, height, linewidth=0.4, edgecolor="k",
-                               facecolor=DENSE_COLOR if dense else cmap.to_rgba(rank)))
-        if not dense and min(height, width) >= 0.06 * N:
+                               facecolor=colors.get(kind) or cmap.to_rgba(rank)))
+        if kind == "far" and min(height, width) >= 0.06 * N:
             ax.text(col + width / 2, row + height / 2, str(rank), ha="center", va="center",
                     fontsize=max(5, min(12, 120 * min(height, width) / N)),
                     color="white" if norm(rank) > 0.6 else "black")
@@ -99,25 +105,34 @@ def plot_structure(op: Operator, ax: Axes) -> Axes:
         title = f"hybrid: U Uᵀ (rank {op.lowrank.rank}) + H-matrix"
     else:
         title = "H-matrix"
+    outside = "zero rows of the remainder" if isinstance(op, Hybrid) else "zero rows"
     ax.set_title(f"{title}, N = {N:,}" + (
-        f" ({N - n_tree:,} zero rows, grey)" if n_tree < N else ""), fontsize=9)
+        f" ({N - n_tree:,} {outside}, grey)" if n_tree < N else ""), fontsize=9)
     ax.set_xlabel("parameter (tree order)")
-    ax.figure.colorbar(cmap, ax=ax, fraction=0.046, pad=0.04, label="rank of far block "
-                       "(dense blocks red)")
+    ax.figure.colorbar(cmap, ax=ax, fraction=0.046, pad=0.04, label="rank of far block")
+    kinds = {kind for *_, kind, _ in blocks}
+    handles = [Patch(facecolor=colors[k], edgecolor="k", label=label) for k, label in
+               (("leaf", "exact diagonal block"), ("near", "near-field block")) if k in kinds]
+    if handles:
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2,
+                  fontsize=8, frameon=False)
     return ax
 
 
 def plot_spectrum(op: Operator, ax: Axes, k: int = 40, reference: Array | None = None,
-                  reg: float | None = None, label: str = "compressed") -> Axes:
+                  reg: float | None = None, reg_label: str | None = None,
+                  label: str = "compressed") -> Axes:
     """The ``k`` largest eigenvalues of ``op`` (log scale) on ``ax``.
 
     ``reference``: eigenvalues to draw beside them (e.g. of the exact GNH);
-    ``reg``: the regularization λ of a factorization, as a horizontal line.
-    Non-positive eigenvalues cannot be drawn on the log scale and are counted
-    in the legend instead.
+    ``reg``: the regularization λ of a factorization, as a horizontal line
+    (labelled ``reg_label``). When ``op.report`` proves the operator indefinite
+    (``dgnh.compress``'s Lanczos bound ``min_eigenvalue_estimate``), the panel
+    draws ``|λ_min|``: a factorization needs λ above it. Non-positive
+    eigenvalues cannot be drawn on the log scale and are counted in the legend.
     """
     k = int(min(k, op.shape[0] - 1))
-    values = np.sort(np.asarray(eigsh(op, k)[0]))[::-1]
+    values = eigsh(op, k)[0]
     for vals, name, style in ((values, label, "o"), (reference, "exact GNH", "x")):
         if vals is None:
             continue
@@ -127,7 +142,12 @@ def plot_spectrum(op: Operator, ax: Axes, k: int = 40, reference: Array | None =
         ax.semilogy(np.flatnonzero(positive) + 1, vals[positive], style, ms=4,
                     label=name + suffix, fillstyle="none")
     if reg is not None:
-        ax.axhline(reg, color="tab:red", lw=0.8, ls="--", label=f"λ = {reg:.3g}")
+        ax.axhline(reg, color="tab:red", lw=0.8, ls="--", label=reg_label or f"λ = {reg:.3g}")
+    report = getattr(op, "report", {})
+    if report.get("indefinite"):
+        lowest = report["min_eigenvalue_estimate"] * report["norm_estimate"]
+        ax.axhline(-lowest, color="tab:purple", lw=0.8, ls=":",
+                   label=f"indefinite: λ_min ≤ {lowest:.2g} (|λ_min| shown)")
     ax.set_xlabel("index i")
     ax.set_ylabel("eigenvalue λ_i")
     ax.set_title(f"top {k} eigenvalues", fontsize=9)
@@ -155,13 +175,20 @@ def plot_store(path: str | os.PathLike, output: str | os.PathLike, panels: str =
     store.check_new_output(output, overwrite, "picture")
     op = store.open(path)
     fact = store.read_factorization(path)
+    failed = (store.read_attributes(path).get("run") or {}).get("factorization") or {}
+    if fact is not None:
+        reg, reg_label = fact["reg"], None
+    elif failed.get("status") == "indefinite":
+        reg, reg_label = failed["reg"], f"λ = {failed['reg']:.3g} (factorization: indefinite)"
+    else:
+        reg, reg_label = None, None
     names = ["structure", "spectrum"] if panels == "both" else [panels]
     fig = Figure(figsize=(6.0 * len(names), 5.2), layout="constrained")
     for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
         if name == "structure":
             plot_structure(op, ax)
         else:
-            plot_spectrum(op, ax, k=k, reference=reference, reg=fact["reg"] if fact else None)
+            plot_spectrum(op, ax, k=k, reference=reference, reg=reg, reg_label=reg_label)
     report = op.report
     if "error_estimate" in report:
         fig.suptitle(f"{os.path.basename(os.fspath(path).rstrip('/'))}: ‖G − H‖₂/‖G‖₂ ≈ "

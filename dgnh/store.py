@@ -64,6 +64,7 @@ import math
 import os
 import platform
 import shutil
+import warnings
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
@@ -433,53 +434,53 @@ def read_attributes(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def summary(path: str | os.PathLike) -> str:
-    """A readable multi-line summary of a result store (attributes only)."""
+    """A readable summary of a result store, from its attributes (no arrays read)."""
     a = read_attributes(path)
     report = a["operator"].get("report", {})
     params = report.get("parameters", {})
-    prov = a.get("provenance", {})
-    N = a["n_params"]
-    lines = [f"{os.fspath(path)}: dgnh result, format version {a['version']}",
-             f"  operator           {a['kind']}, N = {N:,} parameters"]
-    for key, label in (("rank", "rank"), ("lowrank_rank", "low-rank part"),
-                       ("rank_max", "max skeleton rank"),
-                       ("rank_mean", "mean skeleton rank")):
+    run, prov, fac = a.get("run") or {}, a.get("provenance", {}), a.get("factorization")
+    rows = [("operator", f"{a['kind']}, N = {a['n_params']:,} parameters")]
+    for key, label in (("rank", "rank"), ("lowrank_rank", "low-rank part rank"),
+                       ("rank_max", "max skeleton rank"), ("rank_mean", "mean skeleton rank")):
         if key in report:
-            value = report[key]
-            lines.append(f"  {label:<18} {value:.1f}" if isinstance(value, float)
-                         else f"  {label:<18} {value}")
+            rows.append((label, f"{report[key]:.1f}" if isinstance(report[key], float)
+                         else str(report[key])))
     if "nbytes" in report:
-        frac = report.get("memory_fraction")
-        lines.append(f"  memory             {report['nbytes'] / 2**20:,.2f} MiB"
-                     + (f" ({100 * frac:.2f}% of dense)" if frac is not None else ""))
+        rows.append(("memory", f"{report['nbytes'] / 2**20:,.2f} MiB ("
+                               f"{100 * report.get('memory_fraction', 0):.2f}% of dense)"))
     if "error_estimate" in report:
-        err = report["error_estimate"]
-        lines.append(f"  error              ‖G − H‖₂/‖G‖₂ ≈ {err:.3g} (estimated; tol "
-                     f"{params.get('tol')}, {'met' if report.get('tol_met') else 'NOT met'})")
-    if "norm_estimate" in report:
-        lines.append(f"  ‖G‖₂               ≈ {report['norm_estimate']:.6g}")
+        met = "met" if report.get("tol_met") else "NOT met"
+        rows.append(("error", f"‖G − H‖₂/‖G‖₂ ≈ {report['error_estimate']:.3g} (estimated; tol "
+                              f"{params.get('tol')} {met})"))
+        rows.append(("‖G‖₂", f"≈ {report['norm_estimate']:.6g}"))
+    if report.get("indefinite"):
+        rows.append(("indefinite", f"λ_min ≤ {report['min_eigenvalue_estimate']:.3g}‖G‖₂ "
+                                   "(Lanczos): factorize with reg above that"))
+    for c in report.get("candidates", []):
+        rows.append(("candidate", f"{c['method']}: {c['nbytes'] / 2**20:,.2f} MiB, error ≈ "
+                                  f"{c['error_estimate']:.3g}, {c['entries_evaluated']:,} entries"))
     if params:
-        lines.append("  parameters         " + ", ".join(f"{k}={v}" for k, v in params.items()))
+        rows.append(("parameters", ", ".join(f"{k}={v}" for k, v in params.items())))
     if "entries_evaluated" in report:
-        lines.append(f"  entries            {report['entries_evaluated']:,} evaluated")
-    run = a.get("run")
+        rows.append(("entries", f"{report['entries_evaluated']:,} evaluated"))
     if run:
-        ck = run.get("checkpoint", {})
-        if ck.get("rounds_loaded"):
-            lines.append(f"  resumed            {ck['rounds_loaded']} of {ck['rounds']} entry rounds "
-                         f"({ck['entries_loaded']:,} entries) loaded from the checkpoint")
-        lines.append("  timings            " + ", ".join(f"{k} {v:.2f} s"
-                                                   for k, v in run.get("timings", {}).items()))
-        lines.append(f"  data               {run.get('n_samples'):,} samples in "
-                     f"{run.get('n_shards')} shards")
-    fac = a.get("factorization")
+        ck = run["checkpoint"]
+        if ck["rounds_loaded"]:
+            rows.append(("resumed", f"{ck['rounds_loaded']} of {ck['rounds']} entry rounds "
+                                    f"({ck['entries_loaded']:,} entries) from the checkpoint"))
+        rows.append(("data", f"{run['n_samples']:,} samples in {run['n_shards']} shards"))
+        rows.append(("timings", ", ".join(f"{k} {v:.2f} s" for k, v in run["timings"].items())))
+        failed = run.get("factorization") or {}
+        if failed.get("status") == "indefinite":
+            rows.append(("factorization", f"none: at reg = {failed['reg']:.6g} the "
+                                          "approximation is indefinite"))
     if fac:
-        lines.append(f"  factorization      reg = {fac['reg']:.6g}, log det = {fac['logdet']:.10g}"
-                     + ("" if fac.get("exact") else " (HSS part only: a preconditioner)"))
-    lines.append(f"  created            {prov.get('created')} with dgnh {prov.get('dgnh')}, "
-                 f"numpy {prov.get('numpy')}, zarr {prov.get('zarr')}, "
-                 f"dask {prov.get('dask')}")
-    return "\n".join(lines)
+        rows.append(("factorization", f"reg = {fac['reg']:.6g}, log det = {fac['logdet']:.10g}"
+                     + ("" if fac.get("exact") else " (HSS part only: a preconditioner)")))
+    rows.append(("created", f"{prov.get('created')} with dgnh {prov.get('dgnh')}, "
+                            + ", ".join(f"{k} {prov.get(k)}" for k in ("numpy", "zarr", "dask"))))
+    return "\n".join([f"{os.fspath(path)}: dgnh result, format version {a['version']}"]
+                     + [f"  {label:<18} {text}" for label, text in rows])
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -491,7 +492,9 @@ def checkpoint_rounds(path: str | os.PathLike) -> int:
     """
     try:
         rounds = zarr.open_group(os.fspath(path), mode="r", zarr_format=3)["checkpoint/rounds"]
-        names = sorted(rounds.group_keys())
+        with warnings.catch_warnings():  # zarr's temporary files of a write in progress
+            warnings.simplefilter("ignore")
+            names = sorted(rounds.group_keys())
         count = 0
         for name in names:
             if name != _round_name(count) or rounds[name].attrs.get("complete") is not True:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -57,21 +58,22 @@ def dask_cluster(tmp_path_factory):
     dask = shutil.which("dask", path=os.path.dirname(sys.executable)) or shutil.which("dask")
     assert dask, "the dask console command is missing"
     logs = tmp_path_factory.mktemp("dask-logs")
-    address = f"tcp://127.0.0.1:{free_port()}"
-    host, port = address[6:].split(":")
-    scheduler = subprocess.Popen([dask, "scheduler", "--host", host, "--port", port,
-                                  "--no-dashboard"], stdout=open(logs / "scheduler.log", "w"),
-                                 stderr=subprocess.STDOUT)
-    worker = subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-nanny",
-                               "--no-dashboard", "--memory-limit", "0"],
-                              stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
-    try:
-        with Client(address, timeout=60, set_as_default=False) as client:
-            client.wait_for_workers(1, timeout=60)
-        yield address, worker
-    finally:
-        stop(worker)
-        stop(scheduler)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with open(logs / "scheduler.log", "w") as s_log, open(logs / "worker.log", "w") as w_log:
+        scheduler = subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port",
+                                      str(port), "--no-dashboard"], stdout=s_log,
+                                     stderr=subprocess.STDOUT)
+        worker = subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-nanny",
+                                   "--no-dashboard", "--memory-limit", "0"], stdout=w_log,
+                                  stderr=subprocess.STDOUT)
+        try:
+            with Client(address, timeout=60, set_as_default=False) as client:
+                client.wait_for_workers(1, timeout=60)
+            yield address, worker
+        finally:
+            stop(worker)
+            stop(scheduler)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +195,24 @@ def test_solve_matches_dense(result, capsys):
         np.testing.assert_allclose(np.load(x_path), reference, rtol=1e-8, atol=1e-10)
 
 
+def test_solve_with_a_near_field_runs_cg(problem, tmp_path, capsys):
+    """The HSS factorization of an H-matrix with a near field only preconditions CG."""
+    with dgnh.GaussNewton(problem["net"], problem["X"], problem["Y"], loss="cross_entropy",
+                          client="in-process") as gn:
+        op = compress(gn, method="hmatrix", tol=1e-8, max_rank=64, leaf_size=16, budget=0.2,
+                      progress=False)
+    assert not op.is_hss
+    op.save(tmp_path / "near.zarr")
+    b = np.random.default_rng(5).normal(size=op.shape[0])
+    np.save(tmp_path / "b.npy", b)
+    reg = 0.05 * op.report["norm_estimate"]
+    assert main(["solve", str(tmp_path / "near.zarr"), "--rhs", str(tmp_path / "b.npy"),
+                 "--reg", repr(reg), "-o", str(tmp_path / "x.npy")]) == 0
+    assert "CG preconditioned by its HSS factorization" in capsys.readouterr().out
+    reference = np.linalg.solve(op.to_dense() + reg * np.eye(op.shape[0]), b)
+    np.testing.assert_allclose(np.load(tmp_path / "x.npy"), reference, rtol=1e-6, atol=1e-9)
+
+
 def test_eig_matches_dense(result, capsys):
     assert main(["eig", result["path"], "-k", "5"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
@@ -216,7 +236,7 @@ CLI_ERRORS = [
     (["info", "{dir}/b1.npy"], "info", "is not a Zarr v3 group"),
     (["run", "{dir}/absent.toml"], "run", "job file .*absent.toml does not exist"),
     (["solve", "{path}", "--rhs", "{dir}/wrong.npy", "--reg", "0.1", "-o", "{dir}/x9.npy"],
-     "solve", r"right-hand side must have shape"),
+     "solve", r"cannot multiply an array of shape \(3,\)"),
     (["solve", "{path}", "--rhs", "{dir}/b1.npy", "--reg", "0", "-o", "{dir}/x9.npy"],
      "solve", "reg must be a finite number > 0"),
     (["solve", "{path}", "--rhs", "{dir}/b1.npy", "--reg", "0.1", "-o", "{dir}/b1.npy"],
@@ -235,9 +255,21 @@ def test_errors_are_one_line_on_stderr(result, argv, command, message, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"dgnh {command}: error: ")
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     with pytest.raises(Exception):
         main(["--debug"] + argv)  # --debug lets the exception (and its traceback) through
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["solve", "x.zarr"], "dgnh solve: error: the following arguments are required: --rhs"),
+    (["eig", "x.zarr", "-k", "many"], "dgnh eig: error: argument -k: invalid int value"),
+    (["frobnicate"], "dgnh: error: argument COMMAND: invalid choice: 'frobnicate'"),
+])
+def test_usage_errors_are_one_line_too(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith(message)
 
 
 def test_error_in_a_real_process_has_no_traceback(result):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from distributed.security import Security
 import dgnh
 from conftest import random_mlp, random_targets
 from dgnh.backend import LocalBackend
+from dgnh.cluster import MallocTuning, set_malloc_thresholds
 
 REPO = Path(__file__).resolve().parents[1]
 N_SAMPLES, SHARD_SIZE = 90, 20  # 5 shards
@@ -220,11 +222,18 @@ def test_default_client_starts_and_closes_a_local_cluster():
     with dgnh.GaussNewton(net, X, Y, shard_size=10) as gn:
         backend = gn._backend
         assert backend.n_workers == nprocesses_nthreads()[0]
+        plugins = backend.client.run(lambda dask_worker: sorted(dask_worker.plugins))
+        assert all(MallocTuning.name in p for p in plugins.values())
         assert rel(gn.dense(), reference.dense()) <= 1e-12
     assert backend.client.status == "closed"
     single = dgnh.GaussNewton(net, X, Y)  # one shard: no cluster
     assert isinstance(single._backend, LocalBackend)
     assert rel(single.dense(), reference.dense()) <= 1e-12
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_malloc_thresholds_are_set_on_glibc():
+    assert set_malloc_thresholds()
 
 
 # ----------------------------------------------------------------- TLS
@@ -310,16 +319,20 @@ def test_missing_store_on_cluster_is_named(local2, tmp_path):
 
 
 # --------------------------------------------------- a worker killed mid-batch
-def test_worker_killed_mid_batch_recomputes_shards(cli2, tmp_path):
+@pytest.mark.parametrize("source", ["store", "arrays"])
+def test_worker_killed_mid_batch_recomputes_shards(cli2, tmp_path, source):
     """SIGKILL a worker while it evaluates a batch: the batch still returns the
-    exact result, and the task stream shows shards rebuilt from the store."""
+    exact result, and the task stream shows shards rebuilt (from the store, or
+    from the rows kept in the task spec)."""
     net, X, Y = make_problem("mse", n_samples=2400, sizes=(8, 24, 24, 4))
     path = tmp_path / "big.zarr"
     dgnh.save_dataset(path, X, Y, chunk_rows=300)
     reference = dgnh.GaussNewton(net, X, Y, shard_size=300, client="in-process")
     expected = reference.dense()
+    cli2.wait_for_workers(2, timeout=60)  # a worker killed before has been restarted
     pids = cli2.run(os.getpid)
-    with dgnh.GaussNewton(net, path, shard_size=300, client=cli2) as gn:
+    data = (path, None) if source == "store" else (X, Y)
+    with dgnh.GaussNewton(net, *data, shard_size=300, client=cli2) as gn:
         with get_task_stream(cli2) as stream:
             result = {}
             batch = threading.Thread(target=lambda: result.setdefault("G", gn.dense()))

@@ -56,7 +56,7 @@ def saved(ops, tmp_path):
     def make(kind, factorized=True):
         path = tmp_path / f"{kind}.zarr"
         op = ops[kind]
-        store.save(op, path, factorization=factorize(op) if factorized else None)
+        op.save(path, factorization=factorize(op) if factorized else None)
         return op, str(path)
     return make
 
@@ -198,7 +198,7 @@ def test_existing_output_is_never_overwritten_without_overwrite(saved, ops):
 
 def test_save_rejects_what_is_not_a_compressed_operator(gn, tmp_path):
     with pytest.raises(TypeError, match="cannot store a GaussNewton"):
-        store.save(gn, tmp_path / "g.zarr")
+        gn.save(tmp_path / "g.zarr")
     assert not os.path.exists(tmp_path / "g.zarr")
 
 

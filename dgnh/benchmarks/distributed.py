@@ -14,6 +14,7 @@ import numpy as np
 from distributed import Client, LocalCluster, get_task_stream
 from threadpoolctl import threadpool_limits
 
+from ..cluster import MallocTuning
 from ..dataset import save_dataset
 from ..gauss_newton import GaussNewton
 from ..model import MLP
@@ -46,7 +47,7 @@ def _rel(a, b) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dgnh bench distributed", description=__doc__)
-    ap.add_argument("--n-samples", type=int, default=16_000)
+    ap.add_argument("--n-samples", type=int, default=8_000)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--n-shards", type=int, default=8)
     ap.add_argument("--blocks", type=int, default=32, help="blocks per batch")
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vectors", type=int, default=16, help="columns of the matvec batch")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dask-malloc", action="store_true",
+                    help="keep Dask's worker malloc settings (no dgnh.cluster.MallocTuning)")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     n, d = args.n_samples, 10
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                               dashboard_address=":0") as cluster, \
                     Client(cluster, set_as_default=False) as client:
+                if not args.dask_malloc:
+                    client.register_plugin(MallocTuning())
                 results["LocalCluster", n_workers] = _measure(net, path, shard_size, client,
                                                               client, args)
 
@@ -94,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table("Building the shards (factors) from the dataset store",
                 ["path", "workers", "time s"],
                 [[label, w or "-", res["build"]] for (label, w), res in results.items()])
-    print("Each worker runs one thread with single-threaded BLAS; 'tasks' counts every task "
-          "of the batch (one per shard, reduction tree, shared-argument task).")
+    print("Each worker runs one thread with single-threaded BLAS, "
+          f"{'Dask default' if args.dask_malloc else 'MallocTuning'} malloc settings; 'tasks' "
+          "counts every task of the batch (one per shard, reduction tree, shared argument).")
     return 0
 
 

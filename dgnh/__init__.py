@@ -9,6 +9,10 @@ from .sampling import SamplePlan, plan as sampling_plan
 from .dataset import Dataset, open_dataset, save_dataset
 from .cluster import DaskBackend
 from .store import open, save
+from .factorization import Factorization, IndefiniteError, LowRankUpdate, ScaledIdentity
+from .lowrank import LowRank, nystrom, pivoted_cholesky
+from .solve import CGResult, DualFactorization, cg, dual_factorize, dual_solve, solve
+from .spectral import SpectralDensity, eigsh, spectral_density
 
 __version__ = "0.1.0"
 
@@ -27,5 +31,21 @@ __all__ = [
     "DaskBackend",
     "open",
     "save",
+    "Factorization",
+    "IndefiniteError",
+    "LowRankUpdate",
+    "ScaledIdentity",
+    "LowRank",
+    "nystrom",
+    "pivoted_cholesky",
+    "CGResult",
+    "DualFactorization",
+    "cg",
+    "dual_factorize",
+    "dual_solve",
+    "solve",
+    "SpectralDensity",
+    "eigsh",
+    "spectral_density",
     "__version__",
 ]

@@ -155,9 +155,10 @@ class DaskBackend:
     Parameters
     ----------
     client : ``None`` (start a process-based ``LocalCluster`` sized to the
-        machine, with :class:`MallocTuning`, closed by :meth:`close`), a ``distributed.Client`` (used, never
-        closed), or a scheduler address ``"tcp://…"``/``"tls://…"`` (a client
-        is connected and closed by :meth:`close`).
+        machine, with :class:`MallocTuning`, closed by :meth:`close`), a
+        ``distributed.Client`` (used, never closed), or a scheduler address
+        ``"tcp://…"``/``"tls://…"`` (a client is connected and closed by
+        :meth:`close`).
     security : TLS credentials for an address, see :func:`make_security`.
 
     Shards are created by :meth:`create_shards`.

@@ -16,7 +16,7 @@ from .cluster import DaskBackend
 from .dataset import Dataset, open_dataset
 from .factors import ShardFactors
 from .losses import get_loss
-from .model import MLP, check_finite_array
+from .model import MLP
 from .operator import Operator, check_dense_size
 from .sampling import check_eps_delta, plan
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from .factorization import Factorization, check_reg
+from .factorization import Factorization, IndefiniteError, check_reg
 from .gauss_newton import GaussNewton
 from .operator import Operator
 
@@ -122,6 +122,11 @@ def cg(op: Operator, b, reg: float, preconditioner=None, rtol: float = 1e-8,
     -------
     CGResult
 
+    Raises
+    ------
+    IndefiniteError
+        If CG meets a direction of non-positive curvature (``op`` not PSD).
+
     Examples
     --------
     >>> import numpy as np
@@ -163,6 +168,11 @@ def cg(op: Operator, b, reg: float, preconditioner=None, rtol: float = 1e-8,
         a = np.flatnonzero(active)
         AP = apply_A(P[:, a])
         pAp = np.einsum("ij,ij->j", P[:, a], AP)
+        if np.any(pAp <= 0):
+            raise IndefiniteError(
+                f"op + reg·I is not positive definite: CG met the curvature pᵀ(A + λI)p = "
+                f"{pAp.min():.3e} <= 0 at iteration {n_iter + 1}; CG needs a positive "
+                "semi-definite op (e.g. the GNH, not the Hessian) or a larger reg")
         alpha = rz[a] / pAp
         X[:, a] += alpha * P[:, a]
         R[:, a] -= alpha * AP

@@ -88,6 +88,20 @@ def test_cg_on_compressed_operator_matches_its_factorization(lowrank):
                                atol=1e-9 * np.abs(res.x).max())
 
 
+def test_cg_detects_indefinite_operator():
+    """The Hessian of an untrained tanh network is indefinite: CG must not return silently."""
+    from conftest import random_mlp
+    net = random_mlp([3, 5, 2], ["tanh", "identity"], seed=1, scale=3.0)
+    rng = np.random.default_rng(0)
+    gn = dgnh.GaussNewton(net, rng.normal(size=(20, 3)), rng.normal(size=(20, 2)) * 5,
+                          client="in-process")
+    hessian = gn.hessian()
+    w, V = np.linalg.eigh(hessian.to_dense())
+    assert w[0] < -1e-3
+    with pytest.raises(dgnh.IndefiniteError, match="not positive definite"):
+        cg(hessian, V[:, 0], reg=1e-6)
+
+
 def test_cg_zero_rhs_and_maxiter(digits):
     gn, _, norm = digits
     B = np.zeros((gn.n_params, 2))

@@ -27,30 +27,44 @@ from ..model import MLP
 from .common import print_table
 
 
-def trained_networks(quick: bool = False, seed: int = 0) -> dict[str, GaussNewton]:
-    """The benchmark's GNHs: a digits classifier and a digits autoencoder (sklearn-trained)."""
+def digits_gnh(kind: str = "classifier", hidden: tuple[int, ...] = (32,),
+               n_samples: int | None = None, activation: str = "tanh", max_iter: int = 300,
+               seed: int = 0) -> GaussNewton:
+    """The GNH of an MLP trained by scikit-learn on the digits data (pixels / 16).
+
+    ``kind="classifier"``: softmax cross-entropy on the 10 classes;
+    ``kind="autoencoder"``: sigmoid outputs with binary cross-entropy on the
+    binarized pixels (scikit-learn's multi-label ``MLPClassifier``).
+
+    Examples
+    --------
+    >>> gn = digits_gnh("classifier", hidden=(4,), n_samples=50, max_iter=5)
+    >>> gn.model.layer_sizes, gn.loss_name
+    ((64, 4, 10), 'cross_entropy')
+    """
     from sklearn.datasets import load_digits
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
     X, y = load_digits(return_X_y=True)
-    X = X / 16.0
-    hidden_c, hidden_a, n_ae = ((12,), (8,), 200) if quick else ((32,), (16,), 600)
-    nets = {}
+    X = X[:n_samples] / 16.0
+    Y, loss = ((y[:n_samples], "cross_entropy") if kind == "classifier"
+               else ((X > 0.5).astype(float), "binary_cross_entropy"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        clf = MLPClassifier(hidden_c, activation="tanh", max_iter=300 if not quick else 50,
-                            random_state=seed).fit(X, y)
-        Xa = X[:n_ae]
-        Ya = (Xa > 0.5).astype(float)
-        ae = MLPClassifier(hidden_a, activation="tanh", max_iter=300 if not quick else 50,
-                           random_state=seed).fit(Xa, Ya)
-    for name, model, Xn, Yn, loss in (("classifier", clf, X, y, "cross_entropy"),
-                                      ("autoencoder", ae, Xa, Ya, "binary_cross_entropy")):
-        net = MLP([c.T for c in model.coefs_], list(model.intercepts_),
-                  ["tanh"] * (len(model.coefs_) - 1) + ["identity"])
-        nets[f"{name} {'-'.join(map(str, net.layer_sizes))}"] = GaussNewton(net, Xn, Yn, loss=loss)
-    return nets
+        fit = MLPClassifier(hidden, activation=activation, max_iter=max_iter,
+                            random_state=seed).fit(X, Y)
+    net = MLP([c.T for c in fit.coefs_], list(fit.intercepts_),
+              [activation] * len(hidden) + ["identity"])
+    return GaussNewton(net, X, Y, loss=loss)
+
+
+def trained_networks(quick: bool = False, seed: int = 0) -> dict[str, GaussNewton]:
+    """The benchmark's GNHs: a digits classifier and a digits autoencoder."""
+    gns = [digits_gnh("classifier", (12,) if quick else (32,), seed=seed),
+           digits_gnh("autoencoder", (8,) if quick else (16,), 200 if quick else 600, seed=seed)]
+    return {f"{'classifier' if gn.loss_name == 'cross_entropy' else 'autoencoder'} "
+            f"{'-'.join(map(str, gn.model.layer_sizes))}": gn for gn in gns}
 
 
 def kfac_dense(gn: GaussNewton) -> np.ndarray:

@@ -70,15 +70,15 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", nargs="+", default=["64", "64x64", "96x96", "128x128"],
                     help="hidden layer widths per network, e.g. 128x128")
-    ap.add_argument("--n-samples", type=int, default=1000,
+    ap.add_argument("--n-samples", type=int, default=500,
                     help="data rows of the GNH (n·d = 10·n is the dual size)")
     ap.add_argument("--lambdas", type=float, nargs="+", default=[1e-3, 1e-6],
                     help="λ relative to ‖G‖₂")
     ap.add_argument("--method", default="lowrank", help="dgnh.compress method")
     ap.add_argument("--tol", type=float, default=1e-3, help="compression tolerance")
     ap.add_argument("--max-rank", type=int, default=256)
-    ap.add_argument("--dense-max", type=int, default=9000, help="largest N solved densely")
-    ap.add_argument("--maxiter", type=int, default=3000, help="CG iteration cap")
+    ap.add_argument("--dense-max", type=int, default=5000, help="largest N solved densely")
+    ap.add_argument("--maxiter", type=int, default=2000, help="CG iteration cap")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 

@@ -1,0 +1,328 @@
+"""H-matrix (HSS + near field) from GNH entries and products, and its factorization.
+
+References: the dense float64 GNH (``gn.dense()``, itself checked against finite
+differences in test_gauss_newton.py), numpy's dense linear algebra, and plain
+loops over the stored blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import dgnh
+from dgnh.benchmarks.compress import digits_gnh
+from dgnh.factorization import IndefiniteError
+from dgnh.hmatrix import (HMatrix, _near_pairs, build_hmatrix, entry_distances,
+                          interpolative_decomposition, merge_neighbors, split_node)
+
+
+def dead_relu_gnh(n_dead: int = 3) -> dgnh.GaussNewton:
+    """A trained digits ReLU classifier with ``n_dead`` hidden units switched off."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    net = digits_gnh("classifier", (10,), 300, activation="relu", max_iter=100).model
+    biases = [np.array(b) for b in net.biases]
+    biases[0][:n_dead] = -1e3  # never active on the data: a zero diagonal for their weights
+    return dgnh.GaussNewton(dgnh.MLP(net.weights, biases, net.activations), X[:300] / 16.0,
+                            y[:300], loss="cross_entropy")
+
+
+CASES = {
+    # name: (constructor, leaf_size)
+    "classifier": (lambda: digits_gnh("classifier", (8,), 300, max_iter=200), 64),
+    "autoencoder": (lambda: digits_gnh("autoencoder", (4,), 150, max_iter=200), 64),
+    "dead_relu": (dead_relu_gnh, 48),
+    "rank54": (lambda: digits_gnh("classifier", (8,), 6, max_iter=50), 64),  # rank ≤ 6·9
+}
+
+
+@pytest.fixture(scope="module")
+def problems():
+    """Built lazily and cached: name -> (gn, dense G, ‖G‖₂, leaf_size)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            make, leaf = CASES[name]
+            gn = make()
+            G = gn.dense()
+            cache[name] = (gn, G, float(np.linalg.norm(G, 2)), leaf)
+        return cache[name]
+    return get
+
+
+def build(gn, leaf, **kw):
+    kw.setdefault("progress", False)
+    return build_hmatrix(gn, leaf_size=leaf, **kw)
+
+
+def assembled(h: HMatrix) -> np.ndarray:
+    """Dense H from the stored pieces by an explicit loop over leaf pairs (no matvec)."""
+    N = h.shape[0]
+    leaves = list(h.leaves)
+    # explicit basis V_α: leaf values -> node α's skeleton coefficients, V_α = (chain of T)ᵀ
+    def basis(leaf, upto):
+        E = h.interpolations[leaf]
+        child, node = leaf, h.node_parent[leaf]
+        while child != upto:
+            k1 = len(h.skeletons[h.node_children[node, 0]])
+            T = h.interpolations[node]
+            E = (T[:, :k1] if child == h.node_children[node, 0] else T[:, k1:]) @ E
+            child, node = node, h.node_parent[node]
+        return E
+
+    def path(x):
+        out = []
+        while x >= 0:
+            out.append(x)
+            x = h.node_parent[x]
+        return out
+
+    Ht = np.zeros((len(h.perm), len(h.perm)))
+    for a in leaves:
+        for b in leaves:
+            sa, ea, sb, eb = h.node_start[a], h.node_stop[a], h.node_start[b], h.node_stop[b]
+            if a == b:
+                Ht[sa:ea, sb:eb] = h.leaf_blocks[a]
+                continue
+            pa = path(a)
+            lca = next(x for x in path(b) if x in pa)
+            c1, c2 = h.node_children[lca]
+            ua = c1 if c1 in pa else c2
+            ub = c2 if ua == c1 else c1
+            B = h.couplings[lca] if ua == c1 else h.couplings[lca].T
+            Ht[sa:ea, sb:eb] = basis(a, ua).T @ B @ basis(b, ub)
+    for (a, b), C in zip(h.near_pairs, h._near_blocks):
+        sa, ea, sb, eb = h.node_start[a], h.node_stop[a], h.node_start[b], h.node_stop[b]
+        Ht[sa:ea, sb:eb] += C
+        Ht[sb:eb, sa:ea] += C.T
+    H = np.zeros((N, N))
+    H[np.ix_(h.perm, h.perm)] = Ht
+    return H
+
+
+# ------------------------------------------------------------------ per-node numerics
+@pytest.mark.parametrize("rank, tol, max_rank, expect", [
+    (5, 1e-10, 50, 5), (5, 1e-10, 3, 3), (0, 1e-10, 50, 0), (30, 1e-10, 50, 30)])
+def test_interpolative_decomposition_rank_and_reconstruction(rank, tol, max_rank, expect):
+    rng = np.random.default_rng(rank)
+    A = rng.normal(size=(60, rank)) @ rng.normal(size=(rank, 40))
+    skel, T = interpolative_decomposition(A, tol, max_rank)
+    assert len(skel) == expect and T.shape == (expect, 40)
+    assert np.allclose(T[:, skel], np.eye(expect))
+    if expect == rank:
+        assert np.linalg.norm(A - A[:, skel] @ T) <= 1e-9 * max(np.linalg.norm(A), 1)
+
+
+def test_interpolative_decomposition_relative_tolerance():
+    """Singular values 10^-k: the rank is the number above tol·σ₁ up to small factors."""
+    rng = np.random.default_rng(1)
+    U, _ = np.linalg.qr(rng.normal(size=(80, 20)))
+    V, _ = np.linalg.qr(rng.normal(size=(50, 20)))
+    s = 10.0 ** -np.arange(20, dtype=float) * 0.5
+    A = (U * s) @ V.T
+    for tol in (1e-3, 1e-6):
+        skel, T = interpolative_decomposition(A, tol, 50)
+        assert abs(len(skel) - np.sum(s > tol * s[0])) <= 1
+        assert np.linalg.norm(A - A[:, skel] @ T, 2) <= 100 * tol * s[0]
+        assert np.linalg.norm(3.0 * A - 3.0 * A[:, skel] @ T, 2) <= 300 * tol * s[0]
+
+
+def test_entry_distances_against_definitions():
+    G = np.array([[4.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 9.0]])
+    d = np.diag(G)
+    angle = entry_distances(G, d, d, "angle")
+    gram = entry_distances(G, d, d, "gram")
+    for a in range(3):
+        for b in range(3):
+            assert angle[a, b] == pytest.approx(1 - G[a, b] ** 2 / (G[a, a] * G[b, b]), abs=1e-15)
+            assert gram[a, b] == pytest.approx(G[a, a] + G[b, b] - 2 * G[a, b], abs=1e-15)
+    assert angle[0, 2] == 1.0  # a zero entry is far, never near
+
+
+def test_split_node_separates_blocks_in_halves():
+    rng = np.random.default_rng(0)
+    F = np.kron(np.eye(2), np.ones((1, 3))) + 0.01 * rng.normal(size=(2, 6))
+    G = F.T @ F  # two groups of 3 nearly parallel columns
+    left = split_node(G[:, [0, 4]], np.diag(G), np.array([0, 4]), "angle")
+    assert left.sum() == 3 and (left[:3].all() or not left[:3].any())
+
+
+def test_merge_neighbors_against_plain_loop():
+    rng = np.random.default_rng(3)
+    ids = rng.integers(-1, 12, size=(20, 9))
+    dists = np.where(ids >= 0, rng.uniform(size=ids.shape), np.inf)
+    dists = np.where(ids >= 0, ids * 0.1 + rng.integers(0, 2, size=ids.shape) * 0.01, np.inf)
+    out = merge_neighbors(ids, dists, 4)
+    for i in range(20):
+        best = {}
+        for j, dd in zip(ids[i], dists[i]):
+            if j >= 0:
+                best[j] = min(dd, best.get(j, np.inf))
+        ref = [j for j, _ in sorted(best.items(), key=lambda t: (t[1], t[0]))][:4]
+        got = [j for j in out[i] if j >= 0]
+        assert sorted(got) == sorted(ref)
+
+
+@pytest.mark.parametrize("per_leaf", [0, 1, 3])
+def test_near_pairs_respect_the_cap(per_leaf):
+    rng = np.random.default_rng(per_leaf)
+    leaf_start = np.arange(0, 81, 10)
+    nbr = rng.integers(-1, 80, size=(80, 6))
+    pairs = _near_pairs(nbr, leaf_start, per_leaf)
+    count = np.bincount(np.array(pairs, dtype=int).ravel(), minlength=8)
+    assert count.max(initial=0) <= per_leaf
+    assert all(a < b for a, b in pairs)
+    assert (len(pairs) > 0) == (per_leaf > 0)
+
+
+# --------------------------------------------------------------------- the H-matrix
+@pytest.mark.parametrize("name, max_rank", [("rank54", 64), ("classifier", 10_000),
+                                            ("autoencoder", 10_000)])
+def test_tiny_tol_reproduces_G(problems, name, max_rank):
+    """max_rank >= leaf_size and a rank-54 GNH, or an uncapped rank: exact to 1e-10."""
+    gn, G, norm, leaf = problems(name)
+    h = build(gn, leaf, tol=1e-13, max_rank=max_rank)
+    assert h.report["depth"] >= 2
+    assert np.linalg.norm(G - h.to_dense(), 2) <= 1e-10 * norm
+
+
+@pytest.mark.parametrize("name, tol, budget, metric", [
+    ("classifier", 1e-2, 0.0, "angle"), ("classifier", 1e-3, 0.3, "gram"),
+    ("autoencoder", 1e-3, 0.0, "gram"), ("autoencoder", 1e-2, 0.5, "angle")])
+def test_matvec_equals_assembled_blocks_and_error_follows_tol(problems, name, tol, budget, metric):
+    gn, G, norm, leaf = problems(name)
+    h = build(gn, leaf, tol=tol, max_rank=256, budget=budget, metric=metric)
+    dense = h.to_dense()  # through the O(N·r) matvec
+    assert np.allclose(dense, assembled(h), rtol=0, atol=1e-12 * norm)
+    assert np.allclose(dense, dense.T, rtol=0, atol=1e-14 * norm)
+    assert np.linalg.norm(G - dense, 2) <= 10 * tol * norm
+    if budget:
+        assert len(h.near_pairs) > 0
+        for a, b in h.near_pairs:  # near blocks are exact
+            I = h.perm[h.node_start[a]:h.node_stop[a]]
+            J = h.perm[h.node_start[b]:h.node_stop[b]]
+            assert np.allclose(dense[np.ix_(I, J)], G[np.ix_(I, J)], rtol=0, atol=1e-12 * norm)
+    stats = h.rank_statistics()
+    assert stats["rank_max"] <= 256 and set(stats["ranks_per_level"]) == set(
+        range(1, h.report["depth"] + 1))
+
+
+def test_zero_diagonal_parameters_stay_exactly_zero(problems):
+    gn, G, norm, leaf = problems("dead_relu")
+    zero = np.diag(G) == 0
+    assert zero.sum() > 30  # constant pixels and 3 dead units (31 parameters each)
+    h = build(gn, leaf, tol=1e-3, max_rank=128, budget=0.2)
+    H = h.to_dense()
+    assert np.all(np.isfinite(H))
+    assert np.all(H[zero] == 0) and np.all(H[:, zero] == 0)
+    assert not np.isin(np.flatnonzero(zero), h.perm).any()
+    assert np.linalg.norm(G - H, 2) <= 1e-2 * norm
+
+
+def test_same_seed_same_result_and_one_round_per_level(problems):
+    gn, G, norm, leaf = problems("classifier")
+
+    class Counting:  # the real GNH, counting the batches it is asked for
+        def __init__(self, inner):
+            self.inner, self.n_params, self.rounds, self.products = inner, inner.n_params, 0, 0
+
+        def diagonal(self):
+            return self.inner.diagonal()
+
+        def entries_many(self, requests, eps=None, seed=0):
+            self.rounds += 1
+            return self.inner.entries_many(requests, eps=eps, seed=seed)
+
+        def matvec(self, V):
+            self.products += 1
+            return self.inner.matvec(V)
+
+    src = Counting(gn)
+    a = build(src, leaf, tol=1e-3, max_rank=100, seed=5)
+    b = build(gn, leaf, tol=1e-3, max_rank=100, seed=5)
+    depth = a.report["depth"]
+    assert src.rounds == 2 * depth + 1 == a.report["entry_rounds"]
+    assert src.products == 1  # 110 sketch columns in one product call
+    for key, value in a.to_arrays().items():
+        assert np.array_equal(value, b.to_arrays()[key]), key
+
+
+def test_arrays_round_trip(problems):
+    gn, G, norm, leaf = problems("classifier")
+    h = build(gn, leaf, tol=1e-3, max_rank=100, budget=0.3)
+    arrays, attrs = h.to_arrays(), h.attrs()
+    json.dumps(attrs)
+    assert all(isinstance(v, np.ndarray) and v.ndim <= 2 for v in arrays.values())
+    assert h.nbytes == sum(v.nbytes for v in arrays.values())
+    back = HMatrix.from_arrays(arrays, attrs)
+    assert np.array_equal(back.to_dense(), h.to_dense())
+    with pytest.raises(ValueError, match="missing"):
+        HMatrix.from_arrays({k: v for k, v in arrays.items() if k != "perm"}, attrs)
+    with pytest.raises(ValueError, match="not a dgnh.hmatrix"):
+        HMatrix.from_arrays(arrays, {**attrs, "version": 99})
+
+
+# ------------------------------------------------------------------- factorization
+@pytest.mark.parametrize("name, tol, reg_rel", [
+    ("classifier", 1e-13, 1e-6), ("classifier", 1e-3, 1e-1), ("autoencoder", 1e-2, 3e-1),
+    ("dead_relu", 1e-4, 1e-2)])
+def test_factorization_against_dense(problems, name, tol, reg_rel):
+    gn, G, norm, leaf = problems(name)
+    h = build(gn, leaf, tol=tol, max_rank=10_000)
+    reg = reg_rel * norm
+    A = h.to_dense() + reg * np.eye(len(G))
+    f = h.factorize(reg)
+    assert f.exact
+    rng = np.random.default_rng(0)
+    B = rng.normal(size=(len(G), 3))
+    X = f.solve(B)
+    assert np.linalg.norm(A @ X - B) <= 1e-10 * np.linalg.norm(B)
+    assert np.allclose(f @ B[:, 0], X[:, 0], rtol=1e-14, atol=0)
+    # against the exact G: residual bounded by the compression error
+    rel = np.linalg.norm((G + reg * np.eye(len(G))) @ X - B, 2) / np.linalg.norm(B, 2)
+    assert rel <= max(10 * tol * norm / reg, 1e-10)
+    sign, logdet = np.linalg.slogdet(A)
+    assert sign > 0 and f.logdet() == pytest.approx(logdet, rel=1e-11)
+    inv_diag = np.diag(np.linalg.inv(A))
+    assert np.allclose(f.inverse_diagonal(), inv_diag, rtol=1e-9, atol=0)
+
+
+def test_indefinite_approximation_is_detected(problems):
+    gn, G, norm, leaf = problems("classifier")
+    h = build(gn, leaf, tol=1e-2, max_rank=256)
+    lowest = np.linalg.eigvalsh(h.to_dense())[0]
+    assert lowest < -1e-6 * norm  # a compressed GNH is indefinite here
+    with pytest.raises(IndefiniteError, match="not positive definite"):
+        h.factorize(0.5 * -lowest)
+    h.factorize(2.0 * -lowest)  # and positive definite once reg exceeds -λ_min
+
+
+def test_near_field_factorization_is_a_preconditioner(problems):
+    gn, G, norm, leaf = problems("autoencoder")
+    h = build(gn, leaf, tol=1e-3, max_rank=256, budget=0.5)
+    assert not h.is_hss
+    reg = 0.1 * norm
+    with pytest.warns(UserWarning, match="HSS part only"):
+        f = h.factorize(reg)
+    assert not f.exact
+    hss = h.without_near_field()
+    b = np.random.default_rng(1).normal(size=len(G))
+    A = hss.to_dense() + reg * np.eye(len(G))
+    assert np.linalg.norm(A @ f.solve(b) - b) <= 1e-10 * np.linalg.norm(b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hss.factorize(reg)  # no warning without a near field
+
+
+@pytest.mark.parametrize("reg", [0.0, -1.0, float("nan")])
+def test_factorize_rejects_bad_reg(problems, reg):
+    gn, G, norm, leaf = problems("rank54")
+    h = build(gn, leaf, tol=1e-3, max_rank=64)
+    with pytest.raises(ValueError, match="reg must be"):
+        h.factorize(reg)

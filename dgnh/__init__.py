@@ -13,6 +13,8 @@ from .factorization import Factorization, IndefiniteError, LowRankUpdate, Scaled
 from .lowrank import LowRank, nystrom, pivoted_cholesky
 from .solve import CGResult, DualFactorization, cg, dual_factorize, dual_solve, solve
 from .spectral import SpectralDensity, eigsh, spectral_density
+from .hmatrix import HMatrix, HSSFactorization
+from .compress import Hybrid, compress
 
 __version__ = "0.1.0"
 
@@ -47,5 +49,9 @@ __all__ = [
     "SpectralDensity",
     "eigsh",
     "spectral_density",
+    "HMatrix",
+    "HSSFactorization",
+    "Hybrid",
+    "compress",
     "__version__",
 ]

@@ -34,6 +34,7 @@ from .spectral import eigsh
 FILES = ("model.npz", "digits.zarr", "job.toml", "result.zarr", "structure.png",
          "spectrum.png")
 SHARD_ROWS = 600  # 3 shards of the 1797 digits
+SPECTRUM_K = 100  # eigenvalues in spectrum.png
 JOB_TEMPLATE = """\
 # dgnh job written by `dgnh demo` (see dgnh/job.py for every key)
 model = "model.npz"
@@ -83,7 +84,7 @@ def train_digits(hidden: int = 16, max_iter: int = 300,
 
 
 def run_demo(out: str | os.PathLike = "dgnh-demo", overwrite: bool = False, hidden: int = 16,
-             max_iter: int = 300, tol: float = 1e-3, max_rank: int = 128, leaf_size: int = 128,
+             max_iter: int = 300, tol: float = 1e-3, max_rank: int = 256, leaf_size: int = 128,
              progress: bool | None = None, stream: TextIO | None = None) -> dict[str, str]:
     """Run the demo (see the module docstring); returns ``{name: path}`` of what it wrote.
 
@@ -109,12 +110,12 @@ def run_demo(out: str | os.PathLike = "dgnh-demo", overwrite: bool = False, hidd
     run_job(load_job(paths["job.toml"]), overwrite=overwrite, progress=progress, out=stream)
 
     with GaussNewton(net, X, y, loss="cross_entropy", client="in-process") as gn:
-        exact = eigsh(gn, min(40, net.n_params - 1))[0]
+        exact = eigsh(gn, min(SPECTRUM_K, net.n_params - 1))[0]
     for name in ("structure", "spectrum"):
-        plot_store(paths["result.zarr"], paths[f"{name}.png"], panels=name, reference=exact,
-                   overwrite=overwrite)
+        plot_store(paths["result.zarr"], paths[f"{name}.png"], panels=name, k=SPECTRUM_K,
+                   reference=exact, overwrite=overwrite)
     print(f"\n{store.summary(paths['result.zarr'])}\n\ndemo done in "
           f"{time.perf_counter() - t_start:.1f} s; wrote:", file=stream)
-    for name, path in paths.items():
+    for path in paths.values():
         print(f"  {path}", file=stream)
     return paths

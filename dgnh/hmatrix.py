@@ -728,23 +728,28 @@ def _cho_solve(L: Array, B: Array) -> Array:
 
 
 class HSSFactorization(Factorization):
-    """``(H_hss + reg·I)⁻¹`` by recursive Sherman–Morrison–Woodbury, O(N·r²).
+    """``(H_hss + reg·I)⁻¹`` by recursive skeletonization (a ULV-type Cholesky), O(N·r²).
 
-    Per node α (children first) with diagonal block ``D̂_α`` — a leaf's
-    ``G[α, α] + reg·I``, an inner node's ``[[S₁⁻¹, B], [Bᵀ, S₂⁻¹]]`` from its
-    children and their coupling ``B`` — it keeps the Cholesky factor of ``D̂_α``,
-    ``W_α = D̂_α⁻¹ T_αᵀ`` and ``S_α = T_α W_α``. With ``A = D̂ + U H₁ Uᵀ`` at one
-    level (``U`` the block diagonal of the ``T_αᵀ``):
+    At one tree level ``A = D̂ + U H₁ Uᵀ`` with ``D̂`` the block diagonal of the
+    nodes' diagonal blocks (a leaf's ``G[α, α] + reg·I``; an inner node's
+    ``[[Σ₁, B], [Bᵀ, Σ₂]]`` from its children's Schur complements ``Σ`` and
+    their coupling ``B``) and ``U`` the block diagonal of the ``T_αᵀ``. Since
+    ``T_α`` is the identity on the skeleton, ``T_α = [I, E_α]·Z_α`` with the unit
+    triangular ``Z_α = [[I, E_α], [0, I]]`` (skeleton first). In the coordinates
+    ``Z x`` the redundant (non-skeleton) unknowns couple only inside their node,
+    through ``M = Z⁻ᵀ D̂ Z⁻¹``; eliminating them by Cholesky of ``M_rr`` leaves
+    the Schur complement ``Σ_α = M_ss − M_sr M_rr⁻¹ M_rs`` on the skeleton
+    (which equals ``(T_α D̂_α⁻¹ T_αᵀ)⁻¹``, the Sherman–Morrison–Woodbury form,
+    without forming any inverse), and ``X = H₁ + Σ`` is the same problem one
+    level up; the root is factorized densely.
 
-    ``A⁻¹ = D̂⁻¹ − P S Pᵀ + P X⁻¹ Pᵀ``, ``P = D̂⁻¹ U S⁻¹``, ``X = Pᵀ A P = H₁ + S⁻¹``,
-
-    and ``X`` is the same problem one level up. ``A`` is congruent to a block
-    diagonal of positive definite blocks and ``X``, so ``H_hss + reg·I`` is
-    positive definite exactly when every Cholesky factorization succeeds; a
-    failure raises :class:`~dgnh.factorization.IndefiniteError`.
-    ``log det A = Σ_α log det D̂_α + Σ_{α ≠ root} log det S_α``; the diagonal of
-    the inverse comes from the diagonal blocks of ``X⁻¹`` top-down (selected
-    inversion). Zero-diagonal parameters (outside the tree) contribute ``reg·I``.
+    ``A`` is congruent to the block diagonal of the ``M_rr`` and the root block,
+    so ``H_hss + reg·I`` is positive definite exactly when every Cholesky
+    factorization succeeds; a failure raises
+    :class:`~dgnh.factorization.IndefiniteError`. ``log det A`` is the sum of
+    their log-determinants (``det Z = 1``); the diagonal of the inverse comes
+    top-down from the diagonal blocks of ``X⁻¹`` (selected inversion).
+    Zero-diagonal parameters (outside the tree) contribute ``reg·I``.
 
     ``exact`` is False when the H-matrix has a near field (then this is a
     preconditioner for it, not its inverse).
@@ -758,33 +763,53 @@ class HSSFactorization(Factorization):
         self.shape = h.shape
         self.exact = h.is_hss
         n = h.n_nodes
-        self._chol: list[Array] = [None] * n
-        self._W: list[Array] = [None] * n
-        self._S_inv: list[Array] = [None] * n
+        self._order: list[Array] = [None] * n  # local unknowns, skeleton first
+        self._E: list[Array] = [None] * n  # T = [I, E] in that order
+        self._L: list[Array] = [None] * n  # Cholesky of M_rr (of D̂ at the root)
+        self._K: list[Array] = [None] * n  # L⁻¹ M_rs
+        schur: list[Array] = [None] * n
         self._logdet = (self.shape[0] - len(h.perm)) * np.log(self.reg)
         for a in range(n - 1, -1, -1):
             c1, c2 = h.node_children[a]
             if c1 < 0:
                 D = h.leaf_blocks[a] + self.reg * np.eye(len(h.leaf_blocks[a]))
+                cands = np.arange(h.node_start[a], h.node_stop[a])
             else:
                 B = h.couplings[a]
-                D = np.block([[self._S_inv[c1], B], [B.T, self._S_inv[c2]]])
-            L = _cholesky(D, a, "the diagonal block")
-            self._chol[a] = L
-            self._logdet += 2.0 * np.sum(np.log(np.diag(L)))
+                D = np.block([[schur[c1], B], [B.T, schur[c2]]])
+                cands = np.concatenate([h.skeletons[c1], h.skeletons[c2]])
+                schur[c1] = schur[c2] = None
             if a == 0:
+                self._L[a] = _cholesky(D, a, "the root block")
+                self._logdet += 2.0 * np.sum(np.log(np.diag(self._L[a])))
                 continue
-            T = h.interpolations[a]
-            W = _cho_solve(L, T.T)
-            S = T @ W
-            LS = _cholesky((S + S.T) / 2, a, "the skeleton Schur complement")
-            self._logdet += 2.0 * np.sum(np.log(np.diag(LS)))
-            self._W[a] = W
-            self._S_inv[a] = _cho_solve(LS, np.eye(len(S)))
+            local = np.searchsorted(cands, h.skeletons[a], sorter=np.argsort(cands))
+            local = np.argsort(cands)[local]
+            order = np.concatenate([local, np.setdiff1d(np.arange(len(cands)), local)])
+            k = len(local)
+            E = h.interpolations[a][:, order[k:]]
+            Dp = D[np.ix_(order, order)]
+            R = np.vstack([-E, np.eye(len(order) - k)])  # Z⁻¹ restricted to the redundant part
+            DR = Dp @ R
+            M_rr = R.T @ DR
+            L = _cholesky((M_rr + M_rr.T) / 2, a, "the redundant block")
+            K = (scipy.linalg.solve_triangular(L, DR[:k].T, lower=True, check_finite=False)
+                 if L.size else np.zeros((0, k)))
+            S = Dp[:k, :k] - K.T @ K
+            schur[a] = (S + S.T) / 2
+            self._logdet += 2.0 * np.sum(np.log(np.diag(L)))
+            self._order[a], self._E[a], self._L[a], self._K[a] = order, E, L, K
 
     @property
     def nbytes(self) -> int:
-        return int(sum(x.nbytes for x in self._chol + self._W[1:] + self._S_inv[1:]))
+        return int(sum(x.nbytes for x in self._L + self._E[1:] + self._K[1:] + self._order[1:]))
+
+    def _tri(self, a: int, B: Array, trans: bool = False) -> Array:
+        L = self._L[a]
+        if L.size == 0:
+            return np.zeros((0,) + B.shape[1:])
+        return scipy.linalg.solve_triangular(L, B, lower=True, trans="T" if trans else "N",
+                                             check_finite=False)
 
     def _matmat(self, B: Array) -> Array:
         h = self.hmatrix
@@ -792,25 +817,34 @@ class HSSFactorization(Factorization):
         out = B / self.reg
         Bt = B[h.perm]
         n = h.n_nodes
-        y, w = [None] * n, [None] * n
-        for a in range(n - 1, -1, -1):  # upward: y = D̂⁻¹ b, w = S⁻¹ T y
+        u: list[Array] = [None] * n
+        reduced: list[Array] = [None] * n
+        for a in range(n - 1, 0, -1):  # upward: eliminate the redundant unknowns
             c1, c2 = h.node_children[a]
-            rhs = Bt[h.node_start[a]:h.node_stop[a]] if c1 < 0 else np.vstack([w[c1], w[c2]])
-            y[a] = _cho_solve(self._chol[a], rhs)
-            if a:
-                w[a] = self._S_inv[a] @ (h.interpolations[a] @ y[a])
-        x = [None] * n
-        x[0] = y[0]
+            rhs = (Bt[h.node_start[a]:h.node_stop[a]] if c1 < 0
+                   else np.vstack([reduced[c1], reduced[c2]]))
+            k = len(h.skeletons[a])
+            bp = rhs[self._order[a]]
+            u[a] = self._tri(a, bp[k:] - self._E[a].T @ bp[:k])
+            reduced[a] = bp[:k] - self._K[a].T @ u[a]
+        c1, c2 = h.node_children[0]
+        rhs = Bt if c1 < 0 else np.vstack([reduced[c1], reduced[c2]])
+        x: list[Array] = [None] * n
+        x[0] = _cho_solve(self._L[0], rhs)
         Xt = np.empty_like(Bt)
-        for a in range(n):  # downward: x = y − W (w − S⁻¹ z), z from the parent's solution
-            if a:
-                p = h.node_parent[a]
-                c1 = h.node_children[p, 0]
-                k1 = len(w[c1])
-                z = x[p][:k1] if a == c1 else x[p][k1:]
-                x[a] = y[a] - self._W[a] @ (w[a] - self._S_inv[a] @ z)
+        if c1 < 0:
+            Xt[:] = x[0]
+        for a in range(1, n):  # downward: back-substitute, undo Z
+            p = h.node_parent[a]
+            k1 = len(h.skeletons[h.node_children[p, 0]])
+            xs = x[p][:k1] if a == h.node_children[p, 0] else x[p][k1:]
+            xr = self._tri(a, u[a] - self._K[a] @ xs, trans=True)
+            local = np.empty((len(self._order[a]),) + Bt.shape[1:])
+            local[self._order[a]] = np.vstack([xs - self._E[a] @ xr, xr])
             if h.node_children[a, 0] < 0:
-                Xt[h.node_start[a]:h.node_stop[a]] = x[a]
+                Xt[h.node_start[a]:h.node_stop[a]] = local
+            else:
+                x[a] = local
         out[h.perm] = Xt
         return out
 
@@ -822,31 +856,30 @@ class HSSFactorization(Factorization):
         """The diagonal of ``(H_hss + reg·I)⁻¹`` by top-down selected inversion."""
         h = self.hmatrix
         out = np.full(self.shape[0], 1.0 / self.reg)
-        n = h.n_nodes
-        inv: list[Array] = [None] * n
+        L0 = self._L[0]
+        L0inv = self._tri(0, np.eye(len(L0)))
+        inv: list[Array] = [None] * h.n_nodes
+        inv[0] = L0inv.T @ L0inv  # the root block of X⁻¹ (over its candidates)
         diag_t = np.empty(len(h.perm))
-        for a in range(n):
-            L = self._chol[a]
-            Linv = scipy.linalg.solve_triangular(L, np.eye(len(L)), lower=True) if L.size else L
-            leaf = h.node_children[a, 0] < 0
-            if a == 0:
-                base = Linv.T @ Linv
+        if h.node_children[0, 0] < 0:
+            diag_t[:] = np.diag(inv[0])
+        for a in range(1, h.n_nodes):
+            p = h.node_parent[a]
+            k1 = len(h.skeletons[h.node_children[p, 0]])
+            part = slice(0, k1) if a == h.node_children[p, 0] else slice(k1, len(inv[p]))
+            Zs = inv[p][part, part]
+            k = len(Zs)
+            F = self._tri(a, self._K[a], trans=True)  # M_rr⁻¹ M_rs
+            Linv = self._tri(a, np.eye(len(self._L[a])))
+            At = np.block([[Zs, -Zs @ F.T], [-F @ Zs, Linv.T @ Linv + F @ Zs @ F.T]])
+            P = np.eye(len(At))
+            P[:k, k:] = -self._E[a]
+            local = np.empty_like(At)
+            local[np.ix_(self._order[a], self._order[a])] = P @ At @ P.T
+            if h.node_children[a, 0] < 0:
+                diag_t[h.node_start[a]:h.node_stop[a]] = np.diag(local)
             else:
-                p = h.node_parent[a]
-                c1 = h.node_children[p, 0]
-                k1 = len(h.skeletons[c1])
-                sl = slice(0, k1) if a == c1 else slice(k1, len(inv[p]))
-                S_inv = self._S_inv[a]
-                M = S_inv @ inv[p][sl, sl] @ S_inv - S_inv
-                W = self._W[a]
-                if leaf:
-                    d = np.einsum("ij,ij->j", Linv, Linv) + np.einsum("ij,ij->i", W @ M, W)
-                    diag_t[h.node_start[a]:h.node_stop[a]] = d
-                    continue
-                base = Linv.T @ Linv + W @ M @ W.T
-            if leaf:  # the root is a leaf
-                diag_t[h.node_start[a]:h.node_stop[a]] = np.diag(base)
-            else:
-                inv[a] = base
+                inv[a] = local
+            inv[p] = None if a == h.node_children[p, 1] else inv[p]
         out[h.perm] = diag_t
         return out

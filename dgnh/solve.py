@@ -149,7 +149,6 @@ def cg(op: Operator, b, reg: float, preconditioner=None, rtol: float = 1e-8,
     apply_M = _preconditioner(op, preconditioner, reg)
     vector = B.ndim == 1
     B2 = B[:, None] if vector else B
-    k = B2.shape[1]
 
     def apply_A(V):
         return np.asarray(op._matmat(V), dtype=np.float64) + reg * V

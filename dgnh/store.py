@@ -252,8 +252,15 @@ def check_new_output(path: str, overwrite: bool, what: str = "output") -> None:
 
 
 def remove_path(path: str) -> None:
-    """Delete a file or a directory tree (an output being overwritten)."""
+    """Delete an output being overwritten: a file, an empty directory or a Zarr store.
+
+    A directory that holds other things (no ``zarr.json`` at its top) is never
+    deleted: ``FileExistsError``.
+    """
     if os.path.isdir(path) and not os.path.islink(path):
+        if os.listdir(path) and not os.path.isfile(os.path.join(path, "zarr.json")):
+            raise FileExistsError(f"refusing to replace {path}: it is a directory that is not "
+                                  "a Zarr store")
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)

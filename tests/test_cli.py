@@ -23,6 +23,7 @@ from dgnh import store
 from dgnh.cli import main
 from dgnh.compress import compress
 from dgnh.demo import run_demo
+from dgnh.job import load_job
 from test_job import toml_text
 
 N_SAMPLES = 400
@@ -155,7 +156,7 @@ def test_run_on_a_dask_cluster_killed_and_resumed(problem, dask_cluster):
     # and the cluster's result is the in-process one, to rounding
     with dgnh.GaussNewton(problem["net"], problem["X"], problem["Y"], loss="cross_entropy",
                           client="in-process", shard_size=N_SAMPLES // 2) as gn:
-        direct = compress(gn, **dgnh.job.load_job(job).compress, progress=False)
+        direct = compress(gn, **load_job(job).compress, progress=False)
     v = np.random.default_rng(2).normal(size=gn.n_params)
     np.testing.assert_allclose(dgnh.open(output) @ v, direct @ v, rtol=1e-9, atol=1e-12)
 

@@ -280,6 +280,10 @@ def test_job_store_refuses_foreign_content(tmp_path):
     (path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a dgnh result store"):
         store.JobStore.begin(path, "fp")
+    for replace in (lambda: store.JobStore.begin(path, "fp", overwrite=True),
+                    lambda: store.save(LowRank(np.ones((3, 1))), path, overwrite=True)):
+        with pytest.raises(FileExistsError, match="refusing to replace .* not a Zarr store"):
+            replace()
     assert (path / "notes.txt").read_text() == "mine"
 
 

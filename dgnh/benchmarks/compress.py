@@ -61,8 +61,10 @@ def digits_gnh(kind: str = "classifier", hidden: tuple[int, ...] = (32,),
 
 def trained_networks(quick: bool = False, seed: int = 0) -> dict[str, GaussNewton]:
     """The benchmark's GNHs: a digits classifier and a digits autoencoder."""
-    gns = [digits_gnh("classifier", (12,) if quick else (32,), seed=seed),
-           digits_gnh("autoencoder", (8,) if quick else (16,), 200 if quick else 600, seed=seed)]
+    gns = ([digits_gnh("classifier", (8,), 300, seed=seed),
+            digits_gnh("autoencoder", (4,), 150, seed=seed)] if quick else
+           [digits_gnh("classifier", (32,), seed=seed),
+            digits_gnh("autoencoder", (16,), 600, seed=seed)])
     return {f"{'classifier' if gn.loss_name == 'cross_entropy' else 'autoencoder'} "
             f"{'-'.join(map(str, gn.model.layer_sizes))}": gn for gn in gns}
 

@@ -65,6 +65,22 @@ def _timed(fn):
     return out, time.perf_counter() - t
 
 
+def _dense_route(G: np.ndarray, lam: float, b: np.ndarray) -> tuple:
+    """Cholesky of the dense ``G + λI``: (setup s, solve s, "-", x, logdet)."""
+    def factor():
+        return scipy.linalg.cho_factor(G + lam * np.eye(len(G)), lower=True, overwrite_a=True)
+    chol, t_setup = _timed(factor)
+    x, t_solve = _timed(lambda: scipy.linalg.cho_solve(chol, b))
+    return t_setup, t_solve, "-", x, 2 * float(np.sum(np.log(np.diag(chol[0]))))
+
+
+def _factorization_route(make, b: np.ndarray) -> tuple:
+    """The factorization ``make()`` and its row (setup s, solve s, "-", x, logdet)."""
+    f, t_setup = _timed(make)
+    x, t_solve = _timed(lambda: f.solve(b))
+    return f, (t_setup, t_solve, "-", x, f.logdet())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dgnh bench solve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,21 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             lam = rel * norm
             found = {}  # route -> (setup s, solve s, iterations, x, logdet)
             if G is not None:
-                def dense_factor():
-                    A = G + lam * np.eye(N)
-                    return scipy.linalg.cho_factor(A, lower=True, overwrite_a=True)
-                chol, t_setup = _timed(dense_factor)
-                x, t_solve = _timed(lambda: scipy.linalg.cho_solve(chol, b))
-                found["dense"] = (t_setup, t_solve, "-", x,
-                                  2 * float(np.sum(np.log(np.diag(chol[0])))))
-                del chol
-            dual, t_setup = _timed(lambda: dual_factorize(gn, lam))
-            x, t_solve = _timed(lambda: dual.solve(b))
-            found["dual"] = (t_setup, t_solve, "-", x, dual.logdet())
-            del dual
-            F, t_setup = _timed(lambda: H.factorize(lam))
-            x, t_solve = _timed(lambda: F.solve(b))
-            found[f"{args.method} direct"] = (t_setup, t_solve, "-", x, F.logdet())
+                found["dense"] = _dense_route(G, lam, b)
+            _, found["dual"] = _factorization_route(lambda: dual_factorize(gn, lam), b)
+            F, found[f"{args.method} direct"] = _factorization_route(lambda: H.factorize(lam), b)
+            t_setup = found[f"{args.method} direct"][0]
             for name, pre in (("none", None), ("diagonal", "diagonal"), (args.method, F)):
                 res, t_solve = _timed(lambda: cg(gn, b, lam, preconditioner=pre, rtol=1e-8,
                                                  maxiter=args.maxiter))

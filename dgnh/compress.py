@@ -1,6 +1,7 @@
 """``dgnh.compress``: compressed GNH operators with a measured error certificate (design.md §4).
 
-Three representations, all built from entries (exact or sampled):
+Three representations, built from entries (exact or sampled) and, for the
+H-matrix's randomized skeletonization, one round of exact GNH products:
 
 * ``"lowrank"`` — :class:`~dgnh.lowrank.LowRank` ``UUᵀ`` by adaptive pivoted
   Cholesky, positive semi-definite;

@@ -233,10 +233,7 @@ def pivoted_cholesky(source, tol: float = 1e-3, max_rank: int = 256, block_size:
             np.maximum(d_live, 0.0, out=d_live)
             if d_live.sum() <= tol * norm_est:
                 break
-        k1 = len(pivots)
-        if k1 == k0:
-            stop = "breakdown"  # sampled entries gave no positive pivot
-            break
+        k1 = len(pivots)  # > k0: the first candidate holds the largest residual diagonal
         gram[:k1, k0:k1] = L[:, :k1].T @ L[:, k0:k1]
         gram[k0:k1, :k0] = gram[:k0, k0:k1].T
         norm_est, power_vec = _largest_eigenvalue_bound(gram[:k1, :k1], power_vec, norm_est)

@@ -154,6 +154,19 @@ def test_sampled_entries_are_recorded_and_certified(problems):
     assert certificate_ok(op.report["error_estimate"], true_error(op, G, norm))
 
 
+@pytest.mark.parametrize("method", METHODS + ["auto"])
+def test_all_zero_gnh(method):
+    """Zero inputs and no biases: every Jacobian column, hence G, is exactly zero."""
+    rng = np.random.default_rng(0)
+    net = dgnh.MLP([rng.normal(size=(5, 3)), rng.normal(size=(2, 5))], None, ["tanh", "identity"])
+    gn = dgnh.GaussNewton(net, np.zeros((10, 3)), rng.normal(size=(10, 2)))
+    op = compress(gn, method=method, tol=1e-3, leaf_size=4, progress=False)
+    assert np.all(op.to_dense() == 0) and op.report["error_estimate"] == 0
+    f = op.factorize(0.5)
+    assert f.logdet() == pytest.approx(gn.n_params * np.log(0.5))
+    assert np.allclose(f.solve(np.ones(gn.n_params)), 2.0)
+
+
 # ------------------------------------------------------------------------ hybrid
 def test_remainder_source_against_dense(problems):
     gn, G, norm = problems("classifier")

@@ -192,6 +192,17 @@ def test_tiny_tol_reproduces_G(problems, name, max_rank):
     assert np.linalg.norm(G - h.to_dense(), 2) <= 1e-10 * norm
 
 
+def test_one_leaf_is_the_dense_matrix_and_progress_is_shown(problems, capsys):
+    gn, G, norm, leaf = problems("rank54")
+    h = build(gn, 10_000, tol=1e-3, max_rank=8, progress=True)
+    assert h.n_nodes == 1 and h.report["depth"] == 0
+    assert np.allclose(h.to_dense(), G, rtol=0, atol=1e-14 * norm)
+    f = h.factorize(1e-3 * norm)
+    A = G + 1e-3 * norm * np.eye(len(G))
+    assert f.logdet() == pytest.approx(np.linalg.slogdet(A)[1], rel=1e-12)
+    assert "H-matrix" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name, tol, budget, metric", [
     ("classifier", 1e-2, 0.0, "angle"), ("classifier", 1e-3, 0.3, "gram"),
     ("autoencoder", 1e-3, 0.0, "gram"), ("autoencoder", 1e-2, 0.5, "angle")])

@@ -7,7 +7,7 @@ import pytest
 
 import dgnh
 from conftest import random_mlp
-from dgnh.benchmarks.solve import digits_gnh
+from dgnh.benchmarks.compress import digits_gnh
 from dgnh.factorization import Factorization, IndefiniteError, LowRankUpdate, ScaledIdentity
 from dgnh.lowrank import LowRank, nystrom, pivoted_cholesky
 from dgnh.solve import dual_factorize
@@ -24,7 +24,7 @@ def dead_relu_gnh():
 
 
 PROBLEMS = {
-    "digits": lambda: digits_gnh((12,), n_samples=60, max_iter=50),  # N = 910 > n·d = 600
+    "digits": lambda: digits_gnh("classifier", (8,), 40, max_iter=50),  # N = 610 > n·d = 400
     "dead-relu": dead_relu_gnh,  # N = 83
 }
 
@@ -33,7 +33,8 @@ PROBLEMS = {
 def problem(request):
     gn = PROBLEMS[request.param]()
     G = gn.dense()
-    yield gn, G, float(np.linalg.eigvalsh(G)[-1])
+    eigenvalues = np.linalg.eigvalsh(G)[::-1]
+    yield gn, G, float(eigenvalues[0]), eigenvalues
     gn.close()
 
 
@@ -86,7 +87,7 @@ def test_lowrank_rejects_bad_factor(U, error):
 # ------------------------------------------------------- pivoted Cholesky
 @pytest.mark.parametrize("tol", [1e-2, 1e-4])
 def test_pivoted_cholesky_error_and_psd(problem, tol):
-    gn, G, norm = problem
+    gn, G, norm, _ = problem
     source = CountingSource(gn)
     lr = pivoted_cholesky(source, tol=tol, max_rank=1000, block_size=8)
     rep = lr.report
@@ -100,21 +101,21 @@ def test_pivoted_cholesky_error_and_psd(problem, tol):
 
 
 def test_pivoted_cholesky_exact_low_rank_reproduces_g(problem):
-    gn, G, norm = problem
+    gn, G, norm, _ = problem
     lr = pivoted_cholesky(gn, tol=1e-15 * 10, max_rank=gn.n_params)
     assert lr.rank <= gn.n_samples * gn.model.n_outputs
     assert check_lowrank(lr, G, norm) <= 1e-10
 
 
 def test_pivoted_cholesky_rank_cap(problem):
-    gn, G, norm = problem
+    gn, G, norm, _ = problem
     lr = pivoted_cholesky(gn, tol=1e-8, max_rank=10, block_size=4)
     assert lr.rank == 10 and not lr.report["converged"] and lr.report["stop"] == "max_rank"
     assert check_lowrank(lr, G, norm) <= lr.report["trace_bound"] * (1 + 1e-8)
 
 
 def test_pivoted_cholesky_sampled_entries_stay_psd(problem):
-    gn, G, norm = problem
+    gn, G, norm, _ = problem
     lr = pivoted_cholesky(gn, tol=1e-2, max_rank=200, eps=0.1, seed=5)
     assert lr.rank >= 1 and lr.report["eps"] == 0.1
     H = lr.to_dense()
@@ -135,7 +136,7 @@ def test_pivoted_cholesky_rejects_bad_parameters(problem, kwargs, error):
 # ----------------------------------------------------------------- Nyström
 @pytest.mark.parametrize("rank", [5, 30])
 def test_nystrom_near_optimal_and_psd(problem, rank):
-    gn, G, norm = problem
+    gn, G, norm, _ = problem
     lam = np.linalg.eigvalsh(G)[::-1] / norm
     lr = nystrom(gn, rank, oversample=10, seed=1)
     assert lr.rank == rank
@@ -164,7 +165,7 @@ def test_nystrom_rejects_bad_parameters(rank, oversample, error):
 # --------------------------------------------------- Woodbury factorizations
 @pytest.mark.parametrize("rel_reg", [1e-3, 1e-6])
 def test_lowrank_factorization_against_dense(problem, rel_reg):
-    gn, G, norm = problem
+    gn, G, norm, _ = problem
     tol = 1e-4
     lr = pivoted_cholesky(gn, tol=tol, max_rank=1000)
     reg = rel_reg * norm
@@ -185,7 +186,7 @@ def test_lowrank_factorization_against_dense(problem, rel_reg):
 
 
 def test_exact_lowrank_direct_solve_residual(problem):
-    gn, G, norm = problem
+    gn, G, norm, _ = problem
     lr = pivoted_cholesky(gn, tol=1e-14, max_rank=gn.n_params)
     reg = 1e-3 * norm
     b = np.random.default_rng(1).normal(size=gn.n_params)
@@ -195,7 +196,7 @@ def test_exact_lowrank_direct_solve_residual(problem):
 
 def test_lowrank_update_on_dual_base(problem):
     """Woodbury on top of a non-trivial base: (G + VVᵀ + λI) from the exact dual factorization."""
-    gn, G, norm = problem
+    gn, G, norm, _ = problem
     reg = 1e-2 * norm
     V = np.random.default_rng(3).normal(size=(gn.n_params, 4)) * np.sqrt(norm)
     f = LowRankUpdate(dual_factorize(gn, reg), V)

@@ -1,14 +1,20 @@
 """The notebooks in notebooks/ run top to bottom without error, and are committed with outputs.
 
 Each notebook runs in a fresh ``python3`` kernel of the current environment (checked in the
-kernel), with a temporary working directory; the notebooks write their own files under
+kernel) with a temporary working directory; the notebooks write their own files under
 ``tempfile.mkdtemp()`` only.
+
+After changing a notebook (or an API it shows), refresh the committed outputs with::
+
+    python tests/test_notebooks.py [quickstart applications remote_cluster]
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = ["quickstart", "applications", "remote_cluster"]
 CELL_TIMEOUT = 300  # seconds per cell; each notebook takes well under a minute on 2 cores
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def read(name: str):
@@ -31,39 +38,63 @@ def code_cells(nb) -> list:
     return [c for c in nb.cells if c.cell_type == "code"]
 
 
+def execute(nb, cwd: str | os.PathLike) -> None:
+    """Run ``nb`` in place in a ``python3`` kernel started in ``cwd``; raises on a cell error.
+
+    The kernel, and the Dask workers it starts, import this checkout's dgnh.
+    """
+    paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
+                                     resources={"metadata": {"path": str(cwd)}})
+    client.execute(env=env)
+
+
+def tidy(nb) -> None:
+    """What a Jupyter front end shows: consecutive stream outputs merged, a progress bar's
+    carriage returns applied (its last state kept); no per-cell timing metadata."""
+    for cell in code_cells(nb):
+        cell.metadata.pop("execution", None)
+        merged = []
+        for out in cell.outputs:
+            if (out.output_type == "stream" and merged and merged[-1].output_type == "stream"
+                    and merged[-1].name == out.name):
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.output_type == "stream":
+                lines = ANSI_ESCAPE.sub("", out.text).split("\n")
+                out.text = "\n".join(([s for s in line.split("\r") if s.strip()] or [""])[-1]
+                                     for line in lines)
+        cell.outputs = merged
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_executes(name, tmp_path, monkeypatch):
+def test_notebook_executes(name, tmp_path):
     """Every cell runs without error (nbclient raises CellExecutionError on the first)."""
     nb = read(name)
-    # the kernel (and the Dask workers it starts) import this checkout's dgnh
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    check = nbformat.v4.new_code_cell(
-        f"import sys\nassert sys.prefix == {sys.prefix!r}, sys.prefix  # this environment's kernel")
-    nb.cells.insert(0, check)
-    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
+    nb.cells.insert(0, nbformat.v4.new_code_cell(
+        f"import sys\nassert sys.prefix == {sys.prefix!r}, sys.prefix  # this environment"))
+    execute(nb, tmp_path)
     cells = code_cells(nb)
     assert all(c.execution_count is not None for c in cells)
-    errors = [o for c in cells for o in c.outputs if o.output_type == "error"]
-    assert errors == []
+    assert [o for c in cells for o in c.outputs if o.output_type == "error"] == []
     assert list(tmp_path.iterdir()) == [], "notebooks must write only under their temp dir"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_committed_notebook_has_outputs(name):
-    """The committed notebook was executed in order, holds its outputs, and no errors."""
+    """The committed notebook was executed top to bottom and holds its outputs, no errors."""
     nb = read(name)
     nbformat.validate(nb)
     cells = [c for c in code_cells(nb) if c.source.strip()]
-    counts = [c.execution_count for c in cells]
-    assert counts == list(range(1, len(cells) + 1)), "execute the notebook top to bottom"
+    assert [c.execution_count for c in cells] == list(range(1, len(cells) + 1))
     outputs = [o for c in cells for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
+    assert [o for o in outputs if o.output_type == "error"] == []
     assert sum(o.output_type == "stream" for o in outputs) >= 3
-    parameters = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(parameters) == 1, "one cell tagged 'parameters' holds the sizes"
+    tagged = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "one cell tagged 'parameters' holds the sizes"
 
 
 @pytest.mark.parametrize("name, min_images", [("quickstart", 2), ("applications", 5)])
@@ -72,3 +103,22 @@ def test_committed_figures_are_png(name, min_images):
     images = [o for c in code_cells(nb) for o in c.outputs
               if o.output_type == "display_data" and "image/png" in o.get("data", {})]
     assert len(images) >= min_images
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Execute the named notebooks (default: all) and save them with their outputs."""
+    names = (sys.argv[1:] if argv is None else argv) or NOTEBOOKS
+    for name in names:
+        if name not in NOTEBOOKS:
+            raise SystemExit(f"unknown notebook {name!r}: choose from {', '.join(NOTEBOOKS)}")
+        nb = read(name)
+        with tempfile.TemporaryDirectory() as cwd:
+            execute(nb, cwd)
+        tidy(nb)
+        nbformat.write(nb, NOTEBOOK_DIR / f"{name}.ipynb")
+        print(f"executed and saved notebooks/{name}.ipynb")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

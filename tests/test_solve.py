@@ -7,7 +7,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import dgnh
-from dgnh.benchmarks.solve import digits_gnh
+from dgnh.benchmarks.compress import digits_gnh
 from dgnh.lowrank import LowRank, pivoted_cholesky
 from dgnh.solve import CGResult, cg, dual_factorize, dual_solve, solve
 
@@ -16,8 +16,9 @@ REL_REGS = [1e-3, 1e-6]
 
 @pytest.fixture(scope="module")
 def digits():
-    """Trained digits GNH in 3 shards: N = 910 > n·d = 600 (singular G)."""
-    gn = digits_gnh((12,), n_samples=60, max_iter=50, shard_size=25)
+    """Trained digits GNH in 3 shards: N = 610 > n·d = 400 (singular G)."""
+    gn = digits_gnh("classifier", (8,), 40, max_iter=50, shard_size=15,
+                    client="in-process")
     G = gn.dense()
     norm = float(np.linalg.eigvalsh(G)[-1])
     yield gn, G, norm
@@ -162,7 +163,8 @@ def test_dual_route_on_dask_cluster_matches_in_process(digits):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, \
             Client(cluster, set_as_default=False) as client:
-        remote_gn = digits_gnh((12,), n_samples=60, max_iter=50, shard_size=25, client=client)
+        remote_gn = digits_gnh("classifier", (8,), 40, max_iter=50, shard_size=15,
+                               client=client)
         remote = dual_factorize(remote_gn, reg)
         np.testing.assert_allclose(remote.solve(b), local.solve(b), rtol=1e-12, atol=1e-12)
         assert remote.logdet() == pytest.approx(local.logdet(), rel=1e-13)

@@ -29,12 +29,13 @@ from .common import print_table
 
 def digits_gnh(kind: str = "classifier", hidden: tuple[int, ...] = (32,),
                n_samples: int | None = None, activation: str = "tanh", max_iter: int = 300,
-               seed: int = 0) -> GaussNewton:
+               seed: int = 0, **options) -> GaussNewton:
     """The GNH of an MLP trained by scikit-learn on the digits data (pixels / 16).
 
     ``kind="classifier"``: softmax cross-entropy on the 10 classes;
     ``kind="autoencoder"``: sigmoid outputs with binary cross-entropy on the
-    binarized pixels (scikit-learn's multi-label ``MLPClassifier``).
+    binarized pixels (scikit-learn's multi-label ``MLPClassifier``). ``options`` go to
+    :class:`GaussNewton` (e.g. ``shard_size``, ``client``).
 
     Examples
     --------
@@ -56,7 +57,7 @@ def digits_gnh(kind: str = "classifier", hidden: tuple[int, ...] = (32,),
                             random_state=seed).fit(X, Y)
     net = MLP([c.T for c in fit.coefs_], list(fit.intercepts_),
               [activation] * len(hidden) + ["identity"])
-    return GaussNewton(net, X, Y, loss=loss)
+    return GaussNewton(net, X, Y, loss=loss, **options)
 
 
 def trained_networks(quick: bool = False, seed: int = 0) -> dict[str, GaussNewton]:

@@ -1,7 +1,7 @@
 """``dgnh bench solve``: solves with ``G + λI`` on trained digits GNHs, all routes in one run.
 
-For digits classifiers of growing width (scikit-learn-trained, tanh, softmax
-cross-entropy; N from about 5k to 26k) and ``λ = 1e-3‖G‖`` and ``1e-6‖G‖``, the
+For digits classifiers of growing width (trained by scikit-learn on the first
+``--n-samples`` digits, tanh, softmax cross-entropy; N from about 5k to 26k) and ``λ = 1e-3‖G‖`` and ``1e-6‖G‖``, the
 right-hand side ``b = ∇L`` (a Gauss–Newton step) is solved by:
 
 * ``dense``: Cholesky of the dense ``G + λI`` (only for ``N <= --dense-max``);
@@ -11,7 +11,8 @@ right-hand side ``b = ∇L`` (a Gauss–Newton step) is solved by:
   ``1e-8`` relative residual, without preconditioner, with Jacobi, and with the
   compressed factorization as preconditioner.
 
-Columns: set-up and solve times (s), CG iterations, the true relative residual
+Columns: memory of the factorization or preconditioner (MiB), set-up and solve
+times (s) and their sum relative to the dual route, CG iterations, the true relative residual
 ``‖b − (G + λI)x‖/‖b‖`` (exact products), the forward error against the dense
 solution (or the dual one where the dense matrix is not formed), and the
 relative log-determinant error against the same reference.
@@ -21,42 +22,15 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import numpy as np
 import scipy.linalg
 
 from ..compress import compress
-from ..gauss_newton import GaussNewton
-from ..model import MLP
 from ..solve import cg, dual_factorize
 from ..spectral import eigsh
 from .common import print_table
-
-
-def digits_gnh(hidden: tuple[int, ...], n_samples: int | None = None, seed: int = 0,
-               max_iter: int = 100, **gn_options) -> GaussNewton:
-    """The GNH of a tanh digits classifier trained by scikit-learn (softmax cross-entropy).
-
-    Trained on all 1797 digits (pixels / 16); the GNH is taken on the first
-    ``n_samples`` of them (all by default). ``gn_options`` go to :class:`GaussNewton`
-    (default: in this process).
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.neural_network import MLPClassifier
-
-    X, y = load_digits(return_X_y=True)
-    X = X / 16.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf = MLPClassifier(hidden, activation="tanh", max_iter=max_iter,
-                            random_state=seed).fit(X, y)
-    net = MLP([c.T for c in clf.coefs_], list(clf.intercepts_),
-              ["tanh"] * len(hidden) + ["identity"])
-    n = len(X) if n_samples is None else n_samples
-    gn_options.setdefault("client", "in-process")
-    return GaussNewton(net, X[:n], y[:n], loss="cross_entropy", **gn_options)
+from .compress import digits_gnh
 
 
 def _timed(fn):
@@ -66,19 +40,20 @@ def _timed(fn):
 
 
 def _dense_route(G: np.ndarray, lam: float, b: np.ndarray) -> tuple:
-    """Cholesky of the dense ``G + λI``: (setup s, solve s, "-", x, logdet)."""
+    """Cholesky of the dense ``G + λI``: (setup s, solve s, "-", x, logdet, bytes)."""
     def factor():
         return scipy.linalg.cho_factor(G + lam * np.eye(len(G)), lower=True, overwrite_a=True)
     chol, t_setup = _timed(factor)
     x, t_solve = _timed(lambda: scipy.linalg.cho_solve(chol, b))
-    return t_setup, t_solve, "-", x, 2 * float(np.sum(np.log(np.diag(chol[0]))))
+    return (t_setup, t_solve, "-", x, 2 * float(np.sum(np.log(np.diag(chol[0])))),
+            chol[0].nbytes)
 
 
 def _factorization_route(make, b: np.ndarray) -> tuple:
-    """The factorization ``make()`` and its row (setup s, solve s, "-", x, logdet)."""
+    """The factorization ``make()`` and its row (setup s, solve s, "-", x, logdet, bytes)."""
     f, t_setup = _timed(make)
     x, t_solve = _timed(lambda: f.solve(b))
-    return f, (t_setup, t_solve, "-", x, f.logdet())
+    return f, (t_setup, t_solve, "-", x, f.logdet(), f.nbytes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tol", type=float, default=1e-3, help="compression tolerance")
     ap.add_argument("--max-rank", type=int, default=256)
     ap.add_argument("--dense-max", type=int, default=5000, help="largest N solved densely")
-    ap.add_argument("--maxiter", type=int, default=2000, help="CG iteration cap")
+    ap.add_argument("--maxiter", type=int, default=1500, help="CG iteration cap")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
     rows = []
     for spec in args.hidden:
         hidden = tuple(int(h) for h in spec.split("x"))
-        gn = digits_gnh(hidden, args.n_samples, seed=args.seed)
+        gn = digits_gnh("classifier", hidden, args.n_samples, max_iter=100, seed=args.seed)
         N = gn.n_params
         b = gn.gradient()
         (vals, _), t_norm = _timed(lambda: eigsh(gn, 1, seed=args.seed))
@@ -117,29 +92,33 @@ def main(argv: list[str] | None = None) -> int:
               + (f", dense G formed in {t_dense:.1f} s" if G is not None else ""))
         for rel in args.lambdas:
             lam = rel * norm
-            found = {}  # route -> (setup s, solve s, iterations, x, logdet)
+            found = {}  # route -> (setup s, solve s, iterations, x, logdet, bytes)
             if G is not None:
                 found["dense"] = _dense_route(G, lam, b)
             _, found["dual"] = _factorization_route(lambda: dual_factorize(gn, lam), b)
             F, found[f"{args.method} direct"] = _factorization_route(lambda: H.factorize(lam), b)
             t_setup = found[f"{args.method} direct"][0]
-            for name, pre in (("none", None), ("diagonal", "diagonal"), (args.method, F)):
+            for name, pre, nbytes in (("none", None, 0), ("diagonal", "diagonal", 8 * N),
+                                      (args.method, F, F.nbytes)):
                 res, t_solve = _timed(lambda: cg(gn, b, lam, preconditioner=pre, rtol=1e-8,
                                                  maxiter=args.maxiter))
                 its = res.n_iter if res.converged else f">{res.n_iter}"
-                found[f"cg {name}"] = (t_setup if pre is F else 0.0, t_solve, its, res.x, None)
-            ref_x, ref_logdet = found["dense" if "dense" in found else "dual"][3:]
+                found[f"cg {name}"] = (t_setup if pre is F else 0.0, t_solve, its, res.x, None,
+                                       nbytes)
+            ref_x, ref_logdet = found["dense" if "dense" in found else "dual"][3:5]
+            t_dual = sum(found["dual"][:2])
             X = np.stack([v[3] for v in found.values()], axis=1)
             resid = np.linalg.norm(b[:, None] - gn @ X - lam * X, axis=0) / np.linalg.norm(b)
-            for (route, (t_setup, t_solve, its, x, logdet)), r in zip(found.items(), resid):
+            for (route, (t_setup, t_solve, its, x, logdet, nbytes)), r in zip(found.items(),
+                                                                              resid):
                 fwd = np.linalg.norm(x - ref_x) / np.linalg.norm(ref_x)
                 ld = "-" if logdet is None else abs(logdet - ref_logdet) / abs(ref_logdet)
-                rows.append([N, f"{rel:.0e}", route, t_setup, t_solve, its, float(r),
-                             float(fwd), ld])
+                rows.append([N, f"{rel:.0e}", route, nbytes / 2**20, t_setup, t_solve,
+                             (t_setup + t_solve) / t_dual, its, float(r), float(fwd), ld])
         gn.close()
     print_table(
         "Solving (G + λI) x = ∇L on trained digits GNHs (same run; errors against the "
         "dense solve, or the dual one where N > dense-max)",
-        ["N", "λ/‖G‖", "route", "setup s", "solve s", "CG its", "residual", "fwd err",
-         "logdet err"], rows)
+        ["N", "λ/‖G‖", "route", "MiB", "setup s", "solve s", "t/dual", "CG its", "residual",
+         "fwd err", "logdet err"], rows)
     return 0

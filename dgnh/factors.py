@@ -203,35 +203,27 @@ class ShardFactors:
         return float(np.sum(self.loss.value(self.F, self.Y), dtype=np.float64))
 
     def _backprop(self, delta: Array) -> list[tuple[Array, Array]]:
-        """Parameter gradients from output-side deltas ``(..., n_s, d_L)`` (pre-σ_L')."""
+        """Parameter gradients from output-side deltas ``(k, n_s, d_L)`` (pre-σ_L')."""
         grads = [None] * len(self.W)
         delta = delta * self.dS[-1]
         for l in range(len(self.W) - 1, -1, -1):
-            gW = np.swapaxes(delta, -1, -2) @ self.A[l]
-            gb = delta.sum(axis=-2)
-            grads[l] = (gW, gb)
+            grads[l] = (_t_times(delta, self.A[l]), delta.sum(axis=1))
             if l:
-                delta = (delta @ self.W[l]) * self.dS[l - 1]
+                delta = _times(delta, self.W[l]) * self.dS[l - 1]
         return grads
 
     def _flatten(self, grads) -> Array:
         """Stack per-layer ``(k, d_l, d_in)``/``(k, d_l)`` gradients into ``(N, k)``."""
         parts = []
         for l, (gW, gb) in enumerate(grads):
-            k = gW.shape[0] if gW.ndim == 3 else None
-            if k is None:
-                parts.append(gW.reshape(-1, 1))
-                if self.b[l] is not None:
-                    parts.append(gb.reshape(-1, 1))
-            else:
-                parts.append(gW.reshape(k, -1).T)
-                if self.b[l] is not None:
-                    parts.append(gb.T)
+            parts.append(gW.reshape(gW.shape[0], -1).T)
+            if self.b[l] is not None:
+                parts.append(gb.T)
         return np.concatenate(parts, axis=0)
 
     def gradient_sum(self) -> Array:
         """Σ_i ∂ℓ_i/∂w, shape ``(N,)``."""
-        return self._flatten(self._backprop(self.loss.grad(self.F, self.Y)))[:, 0]
+        return self._flatten(self._backprop(self.loss.grad(self.F, self.Y)[None]))[:, 0]
 
     def _split(self, V: Array) -> list[tuple[Array, Array | None]]:
         """Per-layer directions ``dW (k, d_l, d_in)``, ``db (k, d_l)`` from ``V (N, k)``."""
@@ -254,11 +246,11 @@ class ShardFactors:
         """R-op forward pass: tangents of pre-activations ``Ṙz_l`` and outputs ``Ṙa_l``."""
         Rz, Ra = [], [None]
         for l, (W, (dW, db)) in enumerate(zip(self.W, dirs)):
-            rz = self.A[l] @ np.swapaxes(dW, -1, -2)
+            rz = _times_t(self.A[l], dW)
             if db is not None:
-                rz = rz + db[:, None, :]
+                rz += db[:, None, :]
             if Ra[-1] is not None:
-                rz = rz + Ra[-1] @ W.T
+                rz += _times(Ra[-1], W.T)
             Rz.append(rz)
             Ra.append(rz * self.dS[l])
         return Rz, Ra
@@ -288,13 +280,14 @@ class ShardFactors:
         grads = [None] * L
         for l in range(L - 1, -1, -1):
             dW, _ = dirs[l]
-            gW = np.swapaxes(Rdelta, -1, -2) @ self.A[l]
+            gW = _t_times(Rdelta, self.A[l])
             if Ra[l] is not None:
-                gW = gW + delta0[l].T @ Ra[l]
+                gW += np.swapaxes(_t_times(Ra[l], delta0[l]), 1, 2)
             grads[l] = (gW, Rdelta.sum(axis=-2))
             if l:
                 back = delta0[l] @ self.W[l]
-                Rdelta = ((Rdelta @ self.W[l] + delta0[l] @ dW) * self.dS[l - 1]
+                Rdelta = ((_times(Rdelta, self.W[l]) + _times_t(delta0[l], np.swapaxes(dW, 1, 2)))
+                          * self.dS[l - 1]
                           + back * self.acts[l - 1].d2f(self.Z[l - 1]) * Rz[l - 1])
         return self._flatten(grads)
 
@@ -358,6 +351,28 @@ class ShardFactors:
                 K += (Cs @ Ct.T).reshape(self.n, d, n_t, d) * (Xs.T @ Xt)[:, None, :, None]
             blocks.append(K.reshape(self.n * d, n_t * d))
         return np.hstack(blocks)
+
+
+# Batched products as single 2-D GEMMs (numpy's broadcasting matmul over a batch of
+# transposed views falls back to a slow non-BLAS loop).
+def _times(X3: Array, W: Array) -> Array:
+    """``X3[k] @ W`` for every k: ``(k, n, a) @ (a, b) -> (k, n, b)``."""
+    k, n, a = X3.shape
+    return (np.ascontiguousarray(X3).reshape(k * n, a) @ W).reshape(k, n, -1)
+
+
+def _times_t(A: Array, B3: Array) -> Array:
+    """``A @ B3[k].T`` for every k: ``(n, a), (k, b, a) -> (k, n, b)``."""
+    k, b, a = B3.shape
+    out = A @ np.ascontiguousarray(B3).reshape(k * b, a).T  # (n, k*b)
+    return np.ascontiguousarray(out.reshape(-1, k, b).transpose(1, 0, 2))
+
+
+def _t_times(X3: Array, A: Array) -> Array:
+    """``X3[k].T @ A`` for every k: ``(k, n, a), (n, m) -> (k, a, m)``."""
+    k, n, a = X3.shape
+    Xn = np.ascontiguousarray(X3.transpose(1, 0, 2)).reshape(n, k * a)
+    return (Xn.T @ A).reshape(k, a, -1)
 
 
 def _sorted(loc):

@@ -135,7 +135,7 @@ def estimate_norm(apply: Callable[[Array], Array], n: int, seed: int = 0,
 
 
 def relative_error(gn, approx: Operator, norm_G: float, seed: int = 0) -> float:
-    """Estimated ``‖G − H‖₂/‖G‖₂`` with exact products ``gn @ V`` (see :func:`estimate_norm`)."""
+    """Estimated ``‖G − H‖₂/‖G‖₂`` from exact products ``gn @ V`` (:func:`estimate_norm`)."""
     if norm_G <= 0:
         return 0.0
     err = estimate_norm(lambda V: gn @ V - approx @ V, gn.n_params, seed=seed,
@@ -306,9 +306,9 @@ def compress(gn, method: str = "auto", tol: float = 1e-3, max_rank: int = 256,
             "n_params": gn.n_params,
             "timings": {**inner.pop("timings", {}), "build": t_build, "norm": t_norm,
                         "certificate": t_cert},
-            "entries_evaluated": _entry_count(gn) - before + (
-                built["lowrank"].report["entries_evaluated"] if name == "hybrid" and method == "auto"
-                else 0),
+            "entries_evaluated": _entry_count(gn) - before + (  # a reused low-rank part
+                built["lowrank"].report["entries_evaluated"] if "lowrank" in built
+                and name == "hybrid" else 0),
             "nbytes": op.nbytes, "dense_nbytes": 8 * gn.n_params**2,
             "memory_fraction": op.nbytes / (8 * gn.n_params**2),
             "norm_estimate": norm_G, "error_estimate": err, "tol_met": err <= params["tol"],

@@ -174,7 +174,7 @@ def interpolative_decomposition(block: Array, tol: float, max_rank: int) -> tupl
 
 # ------------------------------------------------------------------------ the builder
 def leaf_sketch(Y_leaf: Array, D: Array, omega_leaf: Array) -> Array:
-    """``Ω[out]ᵀ G[out, α]`` of a leaf from the product rows ``Y[α] = (GΩ)[α]``: ``(Y − DΩ[α])ᵀ``."""
+    """``Ω[out]ᵀ G[out, α]`` of a leaf from ``Y[α] = (GΩ)[α]``: ``(Y[α] − G[α, α] Ω[α])ᵀ``."""
     return (Y_leaf - D @ omega_leaf).T
 
 
@@ -263,7 +263,7 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
         for t, nodes in enumerate(trees):
             rng = np.random.default_rng([seed, 1, t, level])
             for S in nodes:
-                samples = np.sort(rng.choice(len(S), size=min(len(S), PIVOT_SAMPLES), replace=False))
+                samples = np.sort(rng.choice(len(S), min(len(S), PIVOT_SAMPLES), replace=False))
                 requests.append((active[S], active[S[samples]]))
                 meta.append((t, S, samples))
         split = [[] for _ in trees]
@@ -401,7 +401,7 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
 
 
 def _near_pairs(nbr: Array, leaf_start: Array, per_leaf: int) -> list[tuple[int, int]]:
-    """Leaf pairs ``(a, b)``, ``a < b``, with the most neighbour votes; ≤ ``per_leaf`` per leaf."""
+    """Leaf pairs ``a < b`` with the most neighbour votes, at most ``per_leaf`` per leaf."""
     n_leaves = len(leaf_start) - 1
     if per_leaf <= 0 or n_leaves < 2:
         return []
@@ -556,9 +556,10 @@ class HMatrix(Operator):
             s, e = self.node_start[a], self.node_stop[a]
             Y[s:e] += B @ X[s:e]
         for (a, b), C in zip(self._near_pairs, self._near_blocks):
-            sa, ea, sb, eb = self.node_start[a], self.node_stop[a], self.node_start[b], self.node_stop[b]
-            Y[sa:ea] += C @ X[sb:eb]
-            Y[sb:eb] += C.T @ X[sa:ea]
+            ra = slice(self.node_start[a], self.node_stop[a])
+            rb = slice(self.node_start[b], self.node_stop[b])
+            Y[ra] += C @ X[rb]
+            Y[rb] += C.T @ X[ra]
         out = np.zeros_like(V)
         out[self.perm] = Y
         return out
@@ -669,8 +670,8 @@ class HMatrix(Operator):
         interp = _unpack(a["interp_offsets"], a["interp_shapes"], a["interp_values"])
         interp[0] = None
         couplings: list[Array | None] = [None] * len(a["node_parent"])
-        for node, B in zip(a["coupling_nodes"],
-                           _unpack(a["coupling_offsets"], a["coupling_shapes"], a["coupling_values"])):
+        blocks = _unpack(a["coupling_offsets"], a["coupling_shapes"], a["coupling_values"])
+        for node, B in zip(a["coupling_nodes"], blocks):
             couplings[int(node)] = B
         leaf_blocks = _unpack(a["leaf_offsets"], a["leaf_shapes"], a["leaf_values"])
         near = _unpack(a["near_offsets"], a["near_shapes"], a["near_values"])

@@ -147,6 +147,21 @@ def test_same_seed_same_result(problems, method):
     assert a.report["error_estimate"] == b.report["error_estimate"]
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_shard_layout_does_not_change_the_result(problems, method):
+    """Partial sums over 1 or 3 shards differ in rounding only; so do the results."""
+    from sklearn.datasets import load_digits
+
+    gn, G, norm = problems("classifier")
+    X, y = load_digits(return_X_y=True)
+    sharded = dgnh.GaussNewton(gn.model, X[:300] / 16.0, y[:300], loss="cross_entropy",
+                               shard_size=100, client="in-process")
+    assert sharded.n_shards == 3
+    kw = dict(method=method, tol=1e-3, leaf_size=64, budget=0.2, progress=False)
+    a, b = compress(gn, **kw), compress(sharded, **kw)
+    assert np.allclose(a.to_dense(), b.to_dense(), rtol=0, atol=1e-12 * norm)
+
+
 def test_sampled_entries_are_recorded_and_certified(problems):
     gn, G, norm = problems("autoencoder")
     op = compress(gn, method="hmatrix", tol=1e-2, leaf_size=64, eps=0.05, progress=False)

@@ -116,6 +116,27 @@ def test_cg_zero_rhs_and_maxiter(digits):
 
 
 # -------------------------------------------------------------------- dual route
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy", "binary_cross_entropy"])
+def test_shard_jacobian_products_and_dual_gram(loss):
+    """Per-shard Ĵ products and ĴĴᵀ blocks against a finite-difference G = ĴᵀĴ/n."""
+    from conftest import dense_reference, random_mlp, random_targets
+    net = random_mlp([3, 5, 4], ["tanh", "identity"], biases=[True, False], seed=4)
+    rng = np.random.default_rng(8)
+    X, Y = rng.normal(size=(10, 3)), random_targets(loss, 10, 4)
+    gn = dgnh.GaussNewton(net, X, Y, loss=loss, shard_size=4, client="in-process")
+    shards = gn._backend.shards
+    J = [s.jacobian_matvec(np.eye(gn.n_params)) for s in shards]  # Ĵ_s, (n_s·d, N)
+    np.testing.assert_allclose(sum(j.T @ j for j in J) / 10, dense_reference(net, X, loss),
+                               atol=1e-7)
+    Ys = [rng.normal(size=(len(j), 2)) for j in J]
+    for s, j, y in zip(shards, J, Ys):
+        np.testing.assert_allclose(s.jacobian_rmatvec(y), j.T @ y, atol=1e-12)
+    factors = [s.dual_factors() for s in shards]
+    for a, s in enumerate(shards):
+        np.testing.assert_allclose(s.dual_gram(factors[a:]), J[a] @ np.vstack(J[a:]).T,
+                                   atol=1e-12)
+
+
 @pytest.mark.parametrize("rel_reg", [1e-2, 1e-3])
 def test_dual_solve_equals_dense(digits, rel_reg):
     gn, G, norm = digits

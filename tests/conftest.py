@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
+import os
+
+# One BLAS thread per process in tests: the suite starts Dask workers, notebook kernels and
+# CLI subprocesses beside the test process, and multithreaded OpenBLAS spin-waits badly when
+# they share 2 cores. Subprocesses inherit the setting.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
 import pytest
 from scipy.special import expit, softmax
 

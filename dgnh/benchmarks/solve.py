@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tol", type=float, default=1e-3, help="compression tolerance")
     ap.add_argument("--max-rank", type=int, default=256)
     ap.add_argument("--dense-max", type=int, default=5000, help="largest N solved densely")
-    ap.add_argument("--maxiter", type=int, default=1000, help="CG iteration cap")
+    ap.add_argument("--maxiter", type=int, default=3000, help="CG iteration cap")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 from typing import TextIO
 
 import numpy as np
 
 from . import store
 from .dataset import save_dataset
+from .digits import train_digits_mlp
 from .gauss_newton import GaussNewton
 from .job import load_job, run_job
 from .model import MLP
@@ -68,19 +68,8 @@ def train_digits(hidden: int = 16, max_iter: int = 300,
     >>> net.layer_sizes  # doctest: +SKIP
     (64, 4, 10)
     """
-    from sklearn.datasets import load_digits
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.neural_network import MLPClassifier
-
-    X, y = load_digits(return_X_y=True)
-    X = X / 16.0
-    with warnings.catch_warnings():  # a few hundred Adam steps are enough for a demo
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf = MLPClassifier(hidden_layer_sizes=(hidden,), activation="tanh", max_iter=max_iter,
-                            random_state=seed).fit(X, y)
-    # scikit-learn stores (d_in, d_out) weights; dgnh (like PyTorch) uses (d_out, d_in)
-    net = MLP([W.T for W in clf.coefs_], list(clf.intercepts_), ["tanh", "identity"])
-    return net, X, y, float(clf.score(X, y))
+    net, X, y, _, score = train_digits_mlp("classifier", (hidden,), max_iter=max_iter, seed=seed)
+    return net, X, y, score
 
 
 def run_demo(out: str | os.PathLike = "dgnh-demo", overwrite: bool = False, hidden: int = 16,

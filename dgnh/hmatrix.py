@@ -51,10 +51,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import scipy.linalg
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .factorization import Factorization, IndefiniteError, check_reg
 from .operator import Operator
+from .packing import jsonable, pack_blocks, unpack_blocks
 
 Array = np.ndarray
 METRICS = ("angle", "gram")
@@ -637,7 +638,7 @@ class HMatrix(Operator):
                              ("coupling", [self.couplings[a] for a in inner]),
                              ("leaf", [self.leaf_blocks[int(a)] for a in self.leaves]),
                              ("near", self._near_blocks)):
-            out.update(zip((f"{name}_offsets", f"{name}_shapes", f"{name}_values"), _pack(blocks)))
+            out.update(zip((f"{name}_offsets", f"{name}_shapes", f"{name}_values"), pack_blocks(blocks)))
         out["coupling_nodes"] = inner.astype(np.int64)
         out["leaf_nodes"] = self.leaves.astype(np.int64)
         out["near_pairs"] = self._near_pairs
@@ -646,7 +647,7 @@ class HMatrix(Operator):
     def attrs(self) -> dict[str, Any]:
         """JSON-friendly attributes to store beside :meth:`to_arrays`."""
         return {"format": FORMAT, "version": FORMAT_VERSION, "n_params": self.shape[0],
-                "report": _jsonable(self.report)}
+                "report": jsonable(self.report)}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, Array], attrs: dict[str, Any]) -> "HMatrix":
@@ -667,43 +668,17 @@ class HMatrix(Operator):
         position[a["perm"]] = np.arange(len(a["perm"]))
         off = a["skeleton_offsets"]
         skeletons = [position[a["skeleton_params"][off[i]:off[i + 1]]] for i in range(len(off) - 1)]
-        interp = _unpack(a["interp_offsets"], a["interp_shapes"], a["interp_values"])
+        interp = unpack_blocks(a["interp_offsets"], a["interp_shapes"], a["interp_values"])
         interp[0] = None
         couplings: list[Array | None] = [None] * len(a["node_parent"])
-        blocks = _unpack(a["coupling_offsets"], a["coupling_shapes"], a["coupling_values"])
+        blocks = unpack_blocks(a["coupling_offsets"], a["coupling_shapes"], a["coupling_values"])
         for node, B in zip(a["coupling_nodes"], blocks):
             couplings[int(node)] = B
-        leaf_blocks = _unpack(a["leaf_offsets"], a["leaf_shapes"], a["leaf_values"])
-        near = _unpack(a["near_offsets"], a["near_shapes"], a["near_values"])
+        leaf_blocks = unpack_blocks(a["leaf_offsets"], a["leaf_shapes"], a["leaf_values"])
+        near = unpack_blocks(a["near_offsets"], a["near_shapes"], a["near_values"])
         return cls(N, a["perm"], a["node_parent"], a["node_children"], a["node_start"],
                    a["node_stop"], skeletons, interp, couplings, leaf_blocks, a["near_pairs"],
                    near, attrs.get("report"))
-
-
-def _pack(blocks: Sequence[Array]) -> tuple[Array, Array, Array]:
-    """Ragged 2-D blocks → (offsets ``(n+1,)``, shapes ``(n, 2)``, values ``(Σ size,)``)."""
-    shapes = np.array([b.shape for b in blocks], dtype=np.int64).reshape(-1, 2)
-    offsets = np.concatenate([[0], np.cumsum(shapes.prod(axis=1))]).astype(np.int64)
-    values = (np.concatenate([np.asarray(b, dtype=np.float64).ravel() for b in blocks])
-              if len(blocks) else np.zeros(0))
-    return offsets, shapes, values
-
-
-def _unpack(offsets: Array, shapes: Array, values: Array) -> list[Array]:
-    return [values[offsets[i]:offsets[i + 1]].reshape(shapes[i]) for i in range(len(shapes))]
-
-
-def _jsonable(obj: Any) -> Any:
-    """Convert numpy scalars/arrays (recursively) to plain Python for JSON attributes."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 # ---------------------------------------------------------------------- factorization

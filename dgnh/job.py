@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, TextIO
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import store
 from .compress import check_parameters, compress

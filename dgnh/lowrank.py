@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .factorization import LowRankUpdate, ScaledIdentity, check_reg
 from .operator import Operator, check_dense_size

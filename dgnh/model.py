@@ -54,7 +54,7 @@ class MLP:
     >>> net = dgnh.MLP([rng.normal(size=(8, 4)), rng.normal(size=(3, 8))],
     ...                [np.zeros(8), None], ["tanh", "identity"])
     >>> net.n_params, net.layer_sizes
-    (67, (4, 8, 3))
+    (64, (4, 8, 3))
     """
 
     def __init__(

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -76,6 +75,7 @@ from .factorization import Factorization
 from .hmatrix import HMatrix
 from .lowrank import LowRank
 from .operator import Operator
+from .packing import jsonable, pack_blocks, unpack_blocks
 
 Array = np.ndarray
 
@@ -111,44 +111,6 @@ _PACKED = {"interp": "interpolation matrix of each node",
 
 
 # ------------------------------------------------------------------- helpers
-def pack_blocks(blocks: Sequence[Array]) -> tuple[Array, Array, Array]:
-    """Ragged 2-D blocks → ``(offsets (n+1,), shapes (n, 2), values (Σ sizes,))``.
-
-    Examples
-    --------
-    >>> off, shp, val = pack_blocks([np.ones((2, 3)), np.zeros((1, 1))])
-    >>> off.tolist(), shp.tolist(), val.size
-    ([0, 6, 7], [[2, 3], [1, 1]], 7)
-    """
-    shapes = np.array([np.shape(b) for b in blocks], dtype=np.int64).reshape(-1, 2)
-    offsets = np.concatenate([[0], np.cumsum(shapes.prod(axis=1))]).astype(np.int64)
-    dtype = np.result_type(*blocks) if len(blocks) else np.float64
-    values = (np.concatenate([np.asarray(b, dtype=dtype).ravel() for b in blocks])
-              if len(blocks) else np.zeros(0, dtype=dtype))
-    return offsets, shapes, values
-
-
-def unpack_blocks(offsets: Array, shapes: Array, values: Array) -> list[Array]:
-    """The inverse of :func:`pack_blocks`."""
-    return [values[offsets[i]:offsets[i + 1]].reshape(shapes[i]) for i in range(len(shapes))]
-
-
-def jsonable(obj: Any) -> Any:
-    """Plain JSON values: numpy scalars/arrays → Python, tuples → lists, keys → str,
-    non-finite floats → ``None``."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def provenance() -> dict[str, str]:
     """Creation time and the versions of dgnh and the libraries that made a result."""
     import dask

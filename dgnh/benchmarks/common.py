@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..model import MLP
+
 
 def best_time(fn: Callable[[], object], repeat: int = 3) -> float:
     """Best wall time of ``repeat`` calls (after one warm-up call)."""
@@ -42,3 +44,10 @@ def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
     return str(v)
+
+
+def random_tanh_mlp(rng: np.random.Generator, sizes: Sequence[int]) -> MLP:
+    """A random tanh MLP (identity output) with 1/√fan-in weights."""
+    Ws = [rng.normal(scale=1 / np.sqrt(a), size=(b, a)) for a, b in zip(sizes[:-1], sizes[1:])]
+    bs = [rng.normal(scale=0.1, size=b) for b in sizes[1:]]
+    return MLP(Ws, bs, ["tanh"] * (len(sizes) - 2) + ["identity"])

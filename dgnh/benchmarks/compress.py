@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import numpy as np
 
 from ..compress import choose_candidate, compress
 from ..gauss_newton import GaussNewton
-from ..model import MLP
+from ..digits import train_digits_mlp
 from .common import print_table
 
 
@@ -41,20 +40,7 @@ def digits_gnh(kind: str = "classifier", hidden: tuple[int, ...] = (32,),
     >>> gn.model.layer_sizes, gn.loss_name
     ((64, 4, 10), 'cross_entropy')
     """
-    from sklearn.datasets import load_digits
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.neural_network import MLPClassifier
-
-    X, y = load_digits(return_X_y=True)
-    X = X[:n_samples] / 16.0
-    Y, loss = ((y[:n_samples], "cross_entropy") if kind == "classifier"
-               else ((X > 0.5).astype(float), "binary_cross_entropy"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        fit = MLPClassifier(hidden, activation=activation, max_iter=max_iter,
-                            random_state=seed).fit(X, Y)
-    net = MLP([c.T for c in fit.coefs_], list(fit.intercepts_),
-              [activation] * len(hidden) + ["identity"])
+    net, X, Y, loss, _ = train_digits_mlp(kind, hidden, n_samples, activation, max_iter, seed)
     return GaussNewton(net, X, Y, loss=loss, **options)
 
 

@@ -17,14 +17,7 @@ from threadpoolctl import threadpool_limits
 from ..cluster import MallocTuning
 from ..dataset import save_dataset
 from ..gauss_newton import GaussNewton
-from ..model import MLP
-from .common import best_time, print_table
-
-
-def _network(rng, sizes) -> MLP:
-    Ws = [rng.normal(scale=1 / np.sqrt(a), size=(b, a)) for a, b in zip(sizes[:-1], sizes[1:])]
-    bs = [rng.normal(scale=0.1, size=b) for b in sizes[1:]]
-    return MLP(Ws, bs, ["tanh"] * (len(sizes) - 2) + ["identity"])
+from .common import best_time, print_table, random_tanh_mlp
 
 
 def _workloads(gn: GaussNewton, rng, n_blocks: int, block: int, k: int) -> dict:
@@ -61,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     n, d = args.n_samples, 10
     sizes = [64, args.hidden, args.hidden, d]
-    net = _network(rng, sizes)
+    net = random_tanh_mlp(rng, sizes)
     X = rng.normal(size=(n, 64))
     Y = rng.integers(0, d, size=n)
     shard_size = -(-n // args.n_shards)

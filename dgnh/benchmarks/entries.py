@@ -9,15 +9,8 @@ import time
 import numpy as np
 
 from ..gauss_newton import GaussNewton
-from ..model import MLP
 from ..sampling import plan
-from .common import best_time, gemm_rate, print_table
-
-
-def _network(rng, sizes) -> MLP:
-    Ws = [rng.normal(scale=1 / np.sqrt(a), size=(b, a)) for a, b in zip(sizes[:-1], sizes[1:])]
-    bs = [rng.normal(scale=0.1, size=b) for b in sizes[1:]]
-    return MLP(Ws, bs, ["tanh"] * (len(sizes) - 2) + ["identity"])
+from .common import best_time, gemm_rate, print_table, random_tanh_mlp
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     n, d = args.n_samples, 10
     sizes = [64, args.hidden, args.hidden, d]
-    net = _network(rng, sizes)
+    net = random_tanh_mlp(rng, sizes)
     X = rng.normal(size=(n, 64))
     Y = rng.integers(0, d, size=n)
     t = time.perf_counter()
@@ -54,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     n_req = 100
     for hidden in (32, 320):
-        net_h = _network(np.random.default_rng(args.seed + hidden), [64, hidden, d])
+        net_h = random_tanh_mlp(np.random.default_rng(args.seed + hidden), [64, hidden, d])
         g = GaussNewton(net_h, X, Y, loss="cross_entropy", client="in-process")
         reqs = [([int(a)], [int(b)]) for a, b in rng.integers(0, net_h.n_params, (n_req, 2))]
         t_s = best_time(lambda: g.entries_many(reqs, eps=0.1, delta=0.1, seed=1), repeat=1)

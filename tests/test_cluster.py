@@ -184,6 +184,22 @@ def test_sampled_identical_for_1_and_2_workers(request):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("method", ["hmatrix", "lowrank", "hybrid"])
+def test_compress_identical_for_1_and_2_workers(request, method):
+    """The compressed operator is the same on 1 worker, 2 workers and in process."""
+    net, X, Y = make_problem("cross_entropy", n_samples=200)
+    V = np.random.default_rng(0).normal(size=(net.n_params, 3))
+    out = []
+    for name in ["tls1", "local2", None]:
+        client, security = cluster_client(request, name) if name else ("in-process", None)
+        with dgnh.GaussNewton(net, X, Y, loss="cross_entropy", shard_size=30, client=client,
+                              security=security) as gn:
+            H = dgnh.compress(gn, method=method, tol=1e-4, max_rank=16, leaf_size=16,
+                              seed=5, progress=False)
+            out.append(H @ V)
+    assert rel(out[0], out[2]) <= 1e-12 and rel(out[1], out[2]) <= 1e-12
+
+
 # -------------------------------------------------------- tasks per batch
 def batch_keys(client, call):
     with get_task_stream(client) as ts:

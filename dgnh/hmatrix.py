@@ -738,6 +738,7 @@ class HSSFactorization(Factorization):
         self.hmatrix = h = hmatrix
         self.shape = h.shape
         self.exact = h.is_hss
+        self._hss = h if h.is_hss else h.without_near_field()  # what is factorized
         n = h.n_nodes
         self._order: list[Array] = [None] * n  # local unknowns, skeleton first
         self._E: list[Array] = [None] * n  # T = [I, E] in that order
@@ -823,6 +824,10 @@ class HSSFactorization(Factorization):
                 x[a] = local
         out[h.perm] = Xt
         return out
+
+    def factorized_matmat(self, V: Array) -> Array:
+        """``(H_hss + reg·I) V``: the operator this factorization inverts."""
+        return self._hss @ V + self.reg * V
 
     def logdet(self) -> float:
         """``log det(H_hss + reg·I)``."""

@@ -52,10 +52,15 @@ def _load_npy(path: str, what: str):
     import numpy as np
 
     try:
+        with open(path, "rb") as fh:
+            if fh.read(6) != b"\x93NUMPY":
+                raise ValueError(f"{what} file {path} is not a .npy file (numpy.save writes one)")
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file {path} does not exist") from None
     except (OSError, ValueError) as e:
+        if str(e).startswith(f"{what} file"):
+            raise
         raise ValueError(f"{what} file {path} is not a readable .npy array: {e}") from None
 
 

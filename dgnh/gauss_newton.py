@@ -141,9 +141,10 @@ class GaussNewton(Operator):
         if dataset.n_inputs != self.model.n_inputs:
             raise ValueError(f"dataset {dataset.path}: X has {dataset.n_inputs} columns, the "
                              f"model takes {self.model.n_inputs} inputs (mismatched store)")
-        empty = np.zeros((0,) + dataset.target_shape, dtype=dataset.y_dtype)
+        n = dataset.n_samples  # a zero-strided stand-in: the real shape, no memory
+        like = np.broadcast_to(np.zeros((), dtype=dataset.y_dtype), (n,) + dataset.target_shape)
         try:
-            get_loss(self.loss_name).check_targets(empty, 0, self.model.n_outputs, self.dtype)
+            get_loss(self.loss_name).check_targets(like, n, self.model.n_outputs, self.dtype)
         except (TypeError, ValueError) as e:
             raise type(e)(f"dataset {dataset.path}: targets Y of shape "
                           f"{(dataset.n_samples,) + dataset.target_shape} and dtype "

@@ -664,18 +664,31 @@ class HMatrix(Operator):
             raise ValueError(f"H-matrix arrays are missing {missing}")
         a = {k: np.asarray(v) for k, v in arrays.items()}
         N = int(attrs["n_params"])
+        perm = a["perm"]
+        if (not np.issubdtype(perm.dtype, np.integer) or len(np.unique(perm)) != len(perm)
+                or (perm.size and (perm.min() < 0 or perm.max() >= N))):
+            raise ValueError(f"H-matrix perm is not a set of distinct parameter indices in "
+                             f"[0, {N}) (damaged store?)")
+        off = a["skeleton_offsets"]
+        if (off.size == 0 or off[0] != 0 or np.any(np.diff(off) < 0)
+                or off[-1] != len(a["skeleton_params"])):
+            raise ValueError("H-matrix skeleton_offsets do not match skeleton_params "
+                             "(damaged store?)")
         position = np.full(N, -1, dtype=np.int64)
         position[a["perm"]] = np.arange(len(a["perm"]))
-        off = a["skeleton_offsets"]
         skeletons = [position[a["skeleton_params"][off[i]:off[i + 1]]] for i in range(len(off) - 1)]
-        interp = unpack_blocks(a["interp_offsets"], a["interp_shapes"], a["interp_values"])
+        interp = unpack_blocks(a["interp_offsets"], a["interp_shapes"], a["interp_values"],
+                               "H-matrix interp blocks")
         interp[0] = None
         couplings: list[Array | None] = [None] * len(a["node_parent"])
-        blocks = unpack_blocks(a["coupling_offsets"], a["coupling_shapes"], a["coupling_values"])
+        blocks = unpack_blocks(a["coupling_offsets"], a["coupling_shapes"], a["coupling_values"],
+                               "H-matrix coupling blocks")
         for node, B in zip(a["coupling_nodes"], blocks):
             couplings[int(node)] = B
-        leaf_blocks = unpack_blocks(a["leaf_offsets"], a["leaf_shapes"], a["leaf_values"])
-        near = unpack_blocks(a["near_offsets"], a["near_shapes"], a["near_values"])
+        leaf_blocks = unpack_blocks(a["leaf_offsets"], a["leaf_shapes"], a["leaf_values"],
+                               "H-matrix leaf blocks")
+        near = unpack_blocks(a["near_offsets"], a["near_shapes"], a["near_values"],
+                               "H-matrix near blocks")
         return cls(N, a["perm"], a["node_parent"], a["node_children"], a["node_start"],
                    a["node_stop"], skeletons, interp, couplings, leaf_blocks, a["near_pairs"],
                    near, attrs.get("report"))

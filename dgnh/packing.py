@@ -31,9 +31,24 @@ def pack_blocks(blocks: Sequence[Array]) -> tuple[Array, Array, Array]:
     return offsets, shapes, values
 
 
-def unpack_blocks(offsets: Array, shapes: Array, values: Array) -> list[Array]:
-    """The inverse of :func:`pack_blocks`."""
-    return [values[offsets[i]:offsets[i + 1]].reshape(shapes[i]) for i in range(len(shapes))]
+def unpack_blocks(offsets: Array, shapes: Array, values: Array,
+                  what: str = "packed blocks") -> list[Array]:
+    """The inverse of :func:`pack_blocks`; checks the tables and finiteness first.
+
+    Raises ``ValueError`` naming ``what`` when the offset/shape tables do not
+    describe ``values`` or the values hold NaN/Inf (a damaged or edited store).
+    """
+    offsets, shapes, values = np.asarray(offsets), np.asarray(shapes), np.asarray(values)
+    n = len(shapes)
+    if (shapes.ndim != 2 or offsets.shape != (n + 1,) or (n and shapes.shape[1] != 2)
+            or offsets[0] != 0 or np.any(shapes < 0)
+            or not np.array_equal(np.diff(offsets), shapes.prod(axis=1))
+            or offsets[-1] != values.size):
+        raise ValueError(f"{what}: the offset/shape tables do not match the {values.size} "
+                         "stored values (damaged store?)")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{what}: the stored values contain NaN or Inf (damaged store?)")
+    return [values[offsets[i]:offsets[i + 1]].reshape(shapes[i]) for i in range(n)]
 
 
 def jsonable(obj: Any) -> Any:

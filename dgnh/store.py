@@ -563,7 +563,7 @@ class JobStore:
         group = self.checkpoint["rounds"][_round_name(k)]
         where = f"checkpoint of {self.path}, round {k}"
         blocks = unpack_blocks(*(_read_array(group, n, where)
-                                 for n in ("offsets", "shapes", "values")))
+                                 for n in ("offsets", "shapes", "values")), where)
         return group.attrs["digest"], blocks
 
     def save_round(self, k: int, digest: str, blocks: Sequence[Array]) -> None:

@@ -181,6 +181,27 @@ def test_damaged_store_gives_a_clear_error(saved, how, message):
         dgnh.open(path)
 
 
+def _edit_array(path, name, edit):
+    arr = zarr.open_array(os.path.join(path, "operator", name), mode="r+")
+    values = arr[:]
+    edit(values)
+    arr[:] = values
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("leaf_values", lambda v: v.__setitem__(0, np.nan), "leaf blocks: .* NaN or Inf"),
+    ("perm", lambda v: v.__setitem__(1, v[0]), "perm is not a set of distinct"),
+    ("leaf_offsets", lambda v: v.__setitem__(-1, v[-1] - 1), "leaf blocks: the offset/shape"),
+    ("coupling_shapes", lambda v: v.__setitem__(0, v[0] + 1), "coupling blocks: the offset"),
+])
+def test_edited_hmatrix_store_is_refused(saved, name, edit, message):
+    """Content damage (not only missing files) is caught when the store is opened."""
+    _, path = saved("hmatrix")
+    _edit_array(path, name, edit)
+    with pytest.raises(ValueError, match=message):
+        dgnh.open(path)
+
+
 def test_missing_store(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         dgnh.open(tmp_path / "nothing.zarr")

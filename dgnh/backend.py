@@ -40,6 +40,13 @@ def per_shard(args, n_shards: int) -> list[tuple]:
     return list(args)
 
 
+def require_shards(n_shards: int) -> None:
+    """Refuse work on a closed backend (like a closed file: ``ValueError``)."""
+    if n_shards == 0:
+        raise ValueError("the GaussNewton is closed: its shards were released "
+                         "(create a new GaussNewton)")
+
+
 def shard_bounds(n_samples: int, shard_size: int) -> list[tuple[int, int]]:
     """Row ranges ``[(start, stop), ...]`` of consecutive shards."""
     return [(s, min(s + shard_size, n_samples)) for s in range(0, n_samples, shard_size)]
@@ -56,6 +63,7 @@ class LocalBackend:
         return len(self.shards)
 
     def map(self, method: str, args=()) -> list:
+        require_shards(self.n_shards)
         return [getattr(s, method)(*a) for s, a in zip(self.shards, per_shard(args, self.n_shards))]
 
     def sum(self, method: str, args=()):

@@ -40,7 +40,7 @@ from dask.utils import parse_timedelta
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 from distributed.security import Security
 
-from .backend import add_partials, per_shard
+from .backend import add_partials, per_shard, require_shards
 
 SPLIT_EVERY = 4  # partial results added by one reduction task
 ARG_TASK_BYTES = 2**20  # shared arguments above this size are sent once, as a task
@@ -268,6 +268,7 @@ class DaskBackend:
 
     def _calls(self, method: str, args) -> tuple[list[Delayed], str]:
         """One call task per shard; the graph of a batch is sent in one message."""
+        require_shards(self.n_shards)
         tag = f"{self._token}-{next(self._batches)}"
         if isinstance(args, tuple) and args and sizeof(args) > ARG_TASK_BYTES:
             shared = delayed(tuple, pure=False)(args, dask_key_name=f"dgnh-args-{tag}")

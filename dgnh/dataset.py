@@ -75,7 +75,7 @@ class Dataset:
                 out.append(np.asarray(group[name][start:stop]))
             except Exception as e:  # codec, I/O and missing-key errors alike
                 raise ValueError(f"dataset {self.path}: cannot read rows {start}:{stop} of "
-                                 f"array {name!r} (corrupt or truncated chunk?): {e}") from e
+                                 f"array {name!r} (corrupt or truncated chunk?): {e}") from None
         return out[0], out[1]
 
 
@@ -195,4 +195,4 @@ def _open_group(path: str) -> zarr.Group:
     try:
         return zarr.open_group(path, mode="r", zarr_format=3)
     except Exception as e:  # zarr raises several types for "not a v3 group"
-        raise ValueError(f"{path} is not a Zarr v3 group ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path} is not a Zarr v3 group ({type(e).__name__}: {e})") from None

@@ -320,6 +320,14 @@ def test_bad_cluster_arguments(kwargs, exc, match):
         dgnh.GaussNewton(net, X, Y, **kwargs)
 
 
+def test_use_after_close_is_refused(local2):
+    net, X, Y = make_problem("mse", n_samples=60)
+    gn = dgnh.GaussNewton(net, X, Y, shard_size=20, client=local2)
+    gn.close()
+    with pytest.raises(ValueError, match="closed"):
+        gn.entries([0], [1])
+
+
 def test_client_object_refuses_security(local2):
     net, X, Y = make_problem("mse")
     with pytest.raises(ValueError, match="a Client carries its own"):

@@ -180,3 +180,10 @@ def test_unsorted_duplicate_and_empty_indices(rows, cols):
     block = gn.entries(rows, cols)
     assert block.shape == (len(rows), len(cols))
     np.testing.assert_allclose(block, G[np.ix_(rows, cols)], rtol=1e-13, atol=0)
+
+
+def test_use_after_close_is_refused():
+    gn = dgnh.GaussNewton(client="in-process", **_bad())
+    gn.close()
+    with pytest.raises(ValueError, match="closed"):
+        gn @ np.ones(gn.n_params)

@@ -168,7 +168,9 @@ class ShardFactors:
     # ----------------------------------------------------- sampled entries
     def row_weights(self, loc_I, coef_I, loc_J, coef_J) -> Array:
         """Unnormalised sampling weights w_i = ½(Σ_a c_a‖u^a_i‖² + Σ_b c_b‖v^b_i‖²)."""
-        return 0.5 * (coef_I @ self.sq_norms(loc_I) + coef_J @ self.sq_norms(loc_J))
+        # float64: 1/G_aa of a nearly dead unit overflows float32
+        return 0.5 * (coef_I @ self.sq_norms(loc_I).astype(np.float64)
+                      + coef_J @ self.sq_norms(loc_J).astype(np.float64))
 
     def sampled_block(self, loc_I, coef_I, loc_J, coef_J, counts, total_weight,
                       seed) -> Array:
@@ -184,7 +186,7 @@ class ShardFactors:
         out = np.zeros((len(counts), k, m), dtype=self.dtype)
         if counts.sum() == 0:
             return out
-        w = self.row_weights(loc_I, coef_I, loc_J, coef_J).astype(np.float64)
+        w = self.row_weights(loc_I, coef_I, loc_J, coef_J)
         wsum = w.sum()
         rng = np.random.default_rng(seed)
         rows = rng.choice(self.n, size=int(counts.sum()), p=w / wsum)

@@ -201,6 +201,8 @@ class GaussNewton(Operator):
                 for r, c in requests]
         if eps is not None:
             eps, delta = check_eps_delta(eps, delta)
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+                raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
             args, post = self._sampling_specs(locs, eps, delta, seed)
         else:
             args, post = ([("exact", I, J) for I, J in locs],), [None] * len(locs)
@@ -244,8 +246,7 @@ class GaussNewton(Operator):
             rng = np.random.default_rng([seed, r])
             counts = rng.multinomial(p.group_size, shard_w / W, size=p.n_groups).T  # (shards, K)
             for s in range(self.n_shards):
-                specs[s].append(("sampled", I, coef_I.astype(self.dtype), J,
-                                 coef_J.astype(self.dtype), counts[s], W, [seed, r, s]))
+                specs[s].append(("sampled", I, coef_I, J, coef_J, counts[s], W, [seed, r, s]))
             self.stats["rows_sampled"] += p.n_rows
             post.append(p.group_size)
         return [(sp,) for sp in specs], post

@@ -190,16 +190,16 @@ class MLP:
             or (arr.size == 0 and np.issubdtype(arr.dtype, np.floating))
         ):
             raise TypeError(f"{what} must hold integers, got dtype {arr.dtype}")
-        arr = arr.astype(np.int64).reshape(-1) if arr.ndim <= 1 else None
-        if arr is None:
+        if arr.ndim > 1:
             raise ValueError(f"{what} must be a scalar or a 1-d array of indices")
-        if arr.size and (arr.min() < 0 or arr.max() >= self.n_params):
+        arr = arr.reshape(-1)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.n_params):  # before any cast
             bad = arr[(arr < 0) | (arr >= self.n_params)][0]
             raise IndexError(
                 f"{what} {bad} is out of range: the network has {self.n_params} "
                 f"parameters (valid indices 0..{self.n_params - 1})"
             )
-        return arr
+        return arr.astype(np.int64)
 
     def locate(self, idx) -> tuple[Array, Array, Array]:
         """Vectorised ``param_info``: ``(layer, row, col)`` arrays for indices.
@@ -229,6 +229,9 @@ class MLP:
 
     def param_index(self, layer: int, kind: str, row: int, col: int | None = None) -> int:
         """Inverse of :meth:`param_info` (``layer`` counts from 1)."""
+        for name, v in (("layer", layer), ("row", row), ("col", col)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+                raise TypeError(f"{name} must be an integer, got {v!r}")
         if not 1 <= layer <= self.n_layers:
             raise IndexError(f"layer must be in 1..{self.n_layers}, got {layer}")
         W, b = self.weights[layer - 1], self.biases[layer - 1]
@@ -274,12 +277,18 @@ class MLP:
         with data:
             if "format" not in data or str(data["format"]) != FORMAT:
                 raise ValueError(f"{path} is not a dgnh MLP file (missing format tag)")
+            missing = [k for k in ["version", "activations"] if k not in data]
+            if missing:
+                raise ValueError(f"{path} lacks {missing} (damaged dgnh MLP file)")
             if int(data["version"]) > FORMAT_VERSION:
                 raise ValueError(
                     f"{path} has MLP format version {int(data['version'])}; this dgnh "
                     f"reads up to {FORMAT_VERSION}"
                 )
             acts = [str(a) for a in data["activations"]]
+            missing = [f"W{l}" for l in range(len(acts)) if f"W{l}" not in data]
+            if missing:
+                raise ValueError(f"{path} lacks the weights {missing} (damaged dgnh MLP file)")
             weights = [data[f"W{l}"] for l in range(len(acts))]
             biases = [data[f"b{l}"] if f"b{l}" in data else None for l in range(len(acts))]
         return cls(weights, biases, acts)

@@ -77,6 +77,9 @@ def plan(eps: float, delta: float, block_shape: tuple[int, int] = (1, 1)) -> Sam
     SamplePlan(n_groups=..., group_size=...)
     """
     eps, delta = check_eps_delta(eps, delta)
+    if len(block_shape) != 2 or any(isinstance(k, bool) or not isinstance(k, (int, np.integer))
+                                    or k < 0 for k in block_shape):
+        raise ValueError(f"block_shape must be two non-negative integers, got {block_shape!r}")
     K, p = _base_plan(eps, delta)
     factor = math.sqrt(max(1, block_shape[0]) * max(1, block_shape[1]))
     m = math.ceil(factor / (p * eps * eps))

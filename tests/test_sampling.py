@@ -111,3 +111,18 @@ def test_plan_meets_its_own_tail_bound(eps, delta):
     tail = binom.sf((plan.n_groups + 1) // 2 - 1, plan.n_groups, p_group)
     assert tail <= delta
     assert plan.n_rows <= np.ceil(1 / (eps**2 * delta))  # never worse than Chebyshev
+
+
+def test_float32_sampling_survives_a_nearly_dead_unit():
+    """G_aa ~ 1e-44 (a saturated sigmoid): 1/G_aa overflows float32; weights stay float64."""
+    rng = np.random.default_rng(0)
+    net = dgnh.MLP([rng.normal(size=(2, 3)), rng.normal(size=(2, 2))],
+                   [np.array([-50.0, 0.0]), np.zeros(2)], ["sigmoid", "identity"])
+    X, Y = rng.normal(size=(20_000, 3)), rng.normal(size=(20_000, 2))
+    gn = dgnh.GaussNewton(net, X, Y, dtype=np.float32, client="in-process")
+    tiny = net.param_index(1, "bias", 0)
+    live = net.param_index(2, "weight", 0, 1)
+    est = gn.entries([tiny, live], [live], eps=0.1, delta=0.1, seed=0)
+    assert np.all(np.isfinite(est)) and gn.stats["rows_sampled"] > 0
+    exact = gn.entries([tiny, live], [live])
+    assert abs(est[1, 0] - exact[1, 0]) <= 0.1 * gn.diagonal()[live]

@@ -51,3 +51,12 @@ def random_tanh_mlp(rng: np.random.Generator, sizes: Sequence[int]) -> MLP:
     Ws = [rng.normal(scale=1 / np.sqrt(a), size=(b, a)) for a, b in zip(sizes[:-1], sizes[1:])]
     bs = [rng.normal(scale=0.1, size=b) for b in sizes[1:]]
     return MLP(Ws, bs, ["tanh"] * (len(sizes) - 2) + ["identity"])
+
+
+def synthetic_classifier(rng: np.random.Generator, n_samples: int, hidden: int,
+                         n_classes: int = 10, n_inputs: int = 64):
+    """``(sizes, net, X, y)``: a random 2-hidden-layer tanh net on Gaussian data with labels."""
+    sizes = [n_inputs, hidden, hidden, n_classes]
+    net = random_tanh_mlp(rng, sizes)
+    return (sizes, net, rng.normal(size=(n_samples, n_inputs)),
+            rng.integers(0, n_classes, size=n_samples))

@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 from ..cluster import MallocTuning
 from ..dataset import save_dataset
 from ..gauss_newton import GaussNewton
-from .common import best_time, print_table, random_tanh_mlp
+from .common import best_time, print_table, synthetic_classifier
 
 
 def _workloads(gn: GaussNewton, rng, n_blocks: int, block: int, k: int) -> dict:
@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     n, d = args.n_samples, 10
-    sizes = [64, args.hidden, args.hidden, d]
-    net = random_tanh_mlp(rng, sizes)
-    X = rng.normal(size=(n, 64))
-    Y = rng.integers(0, d, size=n)
+    sizes, net, X, Y = synthetic_classifier(rng, n, args.hidden, d)
     shard_size = -(-n // args.n_shards)
     print(f"network {sizes}, N = {net.n_params}, n = {n}, {args.n_shards} shards of "
           f"{shard_size} rows, cross_entropy, float64; {os.cpu_count()} CPU cores")

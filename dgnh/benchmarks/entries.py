@@ -10,7 +10,8 @@ import numpy as np
 
 from ..gauss_newton import GaussNewton
 from ..sampling import plan
-from .common import best_time, gemm_rate, print_table, random_tanh_mlp
+from .common import (best_time, gemm_rate, print_table, random_tanh_mlp,
+                     synthetic_classifier)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,10 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     n, d = args.n_samples, 10
-    sizes = [64, args.hidden, args.hidden, d]
-    net = random_tanh_mlp(rng, sizes)
-    X = rng.normal(size=(n, 64))
-    Y = rng.integers(0, d, size=n)
+    sizes, net, X, Y = synthetic_classifier(rng, n, args.hidden, d)
     t = time.perf_counter()
     gn = GaussNewton(net, X, Y, loss="cross_entropy", client="in-process")
     t_build = time.perf_counter() - t

@@ -1,57 +1,50 @@
-"""dgnh — distributed Gauss–Newton Hessian of multilayer perceptrons."""
+"""dgnh — distributed Gauss–Newton Hessian of multilayer perceptrons.
 
-from .gauss_newton import GaussNewton, HessianOperator
-from .losses import LOSSES
+The names backed by Dask (``DaskBackend``) and Zarr (``Dataset``,
+``open_dataset``, ``save_dataset``, ``open``, ``save``) are loaded on first
+use, so ``import dgnh`` and pure-numpy work stay light.
+"""
+
+from importlib import import_module
+
 from .activations import ACTIVATIONS
+from .compress import compress
+from .exact_solve import DualFactorization, dual_factorize, dual_solve, solve
+from .factorization import Factorization, IndefiniteError, LowRankUpdate, ScaledIdentity
+from .gauss_newton import GaussNewton, HessianOperator
+from .hmatrix import HMatrix, HSSFactorization
+from .hybrid import Hybrid
+from .losses import LOSSES
+from .lowrank import LowRank, nystrom, pivoted_cholesky
 from .model import MLP
 from .operator import Operator
 from .sampling import SamplePlan, plan as sampling_plan
-from .dataset import Dataset, open_dataset, save_dataset
-from .cluster import DaskBackend
-from .store import open, save
-from .factorization import Factorization, IndefiniteError, LowRankUpdate, ScaledIdentity
-from .lowrank import LowRank, nystrom, pivoted_cholesky
-from .solve import CGResult, DualFactorization, cg, dual_factorize, dual_solve, solve
+from .solve import CGResult, cg
 from .spectral import SpectralDensity, eigsh, spectral_density
-from .hmatrix import HMatrix, HSSFactorization
-from .compress import Hybrid, compress
+from .version import __version__
 
-__version__ = "0.1.0"
+
+_LAZY = {"Dataset": "dataset", "open_dataset": "dataset", "save_dataset": "dataset",
+         "DaskBackend": "cluster", "open": "store", "save": "store"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dgnh' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
-    "ACTIVATIONS",
-    "GaussNewton",
-    "HessianOperator",
-    "LOSSES",
-    "MLP",
-    "Operator",
-    "SamplePlan",
-    "sampling_plan",
-    "Dataset",
-    "open_dataset",
-    "save_dataset",
-    "DaskBackend",
-    "open",
-    "save",
-    "Factorization",
-    "IndefiniteError",
-    "LowRankUpdate",
-    "ScaledIdentity",
-    "LowRank",
-    "nystrom",
-    "pivoted_cholesky",
-    "CGResult",
-    "DualFactorization",
-    "cg",
-    "dual_factorize",
-    "dual_solve",
-    "solve",
-    "SpectralDensity",
-    "eigsh",
-    "spectral_density",
-    "HMatrix",
-    "HSSFactorization",
-    "Hybrid",
-    "compress",
-    "__version__",
+    "ACTIVATIONS", "CGResult", "DaskBackend", "Dataset", "DualFactorization",
+    "Factorization", "GaussNewton", "HMatrix", "HSSFactorization", "HessianOperator", "Hybrid",
+    "IndefiniteError", "LOSSES", "LowRank", "LowRankUpdate", "MLP", "Operator", "SamplePlan",
+    "ScaledIdentity", "SpectralDensity", "__version__", "cg", "compress", "dual_factorize",
+    "dual_solve", "eigsh", "nystrom", "open", "open_dataset", "pivoted_cholesky", "save",
+    "save_dataset", "sampling_plan", "solve", "spectral_density",
 ]

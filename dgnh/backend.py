@@ -1,6 +1,6 @@
 """Where the shards live: the in-process backend and the backend protocol.
 
-A backend owns the :class:`~dgnh.factors.ShardFactors` of every shard and runs
+A backend owns the :class:`~dgnh.shard_factors.ShardFactors` of every shard and runs
 one method call per shard per request batch:
 
 * ``map(method, args)`` — ``getattr(shard, method)(*args[s])`` on every shard
@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .factors import ShardFactors
+from .shard_factors import ShardFactors
 
 
 def add_partials(a: Any, b: Any) -> Any:

@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .store import summary
+    from .summary import summary
 
     print(summary(args.path))
     return 0
@@ -72,8 +72,9 @@ def _solve(args: argparse.Namespace) -> int:
 
     from . import store
     from .solve import cg
+    from .zarr_io import check_new_output
 
-    store.check_new_output(args.output, args.overwrite, "solution")
+    check_new_output(args.output, args.overwrite, "solution")
     op = store.open(args.path)
     b = _load_npy(args.rhs, "right-hand side")
     with warnings.catch_warnings():

@@ -3,7 +3,7 @@
 :class:`DaskBackend` implements the backend protocol of :mod:`dgnh.backend`
 (``map``, ``sum``, ``close``, ``n_shards``) on a ``distributed`` cluster:
 
-* each shard is one task, ``make(*args)`` → :class:`~dgnh.factors.ShardFactors`,
+* each shard is one task, ``make(*args)`` → :class:`~dgnh.shard_factors.ShardFactors`,
   with the key ``dgnh-shard-<token>-<s>``, softly pinned to one worker
   (``allow_other_workers=True``); the backend keeps its future, so the factors
   stay resident on the worker. ``args`` are either a dataset path and a row

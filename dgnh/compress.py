@@ -21,23 +21,19 @@ within a small factor of it.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from .factorization import Factorization, LowRankUpdate, check_reg
 from .hmatrix import METRICS, HMatrix, build_hmatrix
+from .hybrid import Hybrid, RemainderSource
 from .lowrank import LowRank, pivoted_cholesky
 from .operator import Operator
+from .spectral import LANCZOS_STEPS, estimate_norm, ritz_values
 
 Array = np.ndarray
 METHODS = ("auto", "hmatrix", "lowrank", "hybrid")
-LANCZOS_BLOCK = 4  # block size of the error certificate
-LANCZOS_STEPS = 10  # block Krylov steps of the error certificate
 INDEFINITE_PROOF = 1e-12  # a Ritz value below −this·‖G‖ proves H indefinite
-REMAINDER_ZERO = 1e-12  # remainder diagonal below this fraction of G_aa counts as zero
-
-
 # --------------------------------------------------------------------- validation
 def _check_number(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -84,56 +80,6 @@ def check_parameters(method="auto", tol=1e-3, max_rank=256, leaf_size=256, budge
 
 
 # ------------------------------------------------------------------ error certificate
-def ritz_values(apply: Callable[[Array], Array], n: int, seed: int = 0,
-                block_size: int = LANCZOS_BLOCK, steps: int = LANCZOS_STEPS,
-                support: Array | None = None) -> Array:
-    """Ritz values of a symmetric ``A`` on a block Krylov space (block Lanczos).
-
-    ``apply(V)`` returns ``A @ V`` for ``V`` of shape ``(n, k)``. The start block
-    is Gaussian (zero outside the boolean ``support``, if given); the basis is
-    fully reorthogonalized. Ritz values lie in ``[λ_min(A), λ_max(A)]`` and the
-    extreme ones converge first. Costs ``steps`` products with ``block_size``
-    vectors.
-    """
-    rng = np.random.default_rng([seed, 11])
-    V = rng.standard_normal((n, block_size))
-    if support is not None:
-        V[~support] = 0.0
-    Q = np.linalg.qr(V)[0]
-    basis, images = [], []
-    for _ in range(steps):
-        AQ = np.asarray(apply(Q), dtype=np.float64)
-        basis.append(Q)
-        images.append(AQ)
-        K = np.hstack(basis)
-        R = AQ - K @ (K.T @ AQ)
-        R -= K @ (K.T @ R)
-        if np.linalg.norm(R) <= 1e-12 * max(np.linalg.norm(AQ), 1e-300) or K.shape[1] >= n:
-            break
-        Q = np.linalg.qr(R)[0]
-        Q -= K @ (K.T @ Q)
-        Q = np.linalg.qr(Q)[0]
-    K, AK = np.hstack(basis), np.hstack(images)
-    T = K.T @ AK
-    return np.linalg.eigvalsh((T + T.T) / 2)
-
-
-def estimate_norm(apply: Callable[[Array], Array], n: int, seed: int = 0,
-                  block_size: int = LANCZOS_BLOCK, steps: int = LANCZOS_STEPS,
-                  support: Array | None = None) -> float:
-    """Estimate ``‖A‖₂`` of a symmetric ``A``: the largest ``|θ|`` of :func:`ritz_values`.
-
-    Never exceeds ``‖A‖₂``; a few block steps get within a small factor of it.
-
-    Examples
-    --------
-    >>> A = np.diag([3.0, -5.0, 1.0, 0.5])
-    >>> round(estimate_norm(lambda V: A @ V, 4), 12)
-    5.0
-    """
-    return float(np.max(np.abs(ritz_values(apply, n, seed, block_size, steps, support))))
-
-
 def relative_error(gn, approx: Operator, norm_G: float, seed: int = 0) -> float:
     """Estimated ``‖G − H‖₂/‖G‖₂`` from exact products ``gn @ V`` (:func:`estimate_norm`)."""
     if norm_G <= 0:
@@ -141,92 +87,6 @@ def relative_error(gn, approx: Operator, norm_G: float, seed: int = 0) -> float:
     err = estimate_norm(lambda V: gn @ V - approx @ V, gn.n_params, seed=seed,
                         support=np.asarray(gn.diagonal()) > 0)
     return err / norm_G
-
-
-# ------------------------------------------------------------ remainder and hybrid
-class RemainderSource:
-    """Entry source for ``G − UUᵀ`` (the remainder of a low-rank part).
-
-    Wraps an entry source (``n_params``, ``diagonal()``, ``entries_many``) and
-    subtracts ``U_I U_Jᵀ`` from every block. A remainder diagonal at or below
-    ``1e-12·G_aa`` (rounding, e.g. at the pivots) is taken as exactly zero, so
-    those parameters stay out of the remainder's tree.
-
-    Examples
-    --------
-    >>> class Dense:
-    ...     def __init__(self, G): self.G, self.n_params = G, len(G)
-    ...     def diagonal(self): return np.diag(self.G).copy()
-    ...     def entries_many(self, req, eps=None, seed=0):
-    ...         return [self.G[np.ix_(r, c)] for r, c in req]
-    >>> U = np.array([[1.0], [2.0]])
-    >>> R = RemainderSource(Dense(U @ U.T + np.eye(2)), U)
-    >>> R.entries_many([([0, 1], [0, 1])])[0].tolist(), R.diagonal().tolist()
-    ([[1.0, 0.0], [0.0, 1.0]], [1.0, 1.0])
-    """
-
-    def __init__(self, source, U: Array):
-        self.source = source
-        self.U = np.asarray(U, dtype=np.float64)
-        self.n_params = int(source.n_params)
-        if self.U.ndim != 2 or self.U.shape[0] != self.n_params:
-            raise ValueError(f"U must have shape ({self.n_params}, r), got {self.U.shape}")
-
-    @property
-    def stats(self) -> dict:
-        return getattr(self.source, "stats", {})
-
-    def diagonal(self) -> Array:
-        full = np.asarray(self.source.diagonal(), dtype=np.float64)
-        rem = full - np.einsum("ij,ij->i", self.U, self.U)
-        rem[rem <= REMAINDER_ZERO * full] = 0.0
-        return rem
-
-    def matvec(self, V: Array) -> Array:
-        """``(G − UUᵀ) V`` with exact products of the wrapped source."""
-        return np.asarray(self.source.matvec(V), dtype=np.float64) - self.U @ (self.U.T @ V)
-
-    def entries_many(self, requests, eps: float | None = None, seed: int = 0) -> list[Array]:
-        blocks = self.source.entries_many(requests, eps=eps, seed=seed)
-        return [np.asarray(B, dtype=np.float64) - self.U[np.asarray(r, dtype=np.int64)]
-                @ self.U[np.asarray(c, dtype=np.int64)].T for B, (r, c) in zip(blocks, requests)]
-
-
-class Hybrid(Operator):
-    """A low-rank part plus an H-matrix of the remainder: ``UUᵀ + H(G − UUᵀ)``.
-
-    ``factorize(reg)`` factorizes the H-matrix part (HSS) and adds ``UUᵀ`` by
-    Woodbury (:class:`~dgnh.factorization.LowRankUpdate`).
-    """
-
-    def __init__(self, lowrank: LowRank, hmatrix: HMatrix, report: dict[str, Any] | None = None):
-        if lowrank.shape != hmatrix.shape:
-            raise ValueError(f"shapes differ: low-rank {lowrank.shape}, H-matrix {hmatrix.shape}")
-        self.lowrank, self.hmatrix = lowrank, hmatrix
-        self.shape = lowrank.shape
-        self.report: dict[str, Any] = dict(report or {})
-
-    def __repr__(self) -> str:
-        return f"Hybrid(rank={self.lowrank.rank}, hmatrix={self.hmatrix!r})"
-
-    @property
-    def nbytes(self) -> int:
-        return self.lowrank.nbytes + self.hmatrix.nbytes
-
-    def rank_statistics(self) -> dict[str, Any]:
-        return {"lowrank_rank": self.lowrank.rank, **self.hmatrix.rank_statistics()}
-
-    def _matmat(self, V: Array) -> Array:
-        return self.lowrank._matmat(V) + self.hmatrix._matmat(V)
-
-    def factorize(self, reg: float) -> Factorization:
-        """``(UUᵀ + H_hss + reg·I)⁻¹`` (Woodbury on the HSS factorization), O(N·r²)."""
-        return LowRankUpdate(self.hmatrix.factorize(check_reg(reg)), self.lowrank.U)
-
-    def to_arrays(self) -> dict[str, Array]:
-        """``lowrank_U`` plus the H-matrix arrays prefixed ``hmatrix/``."""
-        return {"lowrank_U": self.lowrank.U,
-                **{f"hmatrix/{k}": v for k, v in self.hmatrix.to_arrays().items()}}
 
 
 # ------------------------------------------------------------------------ compress

@@ -22,7 +22,8 @@ from typing import TextIO
 
 import numpy as np
 
-from . import store
+from .summary import summary
+from .zarr_io import check_new_output
 from .dataset import save_dataset
 from .digits import train_digits_mlp
 from .gauss_newton import GaussNewton
@@ -83,7 +84,7 @@ def run_demo(out: str | os.PathLike = "dgnh-demo", overwrite: bool = False, hidd
     out = os.path.abspath(os.fspath(out))
     paths = {name: os.path.join(out, name) for name in FILES}
     for path in paths.values():
-        store.check_new_output(path, overwrite, "demo output")
+        check_new_output(path, overwrite, "demo output")
     os.makedirs(out, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -103,7 +104,7 @@ def run_demo(out: str | os.PathLike = "dgnh-demo", overwrite: bool = False, hidd
     for name in ("structure", "spectrum"):
         plot_store(paths["result.zarr"], paths[f"{name}.png"], panels=name, k=SPECTRUM_K,
                    reference=exact, overwrite=overwrite)
-    print(f"\n{store.summary(paths['result.zarr'])}\n\ndemo done in "
+    print(f"\n{summary(paths['result.zarr'])}\n\ndemo done in "
           f"{time.perf_counter() - t_start:.1f} s; wrote:", file=stream)
     for path in paths.values():
         print(f"  {path}", file=stream)

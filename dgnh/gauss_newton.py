@@ -12,9 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from .backend import LocalBackend, default_shard_size, shard_bounds
-from .cluster import DaskBackend
-from .dataset import Dataset, open_dataset
-from .factors import ShardFactors
+from .shard_factors import ShardFactors
 from .losses import get_loss
 from .model import MLP
 from .operator import Operator, check_dense_size
@@ -116,6 +114,9 @@ class GaussNewton(Operator):
         dataset path is read where the shards live (the metadata through one
         task on a given cluster, whose workers may not share this file system).
         """
+        from .cluster import DaskBackend  # Dask is loaded on first use
+        from .dataset import open_dataset
+
         in_process = client is None or (isinstance(client, str) and client == "in-process")
         if in_process and security is not None:
             raise ValueError("security applies when client is a scheduler address")
@@ -136,7 +137,7 @@ class GaussNewton(Operator):
             raise
         return backend
 
-    def _check_dataset(self, dataset: Dataset) -> int:
+    def _check_dataset(self, dataset) -> int:
         """Check a store's shapes and dtypes against the model and loss; its n_samples."""
         if dataset.n_inputs != self.model.n_inputs:
             raise ValueError(f"dataset {dataset.path}: X has {dataset.n_inputs} columns, the "
@@ -315,6 +316,8 @@ def shard_from_arrays(X: Array, Y: Array, model: MLP, loss_name: str, dtype,
 def shard_from_store(path: str, start: int, stop: int, model: MLP, loss_name: str, dtype,
                      index: int) -> ShardFactors:
     """The factors of one shard from rows ``start:stop`` of a dataset store."""
+    from .dataset import open_dataset
+
     X, Y = open_dataset(path).read(start, stop)
     try:
         X = model.check_inputs(X)

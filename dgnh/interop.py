@@ -22,9 +22,9 @@ from collections import defaultdict
 import numpy as np
 
 from .activations import LEAKY_SLOPE
-from .model import MLP
 
 Array = np.ndarray
+Layers = tuple[list[Array], list[Array | None], list[str]]  # weights, biases, activations
 
 # --------------------------------------------------------------------- torch
 # class name -> (dgnh activation, {attribute: value dgnh implements (PyTorch's default)})
@@ -82,8 +82,9 @@ def _torch_activation(layer, where: str, torch) -> str:
     return name
 
 
-def mlp_from_torch(module) -> MLP:
-    """Convert an ``nn.Sequential`` of ``nn.Linear`` layers and activations to an MLP.
+def torch_layers(module) -> Layers:
+    """The layers ``(weights, biases, activations)`` of an ``nn.Sequential`` of ``nn.Linear``
+    layers and activations (what :meth:`dgnh.MLP.from_torch` is built from).
 
     Supported activations: ``ReLU``, ``LeakyReLU`` (slope 0.01), ``Tanh``,
     ``Sigmoid``, ``Softplus`` (beta 1, threshold 20), ``GELU`` (exact erf form),
@@ -140,7 +141,7 @@ def mlp_from_torch(module) -> MLP:
         raise ValueError("the nn.Sequential contains no nn.Linear layer")
     if len(activations) < len(weights):
         activations.append("identity")
-    return MLP(weights, biases, activations)
+    return weights, biases, activations
 
 
 # ---------------------------------------------------------------------- onnx
@@ -388,8 +389,8 @@ def _check_attributes(node, layer: int) -> None:
         )
 
 
-def mlp_from_onnx(path: str | os.PathLike) -> MLP:
-    """Read an MLP from an ONNX file (e.g. written by ``torch.onnx.export``).
+def onnx_layers(path: str | os.PathLike) -> Layers:
+    """The layers ``(weights, biases, activations)`` of an MLP in an ONNX file (e.g. written by ``torch.onnx.export``).
 
     The graph must be a chain of linear layers — ``Gemm`` (any ``transB``,
     ``alpha``/``beta`` folded into the weights) or ``MatMul`` with an optional
@@ -437,4 +438,4 @@ def mlp_from_onnx(path: str | os.PathLike) -> MLP:
     left = [graph.describe(k) for k in range(len(graph.nodes)) if k not in graph.used]
     if left:
         raise ValueError(f"unsupported ONNX graph: nodes outside the MLP chain: {', '.join(left)}")
-    return MLP(weights, biases, activations)
+    return weights, biases, activations

@@ -59,6 +59,9 @@ import numpy as np
 from tqdm import tqdm
 
 from . import store
+from .version import __version__
+from .packing import jsonable
+from .checkpoint import CheckpointedGaussNewton, JobStore
 from .compress import check_parameters, compress
 from .factorization import IndefiniteError, check_reg
 from .gauss_newton import GaussNewton, check_shard_size
@@ -238,11 +241,9 @@ def load_model(path: str) -> MLP:
 
 def fingerprint(job: Job, model: MLP) -> str:
     """SHA-256 of everything that determines a job's entries and result."""
-    from . import __version__
-
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(model.parameters(), dtype=np.float64).tobytes())
-    h.update(json.dumps(store.jsonable({
+    h.update(json.dumps(jsonable({
         "layer_sizes": model.layer_sizes, "activations": model.activations,
         "biases": [b is not None for b in model.biases], "data": job.data, "loss": job.loss,
         "dtype": job.dtype, "shard_size": job.shard_size, "compress": job.compress,
@@ -251,71 +252,6 @@ def fingerprint(job: Job, model: MLP) -> str:
 
 
 # ---------------------------------------------------------- checkpointed source
-class CheckpointedGaussNewton(Operator):
-    """A :class:`~dgnh.gauss_newton.GaussNewton` whose entry rounds go through a checkpoint.
-
-    Every ``entries_many`` call is one round: round ``k`` is read from the
-    :class:`~dgnh.store.JobStore` when stored there for the same requests, else
-    evaluated by ``gn`` and stored. ``stats`` counts only the entries evaluated
-    here (what :func:`dgnh.compress` reports); ``loaded`` counts the rest.
-    Products ``@`` and everything else go to ``gn``.
-    """
-
-    def __init__(self, gn: GaussNewton, job_store: store.JobStore,
-                 on_round: Callable[[int, int, bool], None] | None = None,
-                 on_product: Callable[[int], None] | None = None):
-        self.gn, self.job_store = gn, job_store
-        self.shape, self.dtype, self.n_params = gn.shape, gn.dtype, gn.n_params
-        self.stats = {"entries_exact": 0, "entries_sampled": 0, "blocks": 0}
-        self.loaded = {"rounds": 0, "entries": 0, "diagonal": False}
-        self.rounds = 0
-        self._on_round, self._on_product = on_round, on_product
-        self._diag = None
-
-    def diagonal(self) -> Array:
-        if self._diag is None:
-            self._diag = self.job_store.load_array("diagonal")
-            self.loaded["diagonal"] = self._diag is not None
-            if self._diag is None:
-                self._diag = self.gn.diagonal()
-                self.job_store.save_array("diagonal", self._diag)
-        return self._diag.copy()
-
-    def entries_many(self, requests, eps: float | None = None, delta: float = 0.01,
-                     seed: int = 0) -> list[Array]:
-        """One round: the stored blocks of round ``k`` if they match, else evaluated and stored."""
-        k = self.rounds
-        digest = store.request_digest(requests, eps=eps, delta=delta, seed=seed)
-        blocks = None
-        if k < self.job_store.n_rounds:
-            stored_digest, blocks = self.job_store.load_round(k)
-            if stored_digest != digest:
-                raise RuntimeError(f"checkpoint round {k} in {self.job_store.path} holds other "
-                                   "entry requests than this run makes: pass --overwrite "
-                                   "(overwrite=True) to start over")
-        loaded = blocks is not None
-        n_entries = int(sum(len(r) * len(c) for r, c in requests))
-        if loaded:
-            self.loaded["rounds"] += 1
-            self.loaded["entries"] += n_entries
-        else:
-            before = dict(self.gn.stats)
-            blocks = self.gn.entries_many(requests, eps=eps, delta=delta, seed=seed)
-            for key in self.stats:
-                self.stats[key] += self.gn.stats[key] - before[key]
-            self.job_store.save_round(k, digest, blocks)
-        self.rounds += 1
-        if self._on_round is not None:
-            self._on_round(k, n_entries, loaded)
-        return blocks
-
-    def _matmat(self, V: Array) -> Array:
-        out = self.gn @ V
-        if self._on_product is not None:
-            self._on_product(V.shape[1])
-        return out
-
-
 # ------------------------------------------------------------------ the runner
 class _Phases:
     """One tqdm bar per phase (on a terminal, or when asked) plus a log line each."""
@@ -370,7 +306,7 @@ def run_job(job: Job, scheduler: str | None = None, overwrite: bool = False,
     with ph.bar("load", 1) as bar:
         model = load_model(job.model)
         job_fingerprint = fingerprint(job, model)
-        resuming = store.JobStore.check(job.output, job_fingerprint, overwrite)
+        resuming = JobStore.check(job.output, job_fingerprint, overwrite)
         bar.update()
     ph.timings["load"] = time.perf_counter() - t0
     ph.log("load", f"model {os.path.basename(job.model)}: {model.n_params:,} parameters, "
@@ -387,7 +323,7 @@ def run_job(job: Job, scheduler: str | None = None, overwrite: bool = False,
     where = address or ("a local cluster" if gn.n_shards > 1 else "this process")
     ph.log("factors", f"{gn.n_samples:,} samples in {gn.n_shards} shards on {where}")
     try:
-        job_store = store.JobStore.begin(job.output, job_fingerprint, overwrite,
+        job_store = JobStore.begin(job.output, job_fingerprint, overwrite,
                                          job=job.to_dict())
         op, source = _compress(job, gn, job_store, ph)
         factorization, fact_info = _factorize(job, op, ph)
@@ -408,7 +344,7 @@ def run_job(job: Job, scheduler: str | None = None, overwrite: bool = False,
     return {"job": job.to_dict(), "run": run, "report": op.report}
 
 
-def _compress(job: Job, gn: GaussNewton, job_store: store.JobStore,
+def _compress(job: Job, gn: GaussNewton, job_store: JobStore,
               ph: _Phases) -> tuple[Operator, CheckpointedGaussNewton]:
     """The compress and certify phases (one call of :func:`dgnh.compress`)."""
     t0 = time.perf_counter()

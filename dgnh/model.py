@@ -298,7 +298,7 @@ class MLP:
     def from_torch(cls, module) -> "MLP":
         """Import a ``torch.nn.Sequential`` of ``Linear`` layers and activations.
 
-        See :func:`dgnh.interop.mlp_from_torch` (needs ``pip install 'dgnh[torch]'``).
+        See :func:`dgnh.interop.torch_layers` (needs ``pip install 'dgnh[torch]'``).
 
         Examples
         --------
@@ -307,21 +307,21 @@ class MLP:
         >>> net.layer_sizes, net.activations
         ((4, 2), ['relu'])
         """
-        from .interop import mlp_from_torch
+        from .interop import torch_layers
 
-        return mlp_from_torch(module)
+        return cls(*torch_layers(module))
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike) -> "MLP":
         """Import an MLP graph (Gemm or MatMul+Add with activation nodes) from an ONNX file.
 
-        See :func:`dgnh.interop.mlp_from_onnx` (needs ``pip install 'dgnh[onnx]'``).
+        See :func:`dgnh.interop.onnx_layers` (needs ``pip install 'dgnh[onnx]'``).
 
         Examples
         --------
         >>> import dgnh
         >>> net = dgnh.MLP.from_onnx("model.onnx")  # doctest: +SKIP
         """
-        from .interop import mlp_from_onnx
+        from .interop import onnx_layers
 
-        return mlp_from_onnx(path)
+        return cls(*onnx_layers(path))

@@ -73,12 +73,6 @@ class Operator:
             dtype=self.dtype,
         )
 
-    def save(self, path, overwrite: bool = False, factorization=None) -> None:
-        """Write a compressed operator to a Zarr store: :func:`dgnh.store.save`."""
-        from .store import save
-
-        save(self, path, overwrite=overwrite, factorization=factorization)
-
     def to_dense(self, max_bytes: int = 2**30) -> Array:
         """The dense matrix, for small N (refuses above ``max_bytes``)."""
         check_dense_size(self.shape[0], np.dtype(self.dtype).itemsize, max_bytes)

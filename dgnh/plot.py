@@ -26,7 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from . import store
-from .compress import Hybrid
+from .zarr_io import check_new_output
+from .hybrid import Hybrid
 from .lowrank import LowRank
 from .operator import Operator
 from .spectral import eigsh
@@ -172,7 +173,7 @@ def plot_store(path: str | os.PathLike, output: str | os.PathLike, panels: str =
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     output = os.fspath(output)
-    store.check_new_output(output, overwrite, "picture")
+    check_new_output(output, overwrite, "picture")
     op = store.open(path)
     fact = store.read_factorization(path)
     failed = (store.read_attributes(path).get("run") or {}).get("factorization") or {}

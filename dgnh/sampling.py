@@ -24,7 +24,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
-from scipy.stats import binom
+from scipy.special import bdtrc  # binomial survival function, P[Bin(n, p) > k]
 
 
 class SamplePlan(NamedTuple):
@@ -57,7 +57,7 @@ def _base_plan(eps: float, delta: float) -> tuple[int, float]:
         lo, hi = 0.0, 0.5
         for _ in range(60):  # largest p with binomial tail ≤ δ
             mid = 0.5 * (lo + hi)
-            if binom.sf(need - 1, K, mid) <= delta:
+            if bdtrc(need - 1, K, mid) <= delta:
                 lo = mid
             else:
                 hi = mid

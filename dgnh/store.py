@@ -58,32 +58,29 @@ Examples
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
-import shutil
 import warnings
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import zarr
 
-from .compress import Hybrid
+from .hybrid import Hybrid
 from .factorization import Factorization
 from .hmatrix import HMatrix
 from .lowrank import LowRank
 from .operator import Operator
-from .packing import jsonable, pack_blocks, unpack_blocks
+from .packing import jsonable
+from .version import __version__
+from .zarr_io import check_new_output, open_group, read_array, remove_path, write_array
 
 Array = np.ndarray
 
 FORMAT = "dgnh-result"
 VERSION = 1
 KINDS = ("lowrank", "hmatrix", "hybrid")
-CHUNK_BYTES = 4 * 2**20  # target bytes of one chunk
-SLAB_CHUNKS = 16  # chunks written per call in write_rows
 LAYOUT = "dgnh result store, see the docstring of dgnh.store"
 
 _DESCRIPTIONS = {
@@ -117,48 +114,11 @@ def provenance() -> dict[str, str]:
     import distributed
     import scipy
 
-    from . import __version__
-
     return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dgnh": __version__, "python": platform.python_version(),
             "numpy": np.__version__, "scipy": scipy.__version__, "zarr": zarr.__version__,
             "dask": dask.__version__, "distributed": distributed.__version__,
             "platform": platform.platform()}
-
-
-def _chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    """Row chunks of about ``CHUNK_BYTES`` (whole trailing dimensions)."""
-    row_bytes = itemsize * int(np.prod([max(s, 1) for s in shape[1:]]))
-    rows = max(1, min(max(shape[0], 1), CHUNK_BYTES // row_bytes))
-    return (rows,) + tuple(max(s, 1) for s in shape[1:])
-
-
-def write_rows(array: zarr.Array, start: int, values: Array) -> None:
-    """Write ``values`` into rows ``start:start+len(values)`` of ``array``.
-
-    The region must be chunk-aligned (it starts on a chunk boundary and ends on
-    one or at the end of the array), so concurrent writers — e.g. one task per
-    region on different workers — never touch the same chunk.
-    """
-    rows = array.chunks[0]
-    stop = start + len(values)
-    if start % rows or (stop % rows and stop != array.shape[0]) or stop > array.shape[0]:
-        raise ValueError(f"rows {start}:{stop} of array {array.path!r} are not aligned to its "
-                         f"chunks of {rows} rows (shape {array.shape})")
-    array[start:stop] = values
-
-
-def _write_array(group: zarr.Group, name: str, data: Array, description: str) -> zarr.Array:
-    """A new array ``group/name`` holding ``data``, written in chunk-aligned slabs."""
-    data = np.ascontiguousarray(data)
-    z = group.create_array(name, shape=data.shape, dtype=data.dtype,
-                           chunks=_chunk_shape(data.shape, data.dtype.itemsize),
-                           overwrite=True, attributes={"description": description},
-                           config={"write_empty_chunks": True})
-    slab = SLAB_CHUNKS * z.chunks[0]
-    for start in range(0, data.shape[0], slab):
-        write_rows(z, start, data[start:start + slab])
-    return z
 
 
 def _description(name: str) -> str:
@@ -170,33 +130,6 @@ def _description(name: str) -> str:
     return "see dgnh.store"
 
 
-def _read_array(group: zarr.Group, name: str, where: str) -> Array:
-    """``group[name]`` as numpy; clear errors for a missing or truncated array."""
-    try:
-        z = group[name]
-    except KeyError:
-        raise ValueError(f"{where}: array {name!r} is missing (incomplete or damaged "
-                         f"store)") from None
-    if not isinstance(z, zarr.Array):
-        raise ValueError(f"{where}: {name!r} is not an array")
-    if z.nchunks_initialized != z.nchunks:
-        raise ValueError(f"{where} is truncated: array {name!r} has {z.nchunks_initialized} "
-                         f"of its {z.nchunks} chunks")
-    try:
-        return np.asarray(z[...])
-    except Exception as e:  # codec and I/O errors alike
-        raise ValueError(f"{where}: cannot read array {name!r} (damaged chunk?): {e}") from e
-
-
-def _open_group(path: str, mode: str = "r") -> zarr.Group:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"result store {path} does not exist")
-    try:
-        return zarr.open_group(path, mode=mode, zarr_format=3)
-    except Exception as e:  # zarr raises several types for "not a v3 group"
-        raise ValueError(f"{path} is not a Zarr v3 group ({type(e).__name__}: {e})") from e
-
-
 def _check_format(attrs: dict, path: str) -> None:
     if attrs.get("format") != FORMAT:
         raise ValueError(f"{path} is not a dgnh result store: its format attribute is "
@@ -204,28 +137,6 @@ def _check_format(attrs: dict, path: str) -> None:
     if attrs.get("version") != VERSION:
         raise ValueError(f"result store {path} has format version {attrs.get('version')!r}; "
                          f"this dgnh reads version {VERSION} (upgrade dgnh?)")
-
-
-def check_new_output(path: str, overwrite: bool, what: str = "output") -> None:
-    """``FileExistsError`` if ``path`` exists and ``overwrite`` is not set."""
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{what} {path} already exists: pass overwrite=True "
-                              f"(--overwrite) to replace it")
-
-
-def remove_path(path: str) -> None:
-    """Delete an output being overwritten: a file, an empty directory or a Zarr store.
-
-    A directory that holds other things (no ``zarr.json`` at its top) is never
-    deleted: ``FileExistsError``.
-    """
-    if os.path.isdir(path) and not os.path.islink(path):
-        if os.listdir(path) and not os.path.isfile(os.path.join(path, "zarr.json")):
-            raise FileExistsError(f"refusing to replace {path}: it is a directory that is not "
-                                  "a Zarr store")
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
 
 
 # ------------------------------------------------------------ the operator
@@ -257,7 +168,7 @@ def _write_operator(group: zarr.Group, op: Operator) -> None:
         arrays = op.to_arrays()
         attrs = {k: v for k, v in op.attrs().items() if k != "report"}
     for name, data in arrays.items():
-        _write_array(group, name, data, _description(name))
+        write_array(group, name, data, _description(name))
     group.attrs.update(jsonable({**attrs, "kind": kind, "arrays": sorted(arrays),
                                  "report": getattr(op, "report", {})}))
 
@@ -275,7 +186,7 @@ def _read_operator(group: zarr.Group, where: str) -> Operator:
                                  "(incomplete or damaged store)")
             parts[name] = _read_operator(group[name], f"{where}/{name}")
         return Hybrid(parts["lowrank"], parts["hmatrix"], attrs.get("report"))
-    arrays = {name: _read_array(group, name, where) for name in attrs.get("arrays", [])}
+    arrays = {name: read_array(group, name, where) for name in attrs.get("arrays", [])}
     try:
         if kind == "lowrank":
             if arrays["U"].shape[0] != attrs.get("n_params"):
@@ -293,7 +204,7 @@ def _write_factorization(root: zarr.Group, op: Operator, factorization: Factoriz
         raise TypeError(f"factorization must be a dgnh Factorization of shape {op.shape} "
                         f"(from op.factorize(reg)), got {type(factorization).__name__}")
     group = root.create_group("factorization", overwrite=True)
-    _write_array(group, "inverse_diagonal", factorization.inverse_diagonal(),
+    write_array(group, "inverse_diagonal", factorization.inverse_diagonal(),
                  _DESCRIPTIONS["inverse_diagonal"])
     group.attrs.update(jsonable({"reg": factorization.reg, "logdet": factorization.logdet(),
                                  "exact": factorizes_exactly(op),
@@ -349,7 +260,7 @@ def save(op: Operator, path: str | os.PathLike, overwrite: bool = False,
 
 def _open_complete(path: str | os.PathLike) -> tuple[str, zarr.Group]:
     path = os.fspath(path)
-    root = _open_group(path)
+    root = open_group(path)
     attrs = dict(root.attrs)
     _check_format(attrs, path)
     if attrs.get("complete") is not True:
@@ -365,7 +276,7 @@ def open(path: str | os.PathLike) -> Operator:
     """Open a result store: the compressed operator, usable without a cluster.
 
     Returns the :class:`~dgnh.lowrank.LowRank`, :class:`~dgnh.hmatrix.HMatrix`
-    or :class:`~dgnh.compress.Hybrid` that was stored, with its ``report``.
+    or :class:`~dgnh.hybrid.Hybrid` that was stored, with its ``report``.
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` naming
     the path and the problem for an unknown format or version, an incomplete
     job, missing arrays or a truncated store.
@@ -389,7 +300,7 @@ def read_factorization(path: str | os.PathLike) -> dict[str, Any] | None:
     group = root["factorization"]
     where = f"result store {path}/factorization"
     return {**dict(group.attrs),
-            "inverse_diagonal": _read_array(group, "inverse_diagonal", where)}
+            "inverse_diagonal": read_array(group, "inverse_diagonal", where)}
 
 
 def read_attributes(path: str | os.PathLike) -> dict[str, Any]:
@@ -400,56 +311,6 @@ def read_attributes(path: str | os.PathLike) -> dict[str, Any]:
     if "factorization" in root:
         out["factorization"] = dict(root["factorization"].attrs)
     return out
-
-
-def summary(path: str | os.PathLike) -> str:
-    """A readable summary of a result store, from its attributes (no arrays read)."""
-    a = read_attributes(path)
-    report = a["operator"].get("report", {})
-    params = report.get("parameters", {})
-    run, prov, fac = a.get("run") or {}, a.get("provenance", {}), a.get("factorization")
-    rows = [("operator", f"{a['kind']}, N = {a['n_params']:,} parameters")]
-    for key, label in (("rank", "rank"), ("lowrank_rank", "low-rank part rank"),
-                       ("rank_max", "max skeleton rank"), ("rank_mean", "mean skeleton rank")):
-        if key in report:
-            rows.append((label, f"{report[key]:.1f}" if isinstance(report[key], float)
-                         else str(report[key])))
-    if "nbytes" in report:
-        rows.append(("memory", f"{report['nbytes'] / 2**20:,.2f} MiB ("
-                               f"{100 * report.get('memory_fraction', 0):.2f}% of dense)"))
-    if "error_estimate" in report:
-        met = "met" if report.get("tol_met") else "NOT met"
-        rows.append(("error", f"‖G − H‖₂/‖G‖₂ ≈ {report['error_estimate']:.3g} (estimated; tol "
-                              f"{params.get('tol')} {met})"))
-        rows.append(("‖G‖₂", f"≈ {report['norm_estimate']:.6g}"))
-    if report.get("indefinite"):
-        rows.append(("indefinite", f"λ_min ≤ {report['min_eigenvalue_estimate']:.3g}‖G‖₂ "
-                                   "(Lanczos): factorize with reg above that"))
-    for c in report.get("candidates", []):
-        rows.append(("candidate", f"{c['method']}: {c['nbytes'] / 2**20:,.2f} MiB, error ≈ "
-                                  f"{c['error_estimate']:.3g}, {c['entries_evaluated']:,} entries"))
-    if params:
-        rows.append(("parameters", ", ".join(f"{k}={v}" for k, v in params.items())))
-    if "entries_evaluated" in report:
-        rows.append(("entries", f"{report['entries_evaluated']:,} evaluated"))
-    if run:
-        ck = run["checkpoint"]
-        if ck["rounds_loaded"]:
-            rows.append(("resumed", f"{ck['rounds_loaded']} of {ck['rounds']} entry rounds "
-                                    f"({ck['entries_loaded']:,} entries) from the checkpoint"))
-        rows.append(("data", f"{run['n_samples']:,} samples in {run['n_shards']} shards"))
-        rows.append(("timings", ", ".join(f"{k} {v:.2f} s" for k, v in run["timings"].items())))
-        failed = run.get("factorization") or {}
-        if failed.get("status") == "indefinite":
-            rows.append(("factorization", f"none: at reg = {failed['reg']:.6g} the "
-                                          "approximation is indefinite"))
-    if fac:
-        rows.append(("factorization", f"reg = {fac['reg']:.6g}, log det = {fac['logdet']:.10g}"
-                     + ("" if fac.get("exact") else " (HSS part only: a preconditioner)")))
-    rows.append(("created", f"{prov.get('created')} with dgnh {prov.get('dgnh')}, "
-                            + ", ".join(f"{k} {prov.get(k)}" for k in ("numpy", "zarr", "dask"))))
-    return "\n".join([f"{os.fspath(path)}: dgnh result, format version {a['version']}"]
-                     + [f"  {label:<18} {text}" for label, text in rows])
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -478,109 +339,3 @@ def _round_name(k: int) -> str:
     return f"{k:06d}"
 
 
-def request_digest(requests: Sequence[tuple], **options) -> str:
-    """SHA-256 of a batch of entry requests ``[(rows, cols), ...]`` and its options."""
-    h = hashlib.sha256(json.dumps(jsonable(options), sort_keys=True).encode())
-    for rows, cols in requests:
-        for idx in (rows, cols):
-            idx = np.ascontiguousarray(idx, dtype=np.int64)
-            h.update(np.int64(idx.size).tobytes())
-            h.update(idx.tobytes())
-    return h.hexdigest()
-
-
-class JobStore:
-    """The output store of a job: its checkpoint while it runs, then its result.
-
-    Use :meth:`begin`. Entry rounds are saved with :meth:`save_round` (one group
-    per round, its ``complete`` attribute written last) and read back by
-    :meth:`load_round` when a killed job runs again; :meth:`finish` writes the
-    result, marks the store complete and removes the checkpoint.
-    """
-
-    def __init__(self, path: str, root: zarr.Group):
-        self.path = path
-        self.root = root
-        self.checkpoint = root["checkpoint"]
-        self.n_rounds = checkpoint_rounds(path)
-
-    @staticmethod
-    def check(path: str | os.PathLike, fingerprint: str, overwrite: bool = False) -> bool:
-        """Whether ``path`` holds a checkpoint of this job (same fingerprint) to resume.
-
-        ``False`` when ``path`` does not exist or ``overwrite`` (start over).
-        Raises ``FileExistsError`` for a complete result, another job's
-        checkpoint or anything else at ``path`` (unless ``overwrite``).
-        """
-        path = os.fspath(path)
-        if overwrite or not os.path.lexists(path):
-            return False
-        try:
-            root = _open_group(path)
-            attrs = dict(root.attrs)
-            _check_format(attrs, path)
-        except ValueError as e:
-            raise FileExistsError(f"output {path} exists and is not a dgnh result store ({e}): "
-                                  "pass --overwrite (overwrite=True) to replace it") from None
-        if attrs.get("complete") is True:
-            raise FileExistsError(f"output {path} already holds a complete result: pass "
-                                  "--overwrite (overwrite=True) to replace it")
-        if attrs.get("fingerprint") != fingerprint or "checkpoint" not in root:
-            raise FileExistsError(f"output {path} holds the checkpoint of a different job "
-                                  "(other model, data or parameters): pass --overwrite "
-                                  "(overwrite=True) to start over")
-        return True
-
-    @classmethod
-    def begin(cls, path: str | os.PathLike, fingerprint: str, overwrite: bool = False,
-              job: dict | None = None) -> "JobStore":
-        """Reopen the checkpoint of the same job, or create the store (see :meth:`check`)."""
-        path = os.fspath(path)
-        if cls.check(path, fingerprint, overwrite):
-            return cls(path, _open_group(path, mode="r+"))
-        remove_path(path)
-        root = zarr.create_group(path, zarr_format=3)
-        root.create_group("checkpoint/rounds")
-        root.attrs.update(jsonable({"format": FORMAT, "version": VERSION, "layout": LAYOUT,
-                                    "complete": False, "fingerprint": fingerprint,
-                                    "job": job or {}}))
-        return cls(path, root)
-
-    # ------------------------------------------------------------- arrays
-    def load_array(self, name: str) -> Array | None:
-        """A checkpointed array (e.g. ``"diagonal"``), or ``None`` if not stored."""
-        if name not in self.checkpoint or self.checkpoint[name].attrs.get("complete") is not True:
-            return None
-        return _read_array(self.checkpoint, name, f"checkpoint of {self.path}")
-
-    def save_array(self, name: str, data: Array) -> None:
-        z = _write_array(self.checkpoint, name, np.asarray(data), _description(name))
-        z.attrs["complete"] = True
-
-    # ------------------------------------------------------------- rounds
-    def load_round(self, k: int) -> tuple[str, list[Array]]:
-        """The digest and blocks of stored round ``k`` (``k < n_rounds``)."""
-        group = self.checkpoint["rounds"][_round_name(k)]
-        where = f"checkpoint of {self.path}, round {k}"
-        blocks = unpack_blocks(*(_read_array(group, n, where)
-                                 for n in ("offsets", "shapes", "values")), where)
-        return group.attrs["digest"], blocks
-
-    def save_round(self, k: int, digest: str, blocks: Sequence[Array]) -> None:
-        """Store round ``k`` (arrays first, then its attributes with ``complete``)."""
-        if k != self.n_rounds:
-            raise ValueError(f"round {k} cannot follow the {self.n_rounds} stored rounds")
-        group = self.checkpoint["rounds"].create_group(_round_name(k), overwrite=True)
-        for name, data in zip(("offsets", "shapes", "values"), pack_blocks(blocks)):
-            _write_array(group, name, data, _DESCRIPTIONS[name])
-        group.attrs.update({"digest": digest, "n_blocks": len(blocks),
-                            "n_entries": int(sum(np.size(b) for b in blocks)),
-                            "complete": True})
-        self.n_rounds = k + 1
-
-    # ------------------------------------------------------------- result
-    def finish(self, op: Operator, factorization: Factorization | None = None,
-               attrs: dict | None = None, factorization_seconds: float | None = None) -> None:
-        """Write the result, mark the store complete, then drop the checkpoint."""
-        _write_result(self.root, op, factorization, attrs, factorization_seconds)
-        del self.root["checkpoint"]

@@ -203,7 +203,7 @@ def test_solve_with_a_near_field_runs_cg(problem, tmp_path, capsys):
         op = compress(gn, method="hmatrix", tol=1e-8, max_rank=64, leaf_size=16, budget=0.2,
                       progress=False)
     assert not op.is_hss
-    op.save(tmp_path / "near.zarr")
+    dgnh.save(op, tmp_path / "near.zarr")
     b = np.random.default_rng(5).normal(size=op.shape[0])
     np.save(tmp_path / "b.npy", b)
     reg = 0.05 * op.report["norm_estimate"]

@@ -8,8 +8,9 @@ import pytest
 
 import dgnh
 from dgnh.benchmarks.compress import digits_gnh, kfac_dense, main as bench_main
-from dgnh.compress import (Hybrid, RemainderSource, choose_candidate, compress, estimate_norm,
-                           ritz_values)
+from dgnh.compress import choose_candidate, compress
+from dgnh.hybrid import Hybrid, RemainderSource
+from dgnh.spectral import estimate_norm, ritz_values
 from dgnh.hmatrix import HMatrix
 from dgnh.lowrank import LowRank, pivoted_cholesky
 

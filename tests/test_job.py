@@ -14,7 +14,8 @@ from conftest import random_mlp, random_targets
 import dgnh
 from dgnh import store
 from dgnh.compress import compress
-from dgnh.job import CheckpointedGaussNewton, JobError, load_job, parse_job, run_job
+from dgnh.checkpoint import CheckpointedGaussNewton, JobStore
+from dgnh.job import JobError, load_job, parse_job, run_job
 
 N_SAMPLES = 80
 
@@ -200,7 +201,7 @@ def test_complete_output_is_refused_then_overwritten(job_dir):
 
 def test_another_jobs_checkpoint_is_refused(job_dir):
     job = load_job(write_job(job_dir, base_job()))
-    store.JobStore.begin(job.output, "fingerprint of another job")
+    JobStore.begin(job.output, "fingerprint of another job")
     with pytest.raises(FileExistsError, match="checkpoint of a different job"):
         run_job(job, out=io.StringIO())
 
@@ -226,7 +227,7 @@ def test_checkpointed_source_stores_then_loads_rounds(gn, tmp_path):
     path = tmp_path / "ck.zarr"
     G = gn.dense()
     requests = [[([0, 3, 5], [1, 2]), ([7], [7, 8, 9])], [(np.arange(10), [4])]]
-    first = CheckpointedGaussNewton(gn, store.JobStore.begin(path, "fp"))
+    first = CheckpointedGaussNewton(gn, JobStore.begin(path, "fp"))
     for batch in requests:
         for block, (r, c) in zip(first.entries_many(batch), batch):
             np.testing.assert_allclose(block, G[np.ix_(r, c)], rtol=1e-12, atol=1e-15)
@@ -234,7 +235,7 @@ def test_checkpointed_source_stores_then_loads_rounds(gn, tmp_path):
     assert first.stats["entries_exact"] == 6 + 3 + 10 and first.loaded["rounds"] == 0
 
     seen = []
-    again = CheckpointedGaussNewton(gn, store.JobStore.begin(path, "fp"),
+    again = CheckpointedGaussNewton(gn, JobStore.begin(path, "fp"),
                                     on_round=lambda k, n, loaded: seen.append((k, n, loaded)))
     before = dict(gn.stats)
     for batch in requests:
@@ -249,7 +250,7 @@ def test_checkpointed_source_stores_then_loads_rounds(gn, tmp_path):
     again.entries_many([([1], [2])])
     assert again.stats["entries_exact"] == 1 and store.checkpoint_rounds(path) == 3
 
-    other = CheckpointedGaussNewton(gn, store.JobStore.begin(path, "fp"))
+    other = CheckpointedGaussNewton(gn, JobStore.begin(path, "fp"))
     with pytest.raises(RuntimeError, match="round 0 .* holds other entry requests"):
         other.entries_many([([0, 3, 5], [1, 2])], seed=1)
 

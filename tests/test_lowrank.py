@@ -10,7 +10,7 @@ from conftest import random_mlp
 from dgnh.benchmarks.compress import digits_gnh
 from dgnh.factorization import Factorization, IndefiniteError, LowRankUpdate, ScaledIdentity
 from dgnh.lowrank import LowRank, nystrom, pivoted_cholesky
-from dgnh.solve import dual_factorize
+from dgnh.exact_solve import dual_factorize
 
 
 def dead_relu_gnh():

@@ -14,7 +14,12 @@ from conftest import random_mlp, random_targets
 
 import dgnh
 from dgnh import store
-from dgnh.compress import Hybrid, compress
+from dgnh.checkpoint import JobStore
+from dgnh.compress import compress
+from dgnh.hybrid import Hybrid
+from dgnh.packing import pack_blocks, unpack_blocks
+from dgnh.summary import summary
+from dgnh.zarr_io import write_rows
 from dgnh.hmatrix import HMatrix
 from dgnh.lowrank import LowRank
 
@@ -56,7 +61,7 @@ def saved(ops, tmp_path):
     def make(kind, factorized=True):
         path = tmp_path / f"{kind}.zarr"
         op = ops[kind]
-        op.save(path, factorization=factorize(op) if factorized else None)
+        store.save(op, path, factorization=factorize(op) if factorized else None)
         return op, str(path)
     return make
 
@@ -82,7 +87,7 @@ def test_round_trip_gives_identical_products_and_solves(saved, kind, rng):
 def test_store_without_factorization(saved):
     _, path = saved("lowrank", factorized=False)
     assert store.read_factorization(path) is None
-    assert "factorization" not in store.summary(path)
+    assert "factorization" not in summary(path)
 
 
 def test_layout_is_self_describing_with_plain_zarr(saved, gn, dense):
@@ -219,7 +224,7 @@ def test_existing_output_is_never_overwritten_without_overwrite(saved, ops):
 
 def test_save_rejects_what_is_not_a_compressed_operator(gn, tmp_path):
     with pytest.raises(TypeError, match="cannot store a GaussNewton"):
-        gn.save(tmp_path / "g.zarr")
+        store.save(gn, tmp_path / "g.zarr")
     assert not os.path.exists(tmp_path / "g.zarr")
 
 
@@ -233,19 +238,19 @@ def test_write_rows_accepts_only_chunk_aligned_regions(tmp_path, n_rows, chunk_r
                           dtype="f8", fill_value=0.0)
     values = np.arange(length, dtype=float) + 1
     if ok:
-        store.write_rows(z, start, values)
+        write_rows(z, start, values)
         np.testing.assert_array_equal(z[start:start + length], values)
     else:
         with pytest.raises(ValueError, match="not aligned"):
-            store.write_rows(z, start, values)
+            write_rows(z, start, values)
 
 
 @pytest.mark.parametrize("shapes", [[], [(2, 3)], [(2, 3), (0, 4), (1, 1), (5, 2)]])
 def test_pack_blocks_round_trip(rng, shapes):
     blocks = [rng.normal(size=s) for s in shapes]
-    offsets, shp, values = store.pack_blocks(blocks)
+    offsets, shp, values = pack_blocks(blocks)
     assert offsets[-1] == values.size == sum(int(np.prod(s)) for s in shapes)
-    back = store.unpack_blocks(offsets, shp, values)
+    back = unpack_blocks(offsets, shp, values)
     assert len(back) == len(blocks)
     for a, b in zip(back, blocks):
         np.testing.assert_array_equal(a, b)
@@ -254,7 +259,7 @@ def test_pack_blocks_round_trip(rng, shapes):
 # ---------------------------------------------------------------- job stores
 def test_job_store_rounds_resume_and_refusals(tmp_path, rng, ops):
     path = str(tmp_path / "job.zarr")
-    js = store.JobStore.begin(path, "fp-1")
+    js = JobStore.begin(path, "fp-1")
     assert js.n_rounds == 0 and js.load_array("diagonal") is None
     rounds = [[rng.normal(size=(3, 2)), rng.normal(size=(1, 4))], [rng.normal(size=(2, 2))]]
     for k, blocks in enumerate(rounds):
@@ -266,7 +271,7 @@ def test_job_store_rounds_resume_and_refusals(tmp_path, rng, ops):
     with pytest.raises(ValueError, match="incomplete"):
         dgnh.open(path)
 
-    again = store.JobStore.begin(path, "fp-1")  # the same job: resume
+    again = JobStore.begin(path, "fp-1")  # the same job: resume
     assert again.n_rounds == 2
     np.testing.assert_array_equal(again.load_array("diagonal"), np.arange(4.0))
     for k, blocks in enumerate(rounds):
@@ -275,24 +280,24 @@ def test_job_store_rounds_resume_and_refusals(tmp_path, rng, ops):
         for a, b in zip(back, blocks):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(FileExistsError, match="checkpoint of a different job"):
-        store.JobStore.begin(path, "fp-2")
+        JobStore.begin(path, "fp-2")
 
     again.finish(ops["lowrank"])
     assert type(dgnh.open(path)) is LowRank
     assert "checkpoint" not in zarr.open_group(path, mode="r")
     with pytest.raises(FileExistsError, match="already holds a complete result"):
-        store.JobStore.begin(path, "fp-1")
-    assert store.JobStore.begin(path, "fp-1", overwrite=True).n_rounds == 0
+        JobStore.begin(path, "fp-1")
+    assert JobStore.begin(path, "fp-1", overwrite=True).n_rounds == 0
 
 
 def test_checkpoint_counts_only_complete_contiguous_rounds(tmp_path, rng):
     path = str(tmp_path / "job.zarr")
-    js = store.JobStore.begin(path, "fp")
+    js = JobStore.begin(path, "fp")
     for k in range(3):
         js.save_round(k, "d", [rng.normal(size=(2, 2))])
     _set_attr(path, "complete", False, "checkpoint/rounds/000001")  # killed while writing 1
     assert store.checkpoint_rounds(path) == 1
-    assert store.JobStore.begin(path, "fp").n_rounds == 1
+    assert JobStore.begin(path, "fp").n_rounds == 1
 
 
 def test_job_store_refuses_foreign_content(tmp_path):
@@ -300,8 +305,8 @@ def test_job_store_refuses_foreign_content(tmp_path):
     path.mkdir()
     (path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a dgnh result store"):
-        store.JobStore.begin(path, "fp")
-    for replace in (lambda: store.JobStore.begin(path, "fp", overwrite=True),
+        JobStore.begin(path, "fp")
+    for replace in (lambda: JobStore.begin(path, "fp", overwrite=True),
                     lambda: store.save(LowRank(np.ones((3, 1))), path, overwrite=True)):
         with pytest.raises(FileExistsError, match="refusing to replace .* not a Zarr store"):
             replace()
@@ -310,7 +315,7 @@ def test_job_store_refuses_foreign_content(tmp_path):
 
 def test_summary_names_the_essentials(saved, gn):
     _, path = saved("hybrid")
-    text = store.summary(path)
+    text = summary(path)
     for fragment in ("hybrid", f"N = {gn.n_params}", "error", "factorization", "reg = 0.05",
                      "numpy"):
         assert fragment in text

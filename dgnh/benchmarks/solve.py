@@ -5,7 +5,7 @@ For digits classifiers of growing width (trained by scikit-learn on the first
 right-hand side ``b = ∇L`` (a Gauss–Newton step) is solved by:
 
 * ``dense``: Cholesky of the dense ``G + λI`` (only for ``N <= --dense-max``);
-* ``dual``: the exact dual route through ``ĴĴᵀ + nλI`` (:func:`dgnh.solve.dual_factorize`);
+* ``dual``: the exact dual route through ``ĴĴᵀ + nλI`` (:func:`dgnh.exact_solve.dual_factorize`);
 * ``<method> direct``: the factorization of the compressed ``H + λI`` (``dgnh.compress``);
 * ``cg none`` / ``cg diagonal`` / ``cg <method>``: CG on the exact GNH products to a
   ``1e-8`` relative residual, without preconditioner, with Jacobi, and with the
@@ -27,7 +27,8 @@ import numpy as np
 import scipy.linalg
 
 from ..compress import compress
-from ..solve import cg, dual_factorize
+from ..exact_solve import dual_factorize
+from ..solve import cg
 from ..spectral import eigsh
 from .common import print_table
 from .compress import digits_gnh

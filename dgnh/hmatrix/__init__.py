@@ -53,9 +53,9 @@ import numpy as np
 import scipy.linalg
 from tqdm import tqdm
 
-from .factorization import Factorization, IndefiniteError, check_reg
-from .operator import Operator
-from .packing import jsonable, pack_blocks, unpack_blocks
+from ..factorization import Factorization, IndefiniteError, check_reg
+from ..operator import Operator
+from ..packing import jsonable, pack_blocks, unpack_blocks
 
 Array = np.ndarray
 METRICS = ("angle", "gram")

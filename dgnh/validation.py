@@ -1,0 +1,114 @@
+"""Parameter and array checks shared by every layer of dgnh.
+
+Each check returns the value normalised (a Python ``int``/``float``, a numpy
+array) or raises ``TypeError`` (wrong kind of value) or ``ValueError`` (out of
+range, NaN/Inf, wrong shape) with a one-line message naming the parameter, what
+was expected and what was given — never an error from deep inside numpy.
+
+Examples
+--------
+>>> check_int(3, "max_rank", minimum=1)
+3
+>>> check_number(0.5, "tol", low=0, high=1, low_open=True, high_open=True)
+0.5
+>>> check_choice("gram", "metric", ("angle", "gram"))
+'gram'
+>>> check_int(0, "max_rank", minimum=1)
+Traceback (most recent call last):
+...
+ValueError: max_rank must be an integer >= 1, got 0
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+Array = np.ndarray
+
+
+def is_integer(value) -> bool:
+    """True for Python and numpy integers, False for ``bool`` and everything else."""
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def is_number(value) -> bool:
+    """True for Python and numpy reals (not ``bool``)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+
+
+def check_int(value, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer in ``[minimum, maximum]`` (either bound optional)."""
+    if not is_integer(value):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        if maximum is None:
+            allowed = f">= {minimum}"
+        elif minimum is None:
+            allowed = f"<= {maximum}"
+        else:
+            allowed = f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value}")
+    return int(value)
+
+
+def _interval(low, high, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        if low_open and high_open:
+            return f"lie in the open interval ({low}, {high})"
+        return f"lie in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"be {'>' if low_open else '>='} {low}"
+    return f"be {'<' if high_open else '<='} {high}"
+
+
+def check_number(value, name: str, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
+    """A finite real in the interval from ``low`` to ``high`` (open ends where asked).
+
+    ``hint`` is appended to the range error (e.g. what the parameter means).
+    """
+    if not is_number(value):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        raise ValueError(f"{name} must {_interval(low, high, low_open, high_open)}, "
+                         f"got {value}{hint}")
+    return value
+
+
+def check_fraction(value, name: str) -> float:
+    """A number in the open interval (0, 1) (tolerances, probabilities)."""
+    return check_number(value, name, 0, 1, low_open=True, high_open=True)
+
+
+def check_choice(value, name: str, choices: Sequence[str]) -> str:
+    """One of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def check_real_array(a, what: str, ndim: int | Sequence[int] | None = None) -> Array:
+    """``a`` as a real numeric array (integer or floating), finite, of the given ndim.
+
+    ``ndim`` is one allowed number of dimensions or a sequence of them.
+    """
+    arr = np.asarray(a)
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise TypeError(f"{what} must be a real numeric array, got dtype {arr.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if arr.ndim not in allowed:
+            dims = " or ".join(str(k) for k in allowed)
+            raise ValueError(f"{what} must be {dims}-dimensional, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} contains NaN or Inf")
+    return arr

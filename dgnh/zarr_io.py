@@ -1,0 +1,117 @@
+"""Zarr v3 plumbing shared by the dataset store and the result store.
+
+Opening a group with a clear error, writing arrays in chunk-aligned row slabs
+(every chunk written, so a missing chunk means a truncated store), reading
+them back with clear errors, and the rules for replacing an output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import zarr
+
+Array = np.ndarray
+CHUNK_BYTES = 4 * 2**20  # target bytes of one chunk
+SLAB_CHUNKS = 16  # chunks written per call in write_rows
+
+
+CHUNK_BYTES = 4 * 2**20  # target bytes of one chunk
+
+
+
+SLAB_CHUNKS = 16  # chunks written per call in write_rows
+
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Row chunks of about ``CHUNK_BYTES`` (whole trailing dimensions)."""
+    row_bytes = itemsize * int(np.prod([max(s, 1) for s in shape[1:]]))
+    rows = max(1, min(max(shape[0], 1), CHUNK_BYTES // row_bytes))
+    return (rows,) + tuple(max(s, 1) for s in shape[1:])
+
+
+
+def write_rows(array: zarr.Array, start: int, values: Array) -> None:
+    """Write ``values`` into rows ``start:start+len(values)`` of ``array``.
+
+    The region must be chunk-aligned (it starts on a chunk boundary and ends on
+    one or at the end of the array), so concurrent writers — e.g. one task per
+    region on different workers — never touch the same chunk.
+    """
+    rows = array.chunks[0]
+    stop = start + len(values)
+    if start % rows or (stop % rows and stop != array.shape[0]) or stop > array.shape[0]:
+        raise ValueError(f"rows {start}:{stop} of array {array.path!r} are not aligned to its "
+                         f"chunks of {rows} rows (shape {array.shape})")
+    array[start:stop] = values
+
+
+
+def write_array(group: zarr.Group, name: str, data: Array, description: str) -> zarr.Array:
+    """A new array ``group/name`` holding ``data``, written in chunk-aligned slabs."""
+    data = np.ascontiguousarray(data)
+    z = group.create_array(name, shape=data.shape, dtype=data.dtype,
+                           chunks=chunk_shape(data.shape, data.dtype.itemsize),
+                           overwrite=True, attributes={"description": description},
+                           config={"write_empty_chunks": True})
+    slab = SLAB_CHUNKS * z.chunks[0]
+    for start in range(0, data.shape[0], slab):
+        write_rows(z, start, data[start:start + slab])
+    return z
+
+
+
+def read_array(group: zarr.Group, name: str, where: str) -> Array:
+    """``group[name]`` as numpy; clear errors for a missing or truncated array."""
+    try:
+        z = group[name]
+    except KeyError:
+        raise ValueError(f"{where}: array {name!r} is missing (incomplete or damaged "
+                         f"store)") from None
+    if not isinstance(z, zarr.Array):
+        raise ValueError(f"{where}: {name!r} is not an array")
+    if z.nchunks_initialized != z.nchunks:
+        raise ValueError(f"{where} is truncated: array {name!r} has {z.nchunks_initialized} "
+                         f"of its {z.nchunks} chunks")
+    try:
+        return np.asarray(z[...])
+    except Exception as e:  # codec and I/O errors alike
+        raise ValueError(f"{where}: cannot read array {name!r} (damaged chunk?): {e}") from e
+
+
+
+def open_group(path: str, mode: str = "r", what: str = "result store") -> zarr.Group:
+    """The Zarr v3 group at ``path``; clear errors for a missing path or not a group."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return zarr.open_group(path, mode=mode, zarr_format=3)
+    except Exception as e:  # zarr raises several types for "not a v3 group"
+        raise ValueError(f"{path} is not a Zarr v3 group ({type(e).__name__}: {e})") from e
+
+
+
+def check_new_output(path: str, overwrite: bool, what: str = "output") -> None:
+    """``FileExistsError`` if ``path`` exists and ``overwrite`` is not set."""
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{what} {path} already exists: pass overwrite=True "
+                              f"(--overwrite) to replace it")
+
+
+
+def remove_path(path: str) -> None:
+    """Delete an output being overwritten: a file, an empty directory or a Zarr store.
+
+    A directory that holds other things (no ``zarr.json`` at its top) is never
+    deleted: ``FileExistsError``.
+    """
+    if os.path.isdir(path) and not os.path.islink(path):
+        if os.listdir(path) and not os.path.isfile(os.path.join(path, "zarr.json")):
+            raise FileExistsError(f"refusing to replace {path}: it is a directory that is not "
+                                  "a Zarr store")
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)

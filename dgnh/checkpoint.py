@@ -3,7 +3,7 @@
 :class:`JobStore` is the output store of a job (its ``checkpoint/`` group while
 it runs, then the result, see :mod:`dgnh.store`); :class:`CheckpointedGaussNewton`
 routes every entry round of a compression through it, so a killed job resumes
-where it stopped and gives the identical result.
+where it stopped and gives the identical result (docs/design.md §6).
 """
 
 from __future__ import annotations
@@ -20,15 +20,24 @@ from .factorization import Factorization
 from .gauss_newton import GaussNewton
 from .operator import Operator
 from .packing import jsonable, pack_blocks, unpack_blocks
-from .store import (_DESCRIPTIONS, FORMAT, LAYOUT, VERSION, _check_format, _description,
-                    _round_name, _write_result, checkpoint_rounds)
-from .zarr_io import open_group, read_array, write_array, remove_path
+from .store import (FORMAT, LAYOUT, VERSION, checkpoint_rounds, describe, round_name,
+                    write_result)
+from .zarr_io import check_format, open_group, read_array, remove_path, write_array
 
 Array = np.ndarray
 
 
 def request_digest(requests: Sequence[tuple], **options) -> str:
-    """SHA-256 of a batch of entry requests ``[(rows, cols), ...]`` and its options."""
+    """SHA-256 of a batch of entry requests ``[(rows, cols), ...]`` and its options.
+
+    Examples
+    --------
+    >>> a = request_digest([([0, 1], [2])], eps=None, seed=0)
+    >>> a == request_digest([(np.array([0, 1]), [2])], eps=None, seed=0)
+    True
+    >>> a == request_digest([([0, 1], [2])], eps=None, seed=1)
+    False
+    """
     h = hashlib.sha256(json.dumps(jsonable(options), sort_keys=True).encode())
     for rows, cols in requests:
         for idx in (rows, cols):
@@ -36,7 +45,6 @@ def request_digest(requests: Sequence[tuple], **options) -> str:
             h.update(np.int64(idx.size).tobytes())
             h.update(idx.tobytes())
     return h.hexdigest()
-
 
 
 class JobStore:
@@ -68,7 +76,7 @@ class JobStore:
         try:
             root = open_group(path)
             attrs = dict(root.attrs)
-            _check_format(attrs, path)
+            check_format(attrs, path, FORMAT, VERSION, "result")
         except ValueError as e:
             raise FileExistsError(f"output {path} exists and is not a dgnh result store ({e}): "
                                   "pass --overwrite (overwrite=True) to replace it") from None
@@ -104,13 +112,14 @@ class JobStore:
         return read_array(self.checkpoint, name, f"checkpoint of {self.path}")
 
     def save_array(self, name: str, data: Array) -> None:
-        z = write_array(self.checkpoint, name, np.asarray(data), _description(name))
+        """Checkpoint an array (its ``complete`` attribute written after its chunks)."""
+        z = write_array(self.checkpoint, name, np.asarray(data), describe(name))
         z.attrs["complete"] = True
 
     # ------------------------------------------------------------- rounds
     def load_round(self, k: int) -> tuple[str, list[Array]]:
         """The digest and blocks of stored round ``k`` (``k < n_rounds``)."""
-        group = self.checkpoint["rounds"][_round_name(k)]
+        group = self.checkpoint["rounds"][round_name(k)]
         where = f"checkpoint of {self.path}, round {k}"
         blocks = unpack_blocks(*(read_array(group, n, where)
                                  for n in ("offsets", "shapes", "values")), where)
@@ -120,9 +129,9 @@ class JobStore:
         """Store round ``k`` (arrays first, then its attributes with ``complete``)."""
         if k != self.n_rounds:
             raise ValueError(f"round {k} cannot follow the {self.n_rounds} stored rounds")
-        group = self.checkpoint["rounds"].create_group(_round_name(k), overwrite=True)
+        group = self.checkpoint["rounds"].create_group(round_name(k), overwrite=True)
         for name, data in zip(("offsets", "shapes", "values"), pack_blocks(blocks)):
-            write_array(group, name, data, _DESCRIPTIONS[name])
+            write_array(group, name, data, describe(name))
         group.attrs.update({"digest": digest, "n_blocks": len(blocks),
                             "n_entries": int(sum(np.size(b) for b in blocks)),
                             "complete": True})
@@ -132,7 +141,7 @@ class JobStore:
     def finish(self, op: Operator, factorization: Factorization | None = None,
                attrs: dict | None = None, factorization_seconds: float | None = None) -> None:
         """Write the result, mark the store complete, then drop the checkpoint."""
-        _write_result(self.root, op, factorization, attrs, factorization_seconds)
+        write_result(self.root, op, factorization, attrs, factorization_seconds)
         del self.root["checkpoint"]
 
 
@@ -158,6 +167,7 @@ class CheckpointedGaussNewton(Operator):
         self._diag = None
 
     def diagonal(self) -> Array:
+        """The GNH diagonal: from the checkpoint when stored, else evaluated and stored."""
         if self._diag is None:
             self._diag = self.job_store.load_array("diagonal")
             self.loaded["diagonal"] = self._diag is not None

@@ -1,7 +1,8 @@
 """All Dask plumbing: shards resident on a cluster, one task per shard per batch.
 
-:class:`DaskBackend` implements the backend protocol of :mod:`dgnh.backend`
-(``map``, ``sum``, ``close``, ``n_shards``) on a ``distributed`` cluster:
+:class:`DaskBackend` implements the :class:`~dgnh.protocols.Backend` protocol
+(``map``, ``sum``, ``run``, ``close``, ``n_shards``, ``n_workers``,
+``factor_bytes``; see :mod:`dgnh.backend`) on a ``distributed`` cluster:
 
 * each shard is one task, ``make(*args)`` → :class:`~dgnh.shard_factors.ShardFactors`,
   with the key ``dgnh-shard-<token>-<s>``, softly pinned to one worker
@@ -11,8 +12,8 @@
   both cases the scheduler keeps the task spec, so a shard lost with its
   worker is recomputed elsewhere — which ``client.scatter`` would not allow;
 * a request batch is one graph, sent to the scheduler in one message: one
-  task per shard, ``getattr(shard, method)(*args)``
-  (key ``dgnh-<method>-<token>-<batch>-<s>``), then for ``sum`` a tree
+  task per shard, ``func(shard, *args)`` (key ``dgnh-<func name>-<token>-<batch>-<s>``,
+  e.g. ``dgnh-evaluate-…`` for ``ShardFactors.evaluate``), then for ``sum`` a tree
   reduction with :func:`~dgnh.backend.add_partials`, ``SPLIT_EVERY`` partials
   per task (``dgnh-sum-<token>-<batch>-<level>-<i>``): about ``1.33 × n_shards``
   tasks per batch whatever the number of blocks it holds. Shared arguments
@@ -41,6 +42,7 @@ from distributed import Client, Future, LocalCluster, WorkerPlugin
 from distributed.security import Security
 
 from .backend import add_partials, per_shard, require_shards
+from .shard_factors import ShardFactors
 
 SPLIT_EVERY = 4  # partial results added by one reduction task
 ARG_TASK_BYTES = 2**20  # shared arguments above this size are sent once, as a task
@@ -139,9 +141,20 @@ class MallocTuning(WorkerPlugin):
         set_malloc_thresholds()
 
 
-def call_method(obj: Any, method: str, args: tuple) -> Any:
-    """``getattr(obj, method)(*args)``: the task run on a shard."""
-    return getattr(obj, method)(*args)
+def call_on_shard(func: Callable[..., Any], shard: Any, args: tuple) -> Any:
+    """``func(shard, *args)``: the task run on a shard.
+
+    Examples
+    --------
+    >>> call_on_shard(str.split, "a b", ())
+    ['a', 'b']
+    """
+    return func(shard, *args)
+
+
+def shard_nbytes(shard: ShardFactors) -> int:
+    """Bytes of one shard's factors (the task behind :attr:`DaskBackend.factor_bytes`)."""
+    return shard.nbytes
 
 
 def sum_partials(*parts: Any) -> Any:
@@ -171,7 +184,7 @@ class DaskBackend:
     ...         Client(lc, set_as_default=False) as c:
     ...     backend = DaskBackend(c)
     ...     backend.create_shards([(np.arange, (3,)), (np.arange, (3, 6))])
-    ...     total = backend.sum("sum")
+    ...     total = backend.sum(np.ndarray.sum)
     ...     backend.close()
     >>> int(total)
     15
@@ -210,7 +223,7 @@ class DaskBackend:
                                   "workers") from e
 
     # ----------------------------------------------------------------- setup
-    def run(self, func: Callable, *args) -> Any:
+    def run(self, func: Callable[..., Any], *args: Any) -> Any:
         """``func(*args)`` as one task on a worker (e.g. to read store metadata
         where the data lives)."""
         return self.client.submit(func, *args, pure=False).result()
@@ -241,14 +254,19 @@ class DaskBackend:
     def n_workers(self) -> int:
         return len(self.client.scheduler_info()["workers"])
 
-    def map(self, method: str, args=()) -> list:
-        """``getattr(shard, method)(*args[s])`` on every shard, in shard order."""
-        calls, _ = self._calls(method, args)
+    @property
+    def factor_bytes(self) -> int:
+        """Bytes of the factors of all shards (one task per shard; 0 once closed)."""
+        return int(self.sum(shard_nbytes)) if self._shards else 0
+
+    def map(self, func: Callable[..., Any], args: tuple | Sequence[tuple] = ()) -> list:
+        """``func(shard, *args[s])`` on every shard, in shard order."""
+        calls, _ = self._calls(func, args)
         return self.client.gather(self.client.compute(calls, optimize_graph=False))
 
-    def sum(self, method: str, args=()):
+    def sum(self, func: Callable[..., Any], args: tuple | Sequence[tuple] = ()) -> Any:
         """The calls of :meth:`map` added up over shards by a reduction tree."""
-        parts, tag = self._calls(method, args)
+        parts, tag = self._calls(func, args)
         for level in itertools.count():
             if len(parts) == 1:
                 return self.client.compute(parts[0], optimize_graph=False).result()
@@ -266,7 +284,8 @@ class DaskBackend:
             self._shards = []
         self._shutdown()
 
-    def _calls(self, method: str, args) -> tuple[list[Delayed], str]:
+    def _calls(self, func: Callable[..., Any],
+               args: tuple | Sequence[tuple]) -> tuple[list[Delayed], str]:
         """One call task per shard; the graph of a batch is sent in one message."""
         require_shards(self.n_shards)
         tag = f"{self._token}-{next(self._batches)}"
@@ -275,9 +294,10 @@ class DaskBackend:
             per = [shared] * self.n_shards
         else:
             per = per_shard(args, self.n_shards)
+        name = func.__name__
         calls = [
-            delayed(call_method, pure=False)(shard, method, a,
-                                             dask_key_name=f"dgnh-{method}-{tag}-{s}")
+            delayed(call_on_shard, pure=False)(func, shard, a,
+                                               dask_key_name=f"dgnh-{name}-{tag}-{s}")
             for s, (shard, a) in enumerate(zip(self._shards, per))
         ]
         return calls, tag

@@ -1,6 +1,6 @@
 """Data sets on disk: inputs ``X`` and targets ``Y`` in a Zarr v3 store, rows chunked.
 
-Layout (``format = "dgnh-dataset"``, ``version = 1``)::
+Layout (``format = "dgnh-dataset"``, ``version = 1``; docs/design.md §6)::
 
     <path>/                 Zarr v3 group; attributes:
         format, version     "dgnh-dataset", 1
@@ -13,9 +13,10 @@ Layout (``format = "dgnh-dataset"``, ``version = 1``)::
                             chunks (chunk_rows, ...)
 
 Every chunk is written, even an all-zero one, so a missing chunk means a
-truncated store. :func:`open_dataset` checks the attributes against the arrays
-and the chunks present; :meth:`Dataset.read` is what a shard task runs on a
-worker to fetch its rows.
+truncated store; each array carries a ``description`` attribute.
+:func:`open_dataset` checks the attributes against the arrays and the chunks
+present; :meth:`Dataset.read` is what a shard task runs on a worker to fetch
+its rows.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from .model import check_finite_array
+from .validation import check_real_array, is_integer
+from .zarr_io import (check_format, check_new_output, chunk_shape, open_group, remove_path,
+                      write_array)
 
 Array = np.ndarray
 
 FORMAT = "dgnh-dataset"
 VERSION = 1
-CHUNK_BYTES = 4 * 2**20  # target size of one chunk of X
+_DESCRIPTIONS = {"X": "inputs, one sample per row", "Y": "targets, one sample per row"}
 _ATTRS = ("n_samples", "n_inputs", "target_shape", "x_dtype", "y_dtype", "chunk_rows")
 
 
@@ -68,7 +71,7 @@ class Dataset:
         if not 0 <= start <= stop <= self.n_samples:
             raise ValueError(f"dataset {self.path}: rows {start}:{stop} are outside "
                              f"[0, {self.n_samples}]")
-        group = _open_group(self.path)
+        group = open_group(self.path, what="dataset store")
         out = []
         for name in ("X", "Y"):
             try:
@@ -90,9 +93,9 @@ def save_dataset(path: str | os.PathLike, X, Y, chunk_rows: int | None = None,
         float32, else float64.
     Y : real finite targets ``(n_samples,)`` (e.g. class labels, stored as int64
         when integer) or ``(n_samples, n_targets)``.
-    chunk_rows : rows per chunk (default: about 4 MiB of ``X`` per chunk). A
-        shard reads whole chunks, so a shard size that is a multiple of it
-        reads each chunk once.
+    chunk_rows : rows per chunk (default: about 4 MiB of ``X`` per chunk, see
+        :func:`dgnh.zarr_io.chunk_shape`). A shard reads whole chunks, so a
+        shard size that is a multiple of it reads each chunk once.
     overwrite : replace an existing store at ``path``.
 
     Examples
@@ -104,8 +107,8 @@ def save_dataset(path: str | os.PathLike, X, Y, chunk_rows: int | None = None,
     (100, 3, (2,), 32)
     """
     path = os.fspath(path)
-    X = check_finite_array(X, "X", ndim=2)
-    Y = check_finite_array(Y, "Y")
+    X = check_real_array(X, "X", ndim=2)
+    Y = check_real_array(Y, "Y")
     n = X.shape[0]
     if n == 0 or X.shape[1] == 0:
         raise ValueError(f"X must have at least one row and one column, got shape {X.shape}")
@@ -116,18 +119,14 @@ def save_dataset(path: str | os.PathLike, X, Y, chunk_rows: int | None = None,
     Y = Y.astype(np.int64 if np.issubdtype(Y.dtype, np.integer) else
                  (np.float32 if Y.dtype == np.float32 else np.float64), copy=False)
     if chunk_rows is None:
-        chunk_rows = max(1, min(n, CHUNK_BYTES // (X.shape[1] * X.dtype.itemsize)))
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) \
-            or chunk_rows <= 0:
+        chunk_rows = chunk_shape(X.shape, X.dtype.itemsize)[0]
+    if not is_integer(chunk_rows) or chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"dataset store {path} already exists (pass overwrite=True)")
-    group = zarr.create_group(path, overwrite=True, zarr_format=3)
+    check_new_output(path, overwrite, "dataset store")
+    remove_path(path)
+    group = zarr.create_group(path, zarr_format=3)
     for name, arr in (("X", X), ("Y", Y)):
-        z = group.create_array(name, shape=arr.shape, dtype=arr.dtype,
-                               chunks=(int(chunk_rows),) + arr.shape[1:],
-                               config={"write_empty_chunks": True})
-        z[...] = arr
+        write_array(group, name, arr, _DESCRIPTIONS[name], chunk_rows=int(chunk_rows))
     # attributes last: a store interrupted while writing has no valid metadata
     group.attrs.update(format=FORMAT, version=VERSION, n_samples=int(n),
                        n_inputs=int(X.shape[1]), target_shape=list(Y.shape[1:]),
@@ -152,14 +151,9 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
     10
     """
     path = os.fspath(path)
-    group = _open_group(path)
+    group = open_group(path, what="dataset store")
     attrs = dict(group.attrs)
-    if attrs.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a dgnh dataset store: format attribute is "
-                         f"{attrs.get('format')!r}, expected {FORMAT!r}")
-    if attrs.get("version") != VERSION:
-        raise ValueError(f"dataset {path} has unsupported version {attrs.get('version')!r} "
-                         f"(this dgnh reads version {VERSION})")
+    check_format(attrs, path, FORMAT, VERSION, "dataset")
     missing = [k for k in _ATTRS if k not in attrs]
     if missing:
         raise ValueError(f"dataset {path} lacks the attributes {missing} (truncated store?)")
@@ -188,11 +182,3 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
                              f"{arr.nchunks_initialized} of {arr.nchunks} chunks stored")
     return ds
 
-
-def _open_group(path: str) -> zarr.Group:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"dataset store {path} does not exist")
-    try:
-        return zarr.open_group(path, mode="r", zarr_format=3)
-    except Exception as e:  # zarr raises several types for "not a v3 group"
-        raise ValueError(f"{path} is not a Zarr v3 group ({type(e).__name__}: {e})") from None

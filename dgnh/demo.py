@@ -22,8 +22,6 @@ from typing import TextIO
 
 import numpy as np
 
-from .summary import summary
-from .zarr_io import check_new_output
 from .dataset import save_dataset
 from .digits import train_digits_mlp
 from .gauss_newton import GaussNewton
@@ -31,6 +29,8 @@ from .job import load_job, run_job
 from .model import MLP
 from .plot import plot_store
 from .spectral import eigsh
+from .summary import summary
+from .zarr_io import check_new_output
 
 FILES = ("model.npz", "digits.zarr", "job.toml", "result.zarr", "structure.png",
          "spectrum.png")

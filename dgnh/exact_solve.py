@@ -3,7 +3,9 @@
 * :func:`solve` — preconditioned CG on the exact GNH products;
 * :class:`DualFactorization` — the exact inverse through the ``n·d × n·d``
   dual matrix ``ĴĴᵀ + n·reg·I`` (Woodbury), assembled from the per-shard
-  factors through the GaussNewton's public Jacobian products.
+  factors through the GaussNewton's public Jacobian products
+  (:meth:`~dgnh.gauss_newton.GaussNewton.dual_gram`,
+  :meth:`~dgnh.gauss_newton.GaussNewton.jacobian_matvec`, ...).
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ def solve(gn: GaussNewton, B, reg: float, rtol: float = 1e-8, preconditioner=Non
     return result
 
 
-
 class DualFactorization(Factorization):
     """Exact ``(G + reg·I)⁻¹`` through the dual matrix ``K = ĴĴᵀ + n·reg·I``.
 
@@ -60,14 +61,15 @@ class DualFactorization(Factorization):
     identity ``det(λI + ĴᵀĴ/n) = λ^N det(I + ĴĴᵀ/(nλ))``).
 
     ``ĴĴᵀ = Σ_l (C_l C_lᵀ) ∘ (X_{l-1}X_{l-1}ᵀ + 1_bias)`` is assembled from the stored
-    per-shard factors, one row block per shard through the backend (so shards
-    may live on a Dask cluster): every shard first returns its compact factors
-    (``n_s·Σ_l(d·d_l + d_{l-1} + 1)`` numbers), then shard ``s`` computes its blocks
-    against shards ``t ≥ s``. Memory: ``8·m²`` bytes for ``K`` on the driver
-    (``m = 17970`` takes 2.6 GB; about 1.5× that while the row blocks arrive); time ``O(m²·Σ_l d_l)`` to assemble plus
-    ``m³/3`` for the Cholesky factorization (scipy.linalg). Products ``Ĵv`` and
-    ``Ĵᵀy`` run on the shards (forward R-op, backprop), so a solve costs two
-    passes over the data plus ``O(m²·k)``.
+    per-shard factors by :meth:`GaussNewton.dual_gram
+    <dgnh.gauss_newton.GaussNewton.dual_gram>`, one row block per shard (so shards
+    may live on a Dask cluster). Memory: ``8·m²`` bytes for ``K`` on the driver
+    (``m = 17970`` takes 2.6 GB; about 1.5× that while the row blocks arrive),
+    refused above ``max_bytes``; time ``O(m²·Σ_l d_l)`` to assemble plus ``m³/3``
+    for the Cholesky factorization (scipy.linalg). Products ``Ĵv`` and ``Ĵᵀy``
+    run on the shards (:meth:`~dgnh.gauss_newton.GaussNewton.jacobian_matvec`,
+    :meth:`~dgnh.gauss_newton.GaussNewton.jacobian_rmatvec`: forward R-op,
+    backprop), so a solve costs two passes over the data plus ``O(m²·k)``.
 
     The Woodbury subtraction loses about ``eps·‖G‖/λ`` in relative accuracy.
     """
@@ -78,53 +80,25 @@ class DualFactorization(Factorization):
         self.reg = check_reg(reg)
         self.gn = gn
         self.shape = gn.shape
-        n, d = gn.n_samples, gn.model.n_outputs
-        m = n * d
-        if 8 * m * m > max_bytes:
-            raise ValueError(
-                f"the dual matrix ĴĴᵀ has n_samples·n_outputs = {m} rows and needs "
-                f"{8 * m * m:,} bytes ({8 * m * m / 2**30:.2f} GiB), above max_bytes="
-                f"{max_bytes:,}; raise max_bytes or use dgnh.solve (CG) instead"
-            )
-        backend = gn._backend
-        factors = backend.map("dual_factors")
-        rows = backend.map("dual_gram", [(factors[s:],) for s in range(backend.n_shards)])
-        sizes = [len(f[0][0]) for f in factors]
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        K = np.empty((m, m))
-        for s, row in enumerate(rows):
-            a, b = offsets[s], offsets[s + 1]
-            K[a:b, a:] = row
-            K[a:, a:b] = row.T
-        K[np.diag_indices(m)] += n * self.reg
+        K = gn.dual_gram(max_bytes=max_bytes)
+        K[np.diag_indices_from(K)] += gn.n_samples * self.reg
         try:
             self.chol = scipy.linalg.cho_factor(K, lower=True, overwrite_a=True,
                                                 check_finite=False)
         except np.linalg.LinAlgError as err:  # pragma: no cover - K is SPD for reg > 0
             raise ValueError("the dual matrix ĴĴᵀ + n·reg·I is not numerically positive "
                              "definite; increase reg") from err
-        self.offsets = offsets
-        self.n_rows = m
+        self.n_rows = gn.n_jacobian_rows
 
     @property
     def nbytes(self) -> int:
         return int(self.chol[0].nbytes)
 
-    def _jacobian(self, V: Array) -> Array:
-        """``Ĵ V`` with rows in shard order, shape ``(m, k)``, float64."""
-        parts = self.gn._backend.map("jacobian_matvec", (V,))
-        return np.vstack(parts).astype(np.float64, copy=False)
-
-    def _jacobian_t(self, Y: Array) -> Array:
-        """``Ĵᵀ Y`` for ``Y`` of shape ``(m, k)``."""
-        o = self.offsets
-        args = [(Y[o[s]:o[s + 1]],) for s in range(len(o) - 1)]
-        return np.asarray(self.gn._backend.sum("jacobian_rmatvec", args), dtype=np.float64)
-
     def _matmat(self, V: Array) -> Array:
         V = np.asarray(V, dtype=np.float64)
-        Y = scipy.linalg.cho_solve(self.chol, self._jacobian(V), check_finite=False)
-        return (V - self._jacobian_t(Y)) / self.reg
+        JV = self.gn.jacobian_matvec(V).astype(np.float64, copy=False)
+        Y = scipy.linalg.cho_solve(self.chol, JV, check_finite=False)
+        return (V - self.gn.jacobian_rmatvec(Y).astype(np.float64, copy=False)) / self.reg
 
     def factorized_matmat(self, V: Array) -> Array:
         """``(G + reg·I) V`` with exact GNH products."""
@@ -138,17 +112,14 @@ class DualFactorization(Factorization):
 
     def inverse_diagonal(self, chunk: int = 256) -> Array:
         """``diag((G + λI)⁻¹) = (1/λ)(1 − ‖L⁻¹Ĵ[:, a]‖²)``, O(m²·N) in column chunks."""
-        gn, N = self.gn, self.shape[0]
+        N = self.shape[0]
         out = np.empty(N)
         for a in range(0, N, chunk):
-            loc = gn.model.locate(np.arange(a, min(a + chunk, N)))
-            cols = gn._backend.map("gather", (loc,))  # per shard (k, n_s, d)
-            J = np.concatenate([c.reshape(c.shape[0], -1) for c in cols], axis=1).T
-            W = scipy.linalg.solve_triangular(self.chol[0], J.astype(np.float64), lower=True,
-                                              check_finite=False)
-            out[a:a + len(loc[0])] = (1.0 - np.einsum("ij,ij->j", W, W)) / self.reg
+            params = np.arange(a, min(a + chunk, N))
+            J = self.gn.jacobian_columns(params).astype(np.float64)
+            W = scipy.linalg.solve_triangular(self.chol[0], J, lower=True, check_finite=False)
+            out[params] = (1.0 - np.einsum("ij,ij->j", W, W)) / self.reg
         return out
-
 
 
 def dual_factorize(gn: GaussNewton, reg: float, max_bytes: int = 4 * 2**30) -> DualFactorization:
@@ -167,7 +138,6 @@ def dual_factorize(gn: GaussNewton, reg: float, max_bytes: int = 4 * 2**30) -> D
     True
     """
     return DualFactorization(gn, reg, max_bytes=max_bytes)
-
 
 
 def dual_solve(gn: GaussNewton, B, reg: float, max_bytes: int = 4 * 2**30) -> Array:

@@ -1,7 +1,11 @@
 """The Gauss–Newton Hessian of an MLP on a data set: entries, blocks, products.
 
-``G = (1/n) Σ_i J_iᵀ Q_i J_i`` (design.md §1–§3), organised as per-shard
-factors plus an exact sum over shards.
+``G = (1/n) Σ_i J_iᵀ Q_i J_i`` (docs/design.md §1–§3), organised as per-shard
+factors (:class:`~dgnh.shard_factors.ShardFactors`) plus an exact sum over shards,
+which a backend (:class:`~dgnh.protocols.Backend`) computes in this process or on
+a Dask cluster. Besides entries and GNH products, :class:`GaussNewton` gives the
+products with the loss-scaled Jacobian ``Ĵ = RJ`` (``G = ĴᵀĴ/n``) that the dual
+route of :mod:`dgnh.exact_solve` needs.
 """
 
 from __future__ import annotations
@@ -12,25 +16,15 @@ from typing import Sequence
 import numpy as np
 
 from .backend import LocalBackend, default_shard_size, shard_bounds
-from .shard_factors import ShardFactors
 from .losses import get_loss
 from .model import MLP
 from .operator import Operator, check_dense_size
+from .protocols import Backend
 from .sampling import check_eps_delta, plan
+from .shard_factors import ShardFactors
+from .validation import check_float_dtype, check_real_array, is_integer
 
 Array = np.ndarray
-
-_DTYPES = {np.dtype(np.float64): np.float64, np.dtype(np.float32): np.float32}
-
-
-def check_dtype(dtype) -> np.dtype:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dt not in _DTYPES:
-        raise TypeError(f"dtype must be float64 or float32, got {dtype!r}")
-    return dt
 
 
 class GaussNewton(Operator):
@@ -86,7 +80,7 @@ class GaussNewton(Operator):
             raise TypeError(f"model must be a dgnh.MLP, got {type(model).__name__}")
         self.model = model
         self.loss_name = get_loss(loss).name
-        self.dtype = check_dtype(dtype)
+        self.dtype = check_float_dtype(dtype)
         if shard_size is None:
             shard_size = default_shard_size(model, self.dtype)
         self.shard_size = check_shard_size(shard_size)
@@ -164,6 +158,12 @@ class GaussNewton(Operator):
 
     # -------------------------------------------------------------- lifecycle
     @property
+    def backend(self) -> Backend:
+        """Where the shards live: a :class:`~dgnh.backend.LocalBackend` or a
+        :class:`~dgnh.cluster.DaskBackend` (the :class:`~dgnh.protocols.Backend` protocol)."""
+        return self._backend
+
+    @property
     def n_shards(self) -> int:
         return self._backend.n_shards
 
@@ -202,12 +202,12 @@ class GaussNewton(Operator):
                 for r, c in requests]
         if eps is not None:
             eps, delta = check_eps_delta(eps, delta)
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            if not is_integer(seed) or seed < 0:
                 raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
             args, post = self._sampling_specs(locs, eps, delta, seed)
         else:
             args, post = ([("exact", I, J) for I, J in locs],), [None] * len(locs)
-        sums = self._backend.sum("evaluate", args)
+        sums = self._backend.sum(ShardFactors.evaluate, args)
         n = self.n_samples
         out = []
         for (I, J), part, how in zip(locs, sums, post):
@@ -225,7 +225,7 @@ class GaussNewton(Operator):
         """Round 1 (per-shard norm sums) and the per-shard round-2 requests."""
         union = tuple(np.concatenate([np.concatenate([I[k], J[k]]) for I, J in locs])
                       for k in range(3))
-        norms = np.array(self._backend.map("sq_norm_sums", (union,)))  # (shards, k)
+        norms = np.array(self._backend.map(ShardFactors.sq_norm_sums, (union,)))  # (shards, k)
         total = norms.sum(axis=0)  # n · G_aa
         specs = [[] for _ in range(self.n_shards)]
         post = []
@@ -255,7 +255,8 @@ class GaussNewton(Operator):
     def diagonal(self) -> Array:
         """The diagonal of G, O(n·N)."""
         if self._diag is None:
-            self._diag = (self._backend.sum("diagonal") / self.n_samples).astype(self.dtype)
+            diagonal_sum = self._backend.sum(ShardFactors.diagonal)
+            self._diag = (diagonal_sum / self.n_samples).astype(self.dtype)
         return self._diag.copy()
 
     def column(self, j: int) -> Array:
@@ -275,7 +276,8 @@ class GaussNewton(Operator):
 
     # --------------------------------------------------------------- products
     def _matmat(self, V: Array) -> Array:
-        return (self._backend.sum("gnh_matvec", (V,)) / self.n_samples).astype(self.dtype)
+        return (self._backend.sum(ShardFactors.gnh_matvec, (V,)) / self.n_samples).astype(
+            self.dtype)
 
     def hvp(self, V) -> Array:
         """The full Hessian of the mean loss times ``V`` (vector or ``(N, k)``)."""
@@ -287,11 +289,124 @@ class GaussNewton(Operator):
 
     def loss(self) -> float:
         """The mean loss ``(1/n) Σ_i ℓ(f(x_i), y_i)``."""
-        return self._backend.sum("loss_sum") / self.n_samples
+        return self._backend.sum(ShardFactors.loss_sum) / self.n_samples
 
     def gradient(self) -> Array:
         """The gradient of the mean loss, shape ``(N,)``."""
-        return (self._backend.sum("gradient_sum") / self.n_samples).astype(self.dtype)
+        return (self._backend.sum(ShardFactors.gradient_sum) / self.n_samples).astype(self.dtype)
+
+    def _hessian_matmat(self, V: Array) -> Array:
+        """The full Hessian of the mean loss times a validated ``V (N, k)``."""
+        return (self._backend.sum(ShardFactors.hessian_matvec, (V,)) / self.n_samples).astype(
+            self.dtype)
+
+    # ------------------------------------------ Jacobian products (dual route)
+    @property
+    def n_jacobian_rows(self) -> int:
+        """Rows ``m = n_samples · n_outputs`` of the loss-scaled Jacobian ``Ĵ``."""
+        return self.n_samples * self.model.n_outputs
+
+    def jacobian_matvec(self, V) -> Array:
+        """``Ĵ V``: the loss-scaled Jacobian ``Ĵ = RJ`` (``G = ĴᵀĴ/n``) times ``V``.
+
+        ``V`` is ``(N,)`` or ``(N, k)``; the result is ``(m,)`` or ``(m, k)`` with
+        ``m = n_samples · n_outputs`` rows ``(i, o)`` in sample order (docs/design.md
+        §2), computed on the shards by one forward R-op pass, O(n·N·k).
+
+        Examples
+        --------
+        >>> import numpy as np, dgnh
+        >>> rng = np.random.default_rng(0)
+        >>> net = dgnh.MLP([rng.normal(size=(2, 3))], [np.zeros(2)], ["tanh"])
+        >>> gn = dgnh.GaussNewton(net, rng.normal(size=(5, 3)), rng.normal(size=(5, 2)))
+        >>> J = gn.jacobian_matvec(np.eye(gn.n_params))
+        >>> J.shape, bool(np.allclose(J.T @ J / gn.n_samples, gn.dense()))
+        ((10, 8), True)
+        """
+        V2 = _check_vectors(V, self.n_params, "V")
+        if V2.shape[1] == 0:
+            return np.zeros((self.n_jacobian_rows, 0), dtype=self.dtype)
+        out = np.vstack(self._backend.map(ShardFactors.jacobian_matvec, (V2,)))
+        return out[:, 0] if np.ndim(V) == 1 else out
+
+    def jacobian_rmatvec(self, Y) -> Array:
+        """``ĴᵀY`` for ``Y`` of shape ``(m,)`` or ``(m, k)`` (rows ``(i, o)`` in sample order).
+
+        The result is ``(N,)`` or ``(N, k)``; each shard backpropagates its rows of ``Y``.
+
+        Examples
+        --------
+        >>> import numpy as np, dgnh
+        >>> rng = np.random.default_rng(0)
+        >>> net = dgnh.MLP([rng.normal(size=(2, 3))], [np.zeros(2)], ["tanh"])
+        >>> gn = dgnh.GaussNewton(net, rng.normal(size=(5, 3)), rng.normal(size=(5, 2)))
+        >>> Y = rng.normal(size=gn.n_jacobian_rows)
+        >>> J = gn.jacobian_matvec(np.eye(gn.n_params))
+        >>> bool(np.allclose(gn.jacobian_rmatvec(Y), J.T @ Y))
+        True
+        """
+        Y2 = _check_vectors(Y, self.n_jacobian_rows, "Y")
+        if Y2.shape[1] == 0:
+            return np.zeros((self.n_params, 0), dtype=self.dtype)
+        d = self.model.n_outputs
+        args = [(Y2[a * d:b * d],) for a, b in shard_bounds(self.n_samples, self.shard_size)]
+        out = self._backend.sum(ShardFactors.jacobian_rmatvec, args)
+        return out[:, 0] if np.ndim(Y) == 1 else out
+
+    def jacobian_columns(self, params) -> Array:
+        """The columns ``Ĵ[:, params]``, shape ``(m, len(params))``, rows in sample order.
+
+        Examples
+        --------
+        >>> import numpy as np, dgnh
+        >>> rng = np.random.default_rng(0)
+        >>> net = dgnh.MLP([rng.normal(size=(2, 3))], [np.zeros(2)], ["tanh"])
+        >>> gn = dgnh.GaussNewton(net, rng.normal(size=(5, 3)), rng.normal(size=(5, 2)))
+        >>> J = gn.jacobian_matvec(np.eye(gn.n_params))
+        >>> bool(np.allclose(gn.jacobian_columns([1, 6]), J[:, [1, 6]]))
+        True
+        """
+        loc = self.model.locate(self.model.check_indices(params, "parameter index"))
+        columns = self._backend.map(ShardFactors.gather, (loc,))  # per shard (k, n_s, d)
+        return np.concatenate([c.reshape(c.shape[0], -1) for c in columns], axis=1).T
+
+    def dual_gram(self, max_bytes: int = 4 * 2**30) -> Array:
+        """The dual Gram matrix ``ĴĴᵀ`` (``m × m``, float64), rows in sample order.
+
+        Assembled from the per-shard factors without forming ``Ĵ``: every shard
+        first returns its compact factors (``n_s·Σ_l(d·d_l + d_{l-1} + 1)`` numbers),
+        then shard ``s`` computes its row blocks against the shards ``t ≥ s``
+        (docs/design.md §4, the dual route). Needs ``8·m²`` bytes, refused above
+        ``max_bytes``; time ``O(m²·Σ_l d_l)``.
+
+        Examples
+        --------
+        >>> import numpy as np, dgnh
+        >>> rng = np.random.default_rng(0)
+        >>> net = dgnh.MLP([rng.normal(size=(2, 3))], [np.zeros(2)], ["tanh"])
+        >>> gn = dgnh.GaussNewton(net, rng.normal(size=(5, 3)), rng.normal(size=(5, 2)),
+        ...                       shard_size=2, client="in-process")
+        >>> J = gn.jacobian_matvec(np.eye(gn.n_params))
+        >>> bool(np.allclose(gn.dual_gram(), J @ J.T))
+        True
+        """
+        m = self.n_jacobian_rows
+        if 8 * m * m > max_bytes:
+            raise ValueError(
+                f"the dual matrix ĴĴᵀ has n_samples·n_outputs = {m} rows and needs "
+                f"{8 * m * m:,} bytes ({8 * m * m / 2**30:.2f} GiB), above max_bytes="
+                f"{max_bytes:,}; raise max_bytes or use dgnh.solve (CG) instead"
+            )
+        factors = self._backend.map(ShardFactors.dual_factors)
+        rows = self._backend.map(ShardFactors.dual_gram,
+                                 [(factors[s:],) for s in range(len(factors))])
+        offsets = np.cumsum([0] + [row.shape[0] for row in rows])
+        K = np.empty((m, m))
+        for s, row in enumerate(rows):
+            a, b = offsets[s], offsets[s + 1]
+            K[a:b, a:] = row
+            K[a:, a:b] = row.T
+        return K
 
 
 class HessianOperator(Operator):
@@ -303,8 +418,7 @@ class HessianOperator(Operator):
         self.dtype = gn.dtype
 
     def _matmat(self, V: Array) -> Array:
-        gn = self.gn
-        return (gn._backend.sum("hessian_matvec", (V,)) / gn.n_samples).astype(gn.dtype)
+        return self.gn._hessian_matmat(V)
 
 
 def shard_from_arrays(X: Array, Y: Array, model: MLP, loss_name: str, dtype,
@@ -328,7 +442,14 @@ def shard_from_store(path: str, start: int, stop: int, model: MLP, loss_name: st
 
 
 def check_shard_size(shard_size) -> int:
-    if isinstance(shard_size, bool) or not isinstance(shard_size, (int, np.integer)):
+    """``shard_size`` as a positive ``int``.
+
+    Examples
+    --------
+    >>> check_shard_size(np.int64(100))
+    100
+    """
+    if not is_integer(shard_size):
         raise TypeError(f"shard_size must be a positive integer, got {shard_size!r}")
     if shard_size <= 0:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size}")
@@ -341,3 +462,11 @@ def _mixture_coefficients(total_sq_norms: Array) -> Array:
     c = np.zeros_like(total_sq_norms)
     c[nz] = 1.0 / (np.count_nonzero(nz) * total_sq_norms[nz])
     return c
+
+
+def _check_vectors(V, n_rows: int, name: str) -> Array:
+    """``V`` (a vector or a matrix of vectors with ``n_rows`` rows) as a 2-D array."""
+    V = check_real_array(V, name, ndim=(1, 2))
+    if V.shape[0] != n_rows:
+        raise ValueError(f"{name} must have {n_rows} rows, got shape {V.shape}")
+    return V[:, None] if V.ndim == 1 else V

@@ -15,12 +15,12 @@ from .factorization import Factorization, LowRankUpdate, check_reg
 from .hmatrix import HMatrix
 from .lowrank import LowRank
 from .operator import Operator
+from .packing import jsonable
 
 Array = np.ndarray
 REMAINDER_ZERO = 1e-12  # remainder diagonal below this fraction of G_aa counts as zero
 
 
-REMAINDER_ZERO = 1e-12  # remainder diagonal below this fraction of G_aa counts as zero
 
 
 
@@ -37,7 +37,7 @@ class RemainderSource:
     >>> class Dense:
     ...     def __init__(self, G): self.G, self.n_params = G, len(G)
     ...     def diagonal(self): return np.diag(self.G).copy()
-    ...     def entries_many(self, req, eps=None, seed=0):
+    ...     def entries_many(self, req, eps=None, delta=0.01, seed=0):
     ...         return [self.G[np.ix_(r, c)] for r, c in req]
     >>> U = np.array([[1.0], [2.0]])
     >>> R = RemainderSource(Dense(U @ U.T + np.eye(2)), U)
@@ -66,8 +66,10 @@ class RemainderSource:
         """``(G − UUᵀ) V`` with exact products of the wrapped source."""
         return np.asarray(self.source.matvec(V), dtype=np.float64) - self.U @ (self.U.T @ V)
 
-    def entries_many(self, requests, eps: float | None = None, seed: int = 0) -> list[Array]:
-        blocks = self.source.entries_many(requests, eps=eps, seed=seed)
+    def entries_many(self, requests, eps: float | None = None, delta: float = 0.01,
+                     seed: int = 0) -> list[Array]:
+        """Blocks of ``G − UUᵀ`` (sampled ones keep the source's ``eps``/``delta`` guarantee on G)."""
+        blocks = self.source.entries_many(requests, eps=eps, delta=delta, seed=seed)
         return [np.asarray(B, dtype=np.float64) - self.U[np.asarray(r, dtype=np.int64)]
                 @ self.U[np.asarray(c, dtype=np.int64)].T for B, (r, c) in zip(blocks, requests)]
 
@@ -79,6 +81,9 @@ class Hybrid(Operator):
     ``factorize(reg)`` factorizes the H-matrix part (HSS) and adds ``UUᵀ`` by
     Woodbury (:class:`~dgnh.factorization.LowRankUpdate`).
     """
+
+    kind = "hybrid"  # its name in a result store (dgnh.store.STORED_KINDS)
+    parts = ("lowrank", "hmatrix")  # its stored operators: subgroups in a result store
 
     def __init__(self, lowrank: LowRank, hmatrix: HMatrix, report: dict[str, Any] | None = None):
         if lowrank.shape != hmatrix.shape:
@@ -100,11 +105,49 @@ class Hybrid(Operator):
     def _matmat(self, V: Array) -> Array:
         return self.lowrank._matmat(V) + self.hmatrix._matmat(V)
 
+    @property
+    def is_hss(self) -> bool:
+        """True when the H-matrix part has no near field: :meth:`factorize` is then exact."""
+        return self.hmatrix.is_hss
+
     def factorize(self, reg: float) -> Factorization:
         """``(UUᵀ + H_hss + reg·I)⁻¹`` (Woodbury on the HSS factorization), O(N·r²)."""
         return LowRankUpdate(self.hmatrix.factorize(check_reg(reg)), self.lowrank.U)
 
+    # ---------------------------------------------------------------- storage
     def to_arrays(self) -> dict[str, Array]:
         """``lowrank_U`` plus the H-matrix arrays prefixed ``hmatrix/``."""
         return {"lowrank_U": self.lowrank.U,
                 **{f"hmatrix/{k}": v for k, v in self.hmatrix.to_arrays().items()}}
+
+    def attrs(self) -> dict[str, Any]:
+        """JSON-friendly attributes beside :meth:`to_arrays`: ``report`` and those of each part."""
+        return {"report": jsonable(self.report),
+                **{name: getattr(self, name).attrs() for name in self.parts}}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Array], attrs: dict[str, Any]) -> "Hybrid":
+        """Rebuild a :class:`Hybrid` from :meth:`to_arrays` and :meth:`attrs`.
+
+        Examples
+        --------
+        >>> import numpy as np, dgnh
+        >>> rng = np.random.default_rng(0)
+        >>> net = dgnh.MLP([rng.normal(size=(6, 3)), rng.normal(size=(2, 6))],
+        ...                [np.zeros(6), np.zeros(2)], ["tanh", "identity"])
+        >>> gn = dgnh.GaussNewton(net, rng.normal(size=(8, 3)), rng.normal(size=(8, 2)))
+        >>> op = dgnh.compress(gn, method="hybrid", max_rank=2, leaf_size=8, progress=False)
+        >>> back = Hybrid.from_arrays(op.to_arrays(), op.attrs())
+        >>> v = rng.normal(size=gn.n_params)
+        >>> bool(np.array_equal(back @ v, op @ v))
+        True
+        """
+        hmatrix = {k[len("hmatrix/"):]: v for k, v in arrays.items() if k.startswith("hmatrix/")}
+        return cls.from_parts({"lowrank": LowRank.from_arrays({"U": arrays["lowrank_U"]},
+                                                              attrs["lowrank"]),
+                               "hmatrix": HMatrix.from_arrays(hmatrix, attrs["hmatrix"])}, attrs)
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, Operator], attrs: dict[str, Any]) -> "Hybrid":
+        """A :class:`Hybrid` of its :attr:`parts` (by name) with the report in ``attrs``."""
+        return cls(parts["lowrank"], parts["hmatrix"], attrs.get("report"))

@@ -59,8 +59,6 @@ import numpy as np
 from tqdm import tqdm
 
 from . import store
-from .version import __version__
-from .packing import jsonable
 from .checkpoint import CheckpointedGaussNewton, JobStore
 from .compress import check_parameters, compress
 from .factorization import IndefiniteError, check_reg
@@ -68,6 +66,8 @@ from .gauss_newton import GaussNewton, check_shard_size
 from .losses import get_loss
 from .model import MLP
 from .operator import Operator
+from .packing import jsonable
+from .version import __version__
 
 Array = np.ndarray
 MODEL_SUFFIXES = (".npz", ".onnx", ".pt", ".pth")
@@ -101,6 +101,7 @@ class Job:
     tls: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The job as a plain dict (what the result store records as ``job``)."""
         return asdict(self)
 
 
@@ -251,7 +252,6 @@ def fingerprint(job: Job, model: MLP) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------- checkpointed source
 # ------------------------------------------------------------------ the runner
 class _Phases:
     """One tqdm bar per phase (on a terminal, or when asked) plus a log line each."""
@@ -323,8 +323,7 @@ def run_job(job: Job, scheduler: str | None = None, overwrite: bool = False,
     where = address or ("a local cluster" if gn.n_shards > 1 else "this process")
     ph.log("factors", f"{gn.n_samples:,} samples in {gn.n_shards} shards on {where}")
     try:
-        job_store = JobStore.begin(job.output, job_fingerprint, overwrite,
-                                         job=job.to_dict())
+        job_store = JobStore.begin(job.output, job_fingerprint, overwrite, job=job.to_dict())
         op, source = _compress(job, gn, job_store, ph)
         factorization, fact_info = _factorize(job, op, ph)
         run = {"timings": ph.timings, "n_samples": gn.n_samples, "n_shards": gn.n_shards,

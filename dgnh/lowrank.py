@@ -52,6 +52,9 @@ class LowRank(Operator):
     (2, [9.0, 39.0, 69.0])
     """
 
+    kind = "lowrank"  # its name in a result store (dgnh.store.STORED_KINDS)
+    is_hss = True  # no near field: factorize() is exact
+
     def __init__(self, U, report: dict[str, Any] | None = None):
         U = np.asarray(U)
         if U.dtype == object or not np.issubdtype(U.dtype, np.floating):
@@ -102,6 +105,37 @@ class LowRank(Operator):
         True
         """
         return LowRankUpdate(ScaledIdentity(self.shape[0], check_reg(reg)), self.U)
+
+    # ---------------------------------------------------------------- storage
+    def to_arrays(self) -> dict[str, Array]:
+        """The arrays to store: ``U``. See :meth:`from_arrays`."""
+        return {"U": self.U}
+
+    def attrs(self) -> dict[str, Any]:
+        """JSON-friendly attributes to store beside :meth:`to_arrays`: ``n_params``, ``report``."""
+        from .packing import jsonable
+
+        return {"n_params": self.shape[0], "report": jsonable(self.report)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Array], attrs: dict[str, Any]) -> "LowRank":
+        """Rebuild a :class:`LowRank` from :meth:`to_arrays` and :meth:`attrs`.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> lr = LowRank(np.ones((3, 1)))
+        >>> LowRank.from_arrays(lr.to_arrays(), lr.attrs()).rank
+        1
+        >>> LowRank.from_arrays(lr.to_arrays(), {"n_params": 4})
+        Traceback (most recent call last):
+        ...
+        ValueError: U has shape (3, 1), n_params is 4
+        """
+        U = np.asarray(arrays["U"])
+        if U.shape[:1] != (attrs.get("n_params"),):
+            raise ValueError(f"U has shape {U.shape}, n_params is {attrs.get('n_params')}")
+        return cls(U, attrs.get("report"))
 
 
 # ----------------------------------------------------------------- checks

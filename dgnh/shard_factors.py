@@ -12,8 +12,9 @@ The scaled Jacobian column of parameter a = (l, p, q) is then
 ``Ĵ[:, a] = CT[l][p] * XT[l][q][:, None]`` and a GNH block is one GEMM.
 
 Every method returns an *unscaled partial sum over this shard's rows*; the
-driver adds the partials of all shards and divides by ``n``. Nothing here knows
-about Dask.
+driver adds the partials of all shards and divides by ``n``. A backend
+(:class:`~dgnh.protocols.Backend`) calls the methods themselves, e.g.
+``backend.sum(ShardFactors.gnh_matvec, (V,))``. Nothing here knows about Dask.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from .activations import get_activation
 from .losses import Loss
 from .model import MLP
+from .validation import check_float_dtype, check_int
 
 Array = np.ndarray
 GATHER_BYTES = 16 * 2**20  # size of the reused Jacobian buffers of one block chunk
@@ -44,8 +46,8 @@ class ShardFactors:
 
     def __init__(self, model: MLP, X: Array, Y: Array, loss: Loss, dtype=np.float64,
                  index: int = 0):
-        self.dtype = np.dtype(dtype)
-        self.index = int(index)
+        self.dtype = check_float_dtype(dtype)
+        self.index = check_int(index, "index", minimum=0)
         self.loss = loss
         self.sizes = model.layer_sizes
         self.W = [W.astype(self.dtype) for W in model.weights]
@@ -149,10 +151,6 @@ class ShardFactors:
         result = np.empty_like(out)
         result[np.ix_(oI, oJ)] = out
         return result
-
-    def blocks(self, requests) -> list[Array]:
-        """:meth:`block` for a list of ``(loc_I, loc_J)`` requests."""
-        return [self.block(I, J) for I, J in requests]
 
     def diagonal(self) -> Array:
         """Σ_i diag(Ĵ_iᵀ Ĵ_i) in parameter order (one small GEMM per layer)."""

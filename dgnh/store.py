@@ -1,6 +1,6 @@
 """Zarr v3 storage of compressed GNH results and of the checkpoints of running jobs.
 
-Layout (``format = "dgnh-result"``, ``version = 1``; design.md §6)::
+Layout (``format = "dgnh-result"``, ``version = 1``; docs/design.md §6)::
 
     <path>/                       Zarr v3 group; attributes:
         format, version           "dgnh-result", 1
@@ -10,12 +10,14 @@ Layout (``format = "dgnh-result"``, ``version = 1``; design.md §6)::
         n_params                  N
         provenance                created (UTC), dgnh/python/numpy/scipy/zarr/dask/
                                   distributed versions, platform
-        job, run                  only from `dgnh run`: the validated job parameters;
-                                  timings per phase, shards, workers, checkpoint counts
+        fingerprint, job, run     only from `dgnh run`: the job's fingerprint (only the
+                                  same job resumes its checkpoint); the validated job
+                                  parameters; timings per phase, shards, workers,
+                                  checkpoint counts
     <path>/operator/              the compressed operator; attributes: kind, report
                                   (parameters, seed, timings, entries evaluated, memory,
                                   error estimate), arrays (the names of its arrays)
-        kind "lowrank":  U        (N, r) float64, G ≈ U Uᵀ
+        kind "lowrank":  U        (N, r) float64, G ≈ U Uᵀ; attributes also n_params
         kind "hmatrix":           the arrays of HMatrix.to_arrays(), attributes also
                                   format "dgnh.hmatrix", version, n_params:
             perm, node_parent, node_children, node_start, node_stop   the cluster tree
@@ -24,26 +26,32 @@ Layout (``format = "dgnh-result"``, ``version = 1``; design.md §6)::
                                   packed blocks: block i is
                                   values[offsets[i]:offsets[i+1]].reshape(shapes[i])
             coupling_nodes, leaf_nodes, near_pairs     which node (pair) owns each block
-        kind "hybrid":            operator/lowrank (as above) + operator/hmatrix (as above),
-                                  G ≈ U Uᵀ + H
+        kind "hybrid":            no arrays; operator/lowrank (as above) +
+                                  operator/hmatrix (as above), G ≈ U Uᵀ + H
     <path>/factorization/         optional: a factorization of operator + reg·I
         attributes                reg, logdet, exact (false: HSS part only, a
                                   preconditioner), kind, seconds
         inverse_diagonal          (N,) float64, diagonal of (operator + reg·I)⁻¹
-    <path>/checkpoint/            only while a job runs (see :class:`JobStore`)
-        attributes                fingerprint of the job
-        diagonal                  (N,) the GNH diagonal
-        rounds/<k>/               entry round k (one tree level / one pivot batch):
-                                  values, offsets, shapes (packed blocks as above);
-                                  attributes digest (of the requests), n_entries,
-                                  complete (written last)
+    <path>/checkpoint/            only while a job runs (see dgnh.checkpoint.JobStore)
+        diagonal                  (N,) the GNH diagonal; attribute complete
+        rounds/<k>/               entry round k (one tree level / one pivot batch),
+                                  k zero-padded to 6 digits: values, offsets, shapes
+                                  (packed blocks as above); attributes digest (of the
+                                  requests), n_blocks, n_entries, complete (written last)
 
 Every array carries a ``description`` attribute; every chunk is written (even
 an all-zero one), so a missing chunk means a truncated store. Numbers in the
 JSON attributes that are not finite are stored as ``null``. Arrays are written
-in chunk-aligned row slabs (:func:`write_rows`), so writers never share a chunk;
-the attributes (metadata) are written by the driver only, after the arrays they
-describe.
+in chunk-aligned row slabs (:func:`dgnh.zarr_io.write_rows`), so writers never
+share a chunk; the attributes (metadata) are written by the driver only, after
+the arrays they describe.
+
+Stored kinds: :data:`STORED_KINDS` maps each ``kind`` to its class, and the
+class says how it becomes arrays and back (:class:`StoredOperator`:
+``to_arrays()``, ``attrs()``, ``from_arrays(arrays, attrs)``). An operator made
+of other stored operators (the hybrid) names them in its ``parts``; each is
+stored as above in a subgroup of that name. Reading and writing are the same
+code for every kind.
 
 Examples
 --------
@@ -62,25 +70,25 @@ import os
 import platform
 import warnings
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import zarr
 
-from .hybrid import Hybrid
 from .factorization import Factorization
 from .hmatrix import HMatrix
+from .hybrid import Hybrid
 from .lowrank import LowRank
 from .operator import Operator
 from .packing import jsonable
 from .version import __version__
-from .zarr_io import check_new_output, open_group, read_array, remove_path, write_array
+from .zarr_io import (check_format, check_new_output, open_group, read_array, remove_path,
+                      write_array)
 
 Array = np.ndarray
 
 FORMAT = "dgnh-result"
 VERSION = 1
-KINDS = ("lowrank", "hmatrix", "hybrid")
 LAYOUT = "dgnh result store, see the docstring of dgnh.store"
 
 _DESCRIPTIONS = {
@@ -107,6 +115,58 @@ _PACKED = {"interp": "interpolation matrix of each node",
            "near": "near-field correction block of each near leaf pair"}
 
 
+# ------------------------------------------------------------ stored kinds
+class StoredOperator(Protocol):
+    """What every class in :data:`STORED_KINDS` provides (see the module docstring).
+
+    A class made of other stored operators also names them in a class
+    attribute ``parts`` (attribute names; each is stored in a subgroup of that
+    name), carries their attributes under the same names in :meth:`attrs`, and
+    is rebuilt by the classmethod ``from_parts(parts, attrs)``.
+    """
+
+    kind: ClassVar[str]
+    shape: tuple[int, int]
+    report: dict[str, Any]
+
+    def to_arrays(self) -> dict[str, Array]:
+        """The operator as named numpy arrays."""
+
+    def attrs(self) -> dict[str, Any]:
+        """JSON-friendly attributes stored beside the arrays (with ``report``)."""
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Array], attrs: dict[str, Any]) -> "StoredOperator":
+        """The inverse of :meth:`to_arrays` and :meth:`attrs`."""
+
+
+STORED_KINDS: dict[str, type[StoredOperator]] = {
+    "lowrank": LowRank, "hmatrix": HMatrix, "hybrid": Hybrid}
+"""Every operator a result store holds, by its ``kind`` attribute."""
+
+_KIND_OF_CLASS = {cls: kind for kind, cls in STORED_KINDS.items()}
+
+
+def kind_of(op: Operator) -> str:
+    """The stored kind of ``op`` (a key of :data:`STORED_KINDS`); ``TypeError`` for others.
+
+    Examples
+    --------
+    >>> kind_of(LowRank(np.ones((3, 1))))
+    'lowrank'
+    """
+    kind = _KIND_OF_CLASS.get(type(op))
+    if kind is None:
+        raise TypeError(f"cannot store a {type(op).__name__}: expected a compressed operator "
+                        "(dgnh LowRank, HMatrix or Hybrid, e.g. from dgnh.compress)")
+    return kind
+
+
+def factorizes_exactly(op: Operator) -> bool:
+    """False when ``op.factorize`` covers only the HSS part (a near field exists)."""
+    return bool(op.is_hss)
+
+
 # ------------------------------------------------------------------- helpers
 def provenance() -> dict[str, str]:
     """Creation time and the versions of dgnh and the libraries that made a result."""
@@ -121,7 +181,14 @@ def provenance() -> dict[str, str]:
             "platform": platform.platform()}
 
 
-def _description(name: str) -> str:
+def describe(name: str) -> str:
+    """The ``description`` attribute of a stored array called ``name``.
+
+    Examples
+    --------
+    >>> describe("leaf_shapes")
+    'exact diagonal block of each leaf: shape (rows, cols) of each packed block'
+    """
     if name in _DESCRIPTIONS:
         return _DESCRIPTIONS[name]
     prefix, _, part = name.rpartition("_")
@@ -130,91 +197,68 @@ def _description(name: str) -> str:
     return "see dgnh.store"
 
 
-def _check_format(attrs: dict, path: str) -> None:
-    if attrs.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a dgnh result store: its format attribute is "
-                         f"{attrs.get('format')!r}, expected {FORMAT!r}")
-    if attrs.get("version") != VERSION:
-        raise ValueError(f"result store {path} has format version {attrs.get('version')!r}; "
-                         f"this dgnh reads version {VERSION} (upgrade dgnh?)")
-
-
 # ------------------------------------------------------------ the operator
-def kind_of(op: Operator) -> str:
-    """``"lowrank"``, ``"hmatrix"`` or ``"hybrid"``; ``TypeError`` for anything else."""
-    for kind, cls in (("lowrank", LowRank), ("hmatrix", HMatrix), ("hybrid", Hybrid)):
-        if isinstance(op, cls):
-            return kind
-    raise TypeError(f"cannot store a {type(op).__name__}: expected a compressed operator "
-                    "(dgnh LowRank, HMatrix or Hybrid, e.g. from dgnh.compress)")
+def _part_names(cls: type) -> tuple[str, ...]:
+    """The stored operators ``cls`` is made of (``()`` for one stored as arrays)."""
+    return getattr(cls, "parts", ())
 
 
-def factorizes_exactly(op: Operator) -> bool:
-    """False when ``op.factorize`` covers only the HSS part (a near field exists)."""
-    if isinstance(op, Hybrid):
-        return op.hmatrix.is_hss
-    return getattr(op, "is_hss", True)
-
-
-def _write_operator(group: zarr.Group, op: Operator) -> None:
+def _write_operator(group: zarr.Group, op: StoredOperator) -> None:
+    """``op`` in ``group``: its parts as subgroups, else its arrays; its attributes last."""
     kind = kind_of(op)
-    if kind == "hybrid":
-        _write_operator(group.create_group("lowrank", overwrite=True), op.lowrank)
-        _write_operator(group.create_group("hmatrix", overwrite=True), op.hmatrix)
-        arrays, attrs = {}, {}
-    elif kind == "lowrank":
-        arrays, attrs = {"U": op.U}, {"n_params": op.shape[0]}
-    else:
-        arrays = op.to_arrays()
-        attrs = {k: v for k, v in op.attrs().items() if k != "report"}
+    parts = _part_names(type(op))
+    for name in parts:
+        _write_operator(group.create_group(name, overwrite=True), getattr(op, name))
+    arrays = {} if parts else op.to_arrays()
     for name, data in arrays.items():
-        write_array(group, name, data, _description(name))
-    group.attrs.update(jsonable({**attrs, "kind": kind, "arrays": sorted(arrays),
-                                 "report": getattr(op, "report", {})}))
+        write_array(group, name, data, describe(name))
+    own = {key: value for key, value in op.attrs().items() if key not in parts}
+    group.attrs.update(jsonable({**own, "kind": kind, "arrays": sorted(arrays)}))
 
 
-def _read_operator(group: zarr.Group, where: str) -> Operator:
+def _read_operator(group: zarr.Group, where: str) -> StoredOperator:
+    """The inverse of :func:`_write_operator`; ``ValueError`` naming ``where`` if damaged."""
     attrs = dict(group.attrs)
     kind = attrs.get("kind")
-    if kind not in KINDS:
-        raise ValueError(f"{where}: unknown operator kind {kind!r} (expected one of {KINDS})")
-    if kind == "hybrid":
-        parts = {}
-        for name in ("lowrank", "hmatrix"):
-            if name not in group:
-                raise ValueError(f"{where}: the hybrid operator lacks its {name!r} part "
-                                 "(incomplete or damaged store)")
-            parts[name] = _read_operator(group[name], f"{where}/{name}")
-        return Hybrid(parts["lowrank"], parts["hmatrix"], attrs.get("report"))
+    if kind not in STORED_KINDS:
+        raise ValueError(f"{where}: unknown operator kind {kind!r} (expected one of "
+                         f"{tuple(STORED_KINDS)})")
+    cls = STORED_KINDS[kind]
+    parts = {}
+    for name in _part_names(cls):
+        if name not in group:
+            raise ValueError(f"{where}: the {kind} operator lacks its {name!r} part "
+                             "(incomplete or damaged store)")
+        parts[name] = _read_operator(group[name], f"{where}/{name}")
     arrays = {name: read_array(group, name, where) for name in attrs.get("arrays", [])}
     try:
-        if kind == "lowrank":
-            if arrays["U"].shape[0] != attrs.get("n_params"):
-                raise ValueError(f"U has {arrays['U'].shape[0]} rows, n_params is "
-                                 f"{attrs.get('n_params')}")
-            return LowRank(arrays["U"], attrs.get("report"))
-        return HMatrix.from_arrays(arrays, attrs)
+        return cls.from_parts(parts, attrs) if parts else cls.from_arrays(arrays, attrs)
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise ValueError(f"{where}: inconsistent {kind} operator: {e}") from e
 
 
 def _write_factorization(root: zarr.Group, op: Operator, factorization: Factorization,
                          seconds: float | None = None) -> None:
+    """The ``factorization`` group: ``reg``, ``logdet``, ``exact`` and the inverse diagonal."""
     if not isinstance(factorization, Factorization) or factorization.shape != op.shape:
         raise TypeError(f"factorization must be a dgnh Factorization of shape {op.shape} "
                         f"(from op.factorize(reg)), got {type(factorization).__name__}")
     group = root.create_group("factorization", overwrite=True)
     write_array(group, "inverse_diagonal", factorization.inverse_diagonal(),
-                 _DESCRIPTIONS["inverse_diagonal"])
+                describe("inverse_diagonal"))
     group.attrs.update(jsonable({"reg": factorization.reg, "logdet": factorization.logdet(),
                                  "exact": factorizes_exactly(op),
                                  "kind": type(factorization).__name__, "seconds": seconds}))
 
 
-def _write_result(root: zarr.Group, op: Operator, factorization: Factorization | None,
-                  extra_attrs: dict | None = None, factorization_seconds: float | None = None
-                  ) -> None:
-    """Operator, factorization, then the root attributes with ``complete = true`` last."""
+def write_result(root: zarr.Group, op: Operator, factorization: Factorization | None,
+                 extra_attrs: dict | None = None, factorization_seconds: float | None = None
+                 ) -> None:
+    """Operator, factorization, then the root attributes with ``complete = true`` last.
+
+    ``root`` is the store's root group (its ``format``/``version`` already
+    written); ``extra_attrs`` go into the root attributes (``job``, ``run``).
+    """
     kind = kind_of(op)
     _write_operator(root.create_group("operator", overwrite=True), op)
     if factorization is not None:
@@ -255,14 +299,15 @@ def save(op: Operator, path: str | os.PathLike, overwrite: bool = False,
     root = zarr.create_group(path, zarr_format=3)
     root.attrs.update({"format": FORMAT, "version": VERSION, "layout": LAYOUT,
                        "complete": False})
-    _write_result(root, op, factorization)
+    write_result(root, op, factorization)
 
 
 def _open_complete(path: str | os.PathLike) -> tuple[str, zarr.Group]:
+    """The path and root group of a complete result store; clear errors otherwise."""
     path = os.fspath(path)
     root = open_group(path)
     attrs = dict(root.attrs)
-    _check_format(attrs, path)
+    check_format(attrs, path, FORMAT, VERSION, "result")
     if attrs.get("complete") is not True:
         raise ValueError(f"result store {path} is incomplete: its job has not finished "
                          f"({checkpoint_rounds(path)} entry rounds checkpointed); run the job "
@@ -327,7 +372,7 @@ def checkpoint_rounds(path: str | os.PathLike) -> int:
             names = sorted(rounds.group_keys())
         count = 0
         for name in names:
-            if name != _round_name(count) or rounds[name].attrs.get("complete") is not True:
+            if name != round_name(count) or rounds[name].attrs.get("complete") is not True:
                 break
             count += 1
         return count
@@ -335,7 +380,8 @@ def checkpoint_rounds(path: str | os.PathLike) -> int:
         return 0
 
 
-def _round_name(k: int) -> str:
+def round_name(k: int) -> str:
+    """The group name of checkpointed entry round ``k`` (zero-padded: sorted in order)."""
     return f"{k:06d}"
 
 

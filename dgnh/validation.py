@@ -112,3 +112,21 @@ def check_real_array(a, what: str, ndim: int | Sequence[int] | None = None) -> A
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{what} contains NaN or Inf")
     return arr
+
+
+def check_float_dtype(dtype, name: str = "dtype") -> np.dtype:
+    """``dtype`` as a ``numpy.dtype``, which must be float64 or float32 (``TypeError`` else).
+
+    Examples
+    --------
+    >>> check_float_dtype("float32")
+    dtype('float32')
+    """
+    message = f"{name} must be float64 or float32, got {dtype!r}"
+    try:
+        normalised = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(message) from None
+    if normalised not in (np.dtype(np.float64), np.dtype(np.float32)):
+        raise TypeError(message)
+    return normalised

@@ -1,14 +1,25 @@
-"""Zarr v3 plumbing shared by the dataset store and the result store.
+"""Zarr v3 plumbing shared by the dataset store and the result store (docs/design.md §6).
 
-Opening a group with a clear error, writing arrays in chunk-aligned row slabs
-(every chunk written, so a missing chunk means a truncated store), reading
-them back with clear errors, and the rules for replacing an output.
+Opening a group and checking its ``format``/``version`` attributes with clear
+errors, writing arrays in chunk-aligned row slabs (every chunk written, so a
+missing chunk means a truncated store), reading them back with clear errors,
+and the rules for replacing an output.
+
+Examples
+--------
+>>> import numpy as np, tempfile, os, zarr
+>>> path = os.path.join(tempfile.mkdtemp(), "g.zarr")
+>>> group = zarr.create_group(path, zarr_format=3)
+>>> _ = write_array(group, "a", np.arange(6.0).reshape(3, 2), "six numbers")
+>>> read_array(open_group(path), "a", path).sum()
+np.float64(15.0)
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from typing import Any
 
 import numpy as np
 import zarr
@@ -18,20 +29,17 @@ CHUNK_BYTES = 4 * 2**20  # target bytes of one chunk
 SLAB_CHUNKS = 16  # chunks written per call in write_rows
 
 
-CHUNK_BYTES = 4 * 2**20  # target bytes of one chunk
-
-
-
-SLAB_CHUNKS = 16  # chunks written per call in write_rows
-
-
-
 def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    """Row chunks of about ``CHUNK_BYTES`` (whole trailing dimensions)."""
+    """Row chunks of about ``CHUNK_BYTES`` (whole trailing dimensions).
+
+    Examples
+    --------
+    >>> chunk_shape((10**6, 8), 8)
+    (65536, 8)
+    """
     row_bytes = itemsize * int(np.prod([max(s, 1) for s in shape[1:]]))
     rows = max(1, min(max(shape[0], 1), CHUNK_BYTES // row_bytes))
     return (rows,) + tuple(max(s, 1) for s in shape[1:])
-
 
 
 def write_rows(array: zarr.Array, start: int, values: Array) -> None:
@@ -40,6 +48,15 @@ def write_rows(array: zarr.Array, start: int, values: Array) -> None:
     The region must be chunk-aligned (it starts on a chunk boundary and ends on
     one or at the end of the array), so concurrent writers — e.g. one task per
     region on different workers — never touch the same chunk.
+
+    Examples
+    --------
+    >>> z = zarr.create_array(zarr.storage.MemoryStore(), shape=(10,), chunks=(4,), dtype="f8")
+    >>> write_rows(z, 4, np.ones(6))
+    >>> write_rows(z, 2, np.ones(2))
+    Traceback (most recent call last):
+    ...
+    ValueError: rows 2:4 of array '' are not aligned to its chunks of 4 rows (shape (10,))
     """
     rows = array.chunks[0]
     stop = start + len(values)
@@ -49,19 +66,25 @@ def write_rows(array: zarr.Array, start: int, values: Array) -> None:
     array[start:stop] = values
 
 
+def write_array(group: zarr.Group, name: str, data: Array, description: str,
+                chunk_rows: int | None = None) -> zarr.Array:
+    """A new array ``group/name`` holding ``data``, written in chunk-aligned slabs.
 
-def write_array(group: zarr.Group, name: str, data: Array, description: str) -> zarr.Array:
-    """A new array ``group/name`` holding ``data``, written in chunk-aligned slabs."""
+    ``chunk_rows`` rows per chunk (default: about ``CHUNK_BYTES`` per chunk);
+    every chunk is written, even an all-zero one. The array's ``description``
+    attribute says what it holds.
+    """
     data = np.ascontiguousarray(data)
-    z = group.create_array(name, shape=data.shape, dtype=data.dtype,
-                           chunks=chunk_shape(data.shape, data.dtype.itemsize),
+    chunks = chunk_shape(data.shape, data.dtype.itemsize)
+    if chunk_rows is not None:
+        chunks = (chunk_rows,) + chunks[1:]
+    z = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
                            overwrite=True, attributes={"description": description},
                            config={"write_empty_chunks": True})
     slab = SLAB_CHUNKS * z.chunks[0]
     for start in range(0, data.shape[0], slab):
         write_rows(z, start, data[start:start + slab])
     return z
-
 
 
 def read_array(group: zarr.Group, name: str, where: str) -> Array:
@@ -82,16 +105,41 @@ def read_array(group: zarr.Group, name: str, where: str) -> Array:
         raise ValueError(f"{where}: cannot read array {name!r} (damaged chunk?): {e}") from e
 
 
-
 def open_group(path: str, mode: str = "r", what: str = "result store") -> zarr.Group:
-    """The Zarr v3 group at ``path``; clear errors for a missing path or not a group."""
+    """The Zarr v3 group at ``path`` (``what`` names it in errors).
+
+    ``FileNotFoundError`` for a missing path, ``ValueError`` for anything that
+    is not a Zarr v3 group.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         return zarr.open_group(path, mode=mode, zarr_format=3)
     except Exception as e:  # zarr raises several types for "not a v3 group"
-        raise ValueError(f"{path} is not a Zarr v3 group ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path} is not a Zarr v3 group ({type(e).__name__}: {e})") from None
 
+
+def check_format(attrs: dict[str, Any], path: str, format: str, version: int,
+                 what: str) -> None:
+    """``ValueError`` unless ``attrs`` name the store format ``format`` at ``version``.
+
+    ``what`` is the kind of dgnh store (``"dataset"``, ``"result"``) in the message.
+
+    Examples
+    --------
+    >>> check_format({"format": "dgnh-result", "version": 2}, "r.zarr", "dgnh-result", 1,
+    ...              "result")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: result r.zarr has unsupported version 2 (dgnh-result format version 2; ...)
+    """
+    if attrs.get("format") != format:
+        raise ValueError(f"{path} is not a dgnh {what} store: format attribute is "
+                         f"{attrs.get('format')!r}, expected {format!r}")
+    if attrs.get("version") != version:
+        found = attrs.get("version")
+        raise ValueError(f"{what} {path} has unsupported version {found!r} ({format} format "
+                         f"version {found!r}; this dgnh reads version {version}: upgrade dgnh?)")
 
 
 def check_new_output(path: str, overwrite: bool, what: str = "output") -> None:
@@ -99,7 +147,6 @@ def check_new_output(path: str, overwrite: bool, what: str = "output") -> None:
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{what} {path} already exists: pass overwrite=True "
                               f"(--overwrite) to replace it")
-
 
 
 def remove_path(path: str) -> None:

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import time
 import numpy as np
 import pytest
 import zarr
-from conftest import random_mlp, random_targets
+from cases import free_port, toml_text, write_problem
 from distributed import Client
 
 import dgnh
@@ -24,7 +23,6 @@ from dgnh.cli import main
 from dgnh.compress import compress
 from dgnh.demo import run_demo
 from dgnh.job import load_job
-from test_job import toml_text
 
 N_SAMPLES = 400
 JOB = {"model": "model.npz", "data": "data.zarr", "loss": "cross_entropy",
@@ -36,12 +34,6 @@ JOB = {"model": "model.npz", "data": "data.zarr", "loss": "cross_entropy",
 def dgnh_cli(*args, timeout=300, **kw):
     return subprocess.run([sys.executable, "-m", "dgnh.cli", *args], capture_output=True,
                           text=True, timeout=timeout, **kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -79,14 +71,8 @@ def dask_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def problem(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    net = random_mlp([6, 20, 4], ["tanh", "identity"], seed=1)
-    net.save(d / "model.npz")
-    rng = np.random.default_rng(1)
-    X = rng.normal(size=(N_SAMPLES, 6))
-    Y = random_targets("cross_entropy", N_SAMPLES, 4, seed=1)
-    dgnh.save_dataset(d / "data.zarr", X, Y, chunk_rows=N_SAMPLES // 4)
-    return {"dir": d, "net": net, "X": X, "Y": Y}
+    return write_problem(tmp_path_factory.mktemp("cli"), (6, 20, 4), N_SAMPLES, seed=1,
+                         chunk_rows=N_SAMPLES // 4)
 
 
 def write_job(problem, output: str, name: str) -> str:

@@ -27,7 +27,7 @@ from distributed.deploy.utils import nprocesses_nthreads
 from distributed.security import Security
 
 import dgnh
-from conftest import random_mlp, random_targets
+from cases import free_port, max_relative_error, random_problem
 from dgnh.backend import LocalBackend
 from dgnh.cluster import MallocTuning, set_malloc_thresholds
 
@@ -107,9 +107,8 @@ def cluster_client(request, name):
 
 # ------------------------------------------------------------------ problems
 def make_problem(loss, n_samples=N_SAMPLES, sizes=(5, 7, 3), seed=0):
-    net = random_mlp(list(sizes), ["tanh"] * (len(sizes) - 2) + ["identity"], seed=seed)
-    X = np.random.default_rng(seed).normal(size=(n_samples, sizes[0]))
-    return net, X, random_targets(loss, n_samples, sizes[-1], seed=seed)
+    """``(net, X, Y)`` with this file's default size."""
+    return random_problem(sizes, loss, n_samples, seed)
 
 
 @pytest.fixture(scope="module", params=LOSSES)
@@ -122,10 +121,6 @@ def problem(request, tmp_path_factory):
     reference = dgnh.GaussNewton(net, X, Y, loss=loss, shard_size=SHARD_SIZE,
                                  client="in-process")
     return loss, net, X, Y, path, reference
-
-
-def rel(a, b):
-    return np.abs(np.asarray(a) - b).max() / max(np.abs(b).max(), 1e-300)
 
 
 ROWS = np.array([0, 3, 11, 40, 2])
@@ -165,9 +160,9 @@ def test_cluster_equals_in_process(request, problem, cluster, source):
     for name, want in expected.items():
         if isinstance(want, list):
             for g, w in zip(got[name], want):
-                assert rel(g, w) <= 1e-12, name
+                assert max_relative_error(g, w) <= 1e-12, name
         else:
-            assert rel(got[name], want) <= 1e-12, name
+            assert max_relative_error(got[name], want) <= 1e-12, name
 
 
 def test_sampled_identical_for_1_and_2_workers(request):
@@ -178,7 +173,7 @@ def test_sampled_identical_for_1_and_2_workers(request):
         client, security = cluster_client(request, name)
         with dgnh.GaussNewton(net, X, Y, shard_size=30, client=client,
                               security=security) as gn:
-            assert gn._backend.n_workers == (1 if name == "tls1" else 2)
+            assert gn.backend.n_workers == (1 if name == "tls1" else 2)
             out.append(gn.entries_many(REQUESTS, eps=0.3, delta=0.05, seed=11))
     for a, b in zip(*out):
         assert np.array_equal(a, b)
@@ -197,7 +192,8 @@ def test_compress_identical_for_1_and_2_workers(request, method):
             H = dgnh.compress(gn, method=method, tol=1e-4, max_rank=16, leaf_size=16,
                               seed=5, progress=False)
             out.append(H @ V)
-    assert rel(out[0], out[2]) <= 1e-12 and rel(out[1], out[2]) <= 1e-12
+    assert (max_relative_error(out[0], out[2]) <= 1e-12
+            and max_relative_error(out[1], out[2]) <= 1e-12)
 
 
 # -------------------------------------------------------- tasks per batch
@@ -236,15 +232,15 @@ def test_default_client_starts_and_closes_a_local_cluster():
     net, X, Y = make_problem("mse", n_samples=40)
     reference = dgnh.GaussNewton(net, X, Y, shard_size=10, client="in-process")
     with dgnh.GaussNewton(net, X, Y, shard_size=10) as gn:
-        backend = gn._backend
+        backend = gn.backend
         assert backend.n_workers == nprocesses_nthreads()[0]
         plugins = backend.client.run(lambda dask_worker: sorted(dask_worker.plugins))
         assert all(MallocTuning.name in p for p in plugins.values())
-        assert rel(gn.dense(), reference.dense()) <= 1e-12
+        assert max_relative_error(gn.dense(), reference.dense()) <= 1e-12
     assert backend.client.status == "closed"
     single = dgnh.GaussNewton(net, X, Y)  # one shard: no cluster
-    assert isinstance(single._backend, LocalBackend)
-    assert rel(single.dense(), reference.dense()) <= 1e-12
+    assert isinstance(single.backend, LocalBackend)
+    assert max_relative_error(single.dense(), reference.dense()) <= 1e-12
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
@@ -264,7 +260,7 @@ def test_tls_with_file_paths(tls1, tmp_path):
     for creds in (files, tuple(files.values())):
         with dgnh.GaussNewton(net, X, Y, shard_size=SHARD_SIZE, client=address,
                               security=creds) as gn:
-            assert rel(gn.diagonal(), reference.diagonal()) <= 1e-12
+            assert max_relative_error(gn.diagonal(), reference.diagonal()) <= 1e-12
 
 
 @pytest.mark.parametrize("how, exc, match", [
@@ -285,13 +281,6 @@ def test_tls_refuses_clients_without_credentials(tls1, connect_timeout_2s, how, 
 
 
 # ------------------------------------------------------------- bad input
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_address_fails_fast(connect_timeout_2s):
     net, X, Y = make_problem("mse")
     address = f"tcp://127.0.0.1:{free_port()}"
@@ -371,8 +360,8 @@ def test_worker_killed_mid_batch_recomputes_shards(cli2, tmp_path, source):
             os.kill(pids[victim], signal.SIGKILL)
             batch.join(timeout=120)
         assert not batch.is_alive()
-        assert rel(result["G"], expected) <= 1e-12
+        assert max_relative_error(result["G"], expected) <= 1e-12
         rebuilt = [d["key"] for d in stream.data if d["key"].startswith("dgnh-shard-")]
         assert rebuilt, "no shard was recomputed"
         # later batches use the rebuilt shards
-        assert rel(gn.diagonal(), reference.diagonal()) <= 1e-12
+        assert max_relative_error(gn.diagonal(), reference.diagonal()) <= 1e-12

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dgnh
-from dgnh.benchmarks.compress import digits_gnh, kfac_dense, main as bench_main
+from dgnh.benchmarks.compress import kfac_dense, main as bench_main
 from dgnh.compress import choose_candidate, compress
 from dgnh.hybrid import Hybrid, RemainderSource
 from dgnh.spectral import estimate_norm, ritz_values
@@ -15,37 +15,6 @@ from dgnh.hmatrix import HMatrix
 from dgnh.lowrank import LowRank, pivoted_cholesky
 
 METHODS = ["hmatrix", "lowrank", "hybrid"]
-NETWORKS = {
-    "classifier": lambda: digits_gnh("classifier", (8,), 300, max_iter=200),
-    "autoencoder": lambda: digits_gnh("autoencoder", (4,), 150, max_iter=200),
-    "dead_relu": lambda: _dead_relu(),
-}
-
-
-def _dead_relu() -> dgnh.GaussNewton:
-    """A trained ReLU digits classifier with 3 hidden units that never fire."""
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    net = digits_gnh("classifier", (10,), 300, activation="relu", max_iter=100).model
-    biases = [np.array(b) for b in net.biases]
-    biases[0][:3] = -1e3
-    return dgnh.GaussNewton(dgnh.MLP(net.weights, biases, net.activations), X[:300] / 16.0,
-                            y[:300], loss="cross_entropy")
-
-
-@pytest.fixture(scope="module")
-def problems():
-    """Built lazily and cached: name -> (gn, dense G, ‖G‖₂)."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            gn = NETWORKS[name]()
-            G = gn.dense()
-            cache[name] = (gn, G, float(np.linalg.norm(G, 2)))
-        return cache[name]
-    return get
 
 
 def true_error(op, G, norm):

@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 import dgnh
-from conftest import random_mlp, random_targets
+from cases import random_mlp, random_targets
 
 
 # ------------------------------------------------------------------ round trip

@@ -28,7 +28,6 @@ import pathlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tomllib
@@ -36,6 +35,7 @@ import tomllib
 import numpy as np
 import pytest
 import yaml
+from cases import free_port
 
 import dgnh
 
@@ -101,6 +101,14 @@ def compose_validator():
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
+def schema_errors(validator, path, mutate) -> list[str]:
+    """The validator's errors on the YAML file at ``path``, changed first by ``mutate``."""
+    doc = load_yaml(path)
+    if mutate is not None:
+        mutate(doc)
+    return [f"{e.json_path}: {e.message}" for e in validator.iter_errors(doc)]
+
+
 def _misspell_command(doc):
     doc["services"]["worker"]["comand"] = doc["services"]["worker"].pop("command")
 
@@ -113,11 +121,7 @@ def _port_as_list(doc):
     (None, True), (_misspell_command, False), (_port_as_list, False),
 ], ids=["as-written", "misspelled-key", "wrong-type"])
 def test_compose_file_follows_compose_spec(mutate, valid):
-    validator = compose_validator()
-    doc = load_yaml(COMPOSE)
-    if mutate is not None:
-        mutate(doc)
-    errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(doc)]
+    errors = schema_errors(compose_validator(), COMPOSE, mutate)
     assert (errors == []) == valid, errors
 
 
@@ -167,11 +171,7 @@ def _wrong_api_version(doc):
 ], ids=["as-written", "misspelled-key", "wrong-type", "wrong-api-version"])
 @pytest.mark.parametrize("kind", sorted(MANIFESTS))
 def test_manifest_follows_crd_schema(kind, mutate, valid):
-    validator = crd_validator(kind)
-    doc = load_yaml(MANIFESTS[kind])
-    if mutate is not None:
-        mutate(doc)
-    errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(doc)]
+    errors = schema_errors(crd_validator(kind), MANIFESTS[kind], mutate)
     assert (errors == []) == valid, errors
 
 
@@ -391,12 +391,6 @@ def test_job_files_are_valid(path, example_data, certs):
 
 
 # ------------------------------------------- the commands as real processes
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def deployed_commands(kind):
     """(scheduler argv, worker argv, job argv, environment) as the set-up runs them."""
     if kind == "compose":

@@ -13,47 +13,20 @@ import warnings
 import numpy as np
 import pytest
 
-import dgnh
-from dgnh.benchmarks.compress import digits_gnh
 from dgnh.factorization import IndefiniteError
-from dgnh.hmatrix import (HMatrix, _near_pairs, build_hmatrix, entry_distances,
-                          interpolative_decomposition, merge_neighbors, split_node)
+from dgnh.hmatrix import (HMatrix, build_hmatrix, entry_distances, interpolative_decomposition,
+                          merge_neighbors, split_node)
+from dgnh.hmatrix import select_near_pairs as _near_pairs
 
 
-def dead_relu_gnh(n_dead: int = 3) -> dgnh.GaussNewton:
-    """A trained digits ReLU classifier with ``n_dead`` hidden units switched off."""
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    net = digits_gnh("classifier", (10,), 300, activation="relu", max_iter=100).model
-    biases = [np.array(b) for b in net.biases]
-    biases[0][:n_dead] = -1e3  # never active on the data: a zero diagonal for their weights
-    return dgnh.GaussNewton(dgnh.MLP(net.weights, biases, net.activations), X[:300] / 16.0,
-                            y[:300], loss="cross_entropy")
-
-
-CASES = {
-    # name: (constructor, leaf_size)
-    "classifier": (lambda: digits_gnh("classifier", (8,), 300, max_iter=200), 64),
-    "autoencoder": (lambda: digits_gnh("autoencoder", (4,), 150, max_iter=200), 64),
-    "dead_relu": (dead_relu_gnh, 48),
-    "rank54": (lambda: digits_gnh("classifier", (8,), 6, max_iter=50), 64),  # rank ≤ 6·9
-}
+LEAF_SIZES = {"classifier": 64, "autoencoder": 64, "dead_relu": 48, "rank54": 64}
 
 
 @pytest.fixture(scope="module")
-def problems():
-    """Built lazily and cached: name -> (gn, dense G, ‖G‖₂, leaf_size)."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            make, leaf = CASES[name]
-            gn = make()
-            G = gn.dense()
-            cache[name] = (gn, G, float(np.linalg.norm(G, 2)), leaf)
-        return cache[name]
-    return get
+def problems(problems):
+    """The shared digits problems (conftest.py) with this file's leaf size:
+    name -> (gn, dense G, ‖G‖₂, leaf_size)."""
+    return lambda name: (*problems(name), LEAF_SIZES[name])
 
 
 def build(gn, leaf, **kw):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 
 import numpy as np
 import pytest
 import zarr
-from conftest import random_mlp, random_targets
+from cases import toml_text, write_problem
 
 import dgnh
 from dgnh import store
@@ -20,28 +19,10 @@ from dgnh.job import JobError, load_job, parse_job, run_job
 N_SAMPLES = 80
 
 
-def toml_text(table: dict) -> str:
-    """A small TOML writer for the job files of these tests."""
-    def value(v):
-        if isinstance(v, bool):
-            return str(v).lower()
-        return json.dumps(v) if isinstance(v, str) else repr(v)
-    top = [f"{k} = {value(v)}" for k, v in table.items() if not isinstance(v, dict)]
-    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
-              for k, v in table.items() if isinstance(v, dict)]
-    return "\n".join(top + tables) + "\n"
-
-
 @pytest.fixture(scope="module")
 def problem(tmp_path_factory):
     """A model file, a dataset store and the same data in memory."""
-    d = tmp_path_factory.mktemp("problem")
-    net = random_mlp([4, 8, 3], ["tanh", "identity"], seed=5)
-    net.save(d / "model.npz")
-    rng = np.random.default_rng(5)
-    X, Y = rng.normal(size=(N_SAMPLES, 4)), random_targets("cross_entropy", N_SAMPLES, 3, seed=5)
-    dgnh.save_dataset(d / "data.zarr", X, Y)
-    return {"dir": d, "net": net, "X": X, "Y": Y}
+    return write_problem(tmp_path_factory.mktemp("problem"), (4, 8, 3), N_SAMPLES, seed=5)
 
 
 def base_job(**compress_overrides) -> dict:
@@ -223,25 +204,27 @@ def gn(problem):
         yield g
 
 
+def assert_entries_and_diagonal(source, requests, G):
+    """Every batch of ``requests`` and the diagonal, read through ``source``, equal G's."""
+    for batch in requests:
+        for block, (r, c) in zip(source.entries_many(batch), batch):
+            np.testing.assert_allclose(block, G[np.ix_(r, c)], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(source.diagonal(), np.diag(G), rtol=1e-12)
+
+
 def test_checkpointed_source_stores_then_loads_rounds(gn, tmp_path):
     path = tmp_path / "ck.zarr"
     G = gn.dense()
     requests = [[([0, 3, 5], [1, 2]), ([7], [7, 8, 9])], [(np.arange(10), [4])]]
     first = CheckpointedGaussNewton(gn, JobStore.begin(path, "fp"))
-    for batch in requests:
-        for block, (r, c) in zip(first.entries_many(batch), batch):
-            np.testing.assert_allclose(block, G[np.ix_(r, c)], rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(first.diagonal(), np.diag(G), rtol=1e-12)
+    assert_entries_and_diagonal(first, requests, G)
     assert first.stats["entries_exact"] == 6 + 3 + 10 and first.loaded["rounds"] == 0
 
     seen = []
     again = CheckpointedGaussNewton(gn, JobStore.begin(path, "fp"),
                                     on_round=lambda k, n, loaded: seen.append((k, n, loaded)))
     before = dict(gn.stats)
-    for batch in requests:
-        for block, (r, c) in zip(again.entries_many(batch), batch):
-            np.testing.assert_allclose(block, G[np.ix_(r, c)], rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(again.diagonal(), np.diag(G), rtol=1e-12)
+    assert_entries_and_diagonal(again, requests, G)
     assert gn.stats == before  # nothing evaluated
     assert again.stats["entries_exact"] == 0
     assert again.loaded == {"rounds": 2, "entries": 19, "diagonal": True}

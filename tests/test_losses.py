@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dgnh.losses import LOSSES, get_loss
-from conftest import random_targets
+from cases import random_targets
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

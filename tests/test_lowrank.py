@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 import dgnh
-from conftest import random_mlp
-from dgnh.benchmarks.compress import digits_gnh
+from cases import relu_mlp_with_dead_unit, small_digits_gnh
 from dgnh.factorization import Factorization, IndefiniteError, LowRankUpdate, ScaledIdentity
 from dgnh.lowrank import LowRank, nystrom, pivoted_cholesky
 from dgnh.exact_solve import dual_factorize
@@ -15,8 +14,7 @@ from dgnh.exact_solve import dual_factorize
 
 def dead_relu_gnh():
     """A ReLU network with a dead hidden unit and a constant-zero input: zero diagonal entries."""
-    net = random_mlp([5, 8, 3], ["relu", "identity"], seed=3)
-    net.biases[0][2] = -50.0  # unit 2 never fires
+    net = relu_mlp_with_dead_unit(8)
     rng = np.random.default_rng(4)
     X = rng.normal(size=(30, 5))
     X[:, 1] = 0.0  # weights reading input 1 have zero gradient
@@ -24,7 +22,7 @@ def dead_relu_gnh():
 
 
 PROBLEMS = {
-    "digits": lambda: digits_gnh("classifier", (8,), 40, max_iter=50),  # N = 610 > n·d = 400
+    "digits": small_digits_gnh,  # N = 610 > n·d = 400
     "dead-relu": dead_relu_gnh,  # N = 83
 }
 
@@ -253,7 +251,7 @@ def test_factorize_rejects_bad_reg(reg, error):
 def test_exact_representation_solves_to_dense_cholesky_accuracy(method, relative_reg):
     """Woodbury plus one refinement step: the residual of an exact representation at small
     reg is at the level of a dense Cholesky solve (<= 1e-10 at reg = 1e-6‖G‖)."""
-    gn = digits_gnh("classifier", (8,), 40, max_iter=50)
+    gn = small_digits_gnh()
     G = gn.dense()
     N = gn.n_params
     H = dgnh.compress(gn, method=method, tol=1e-12, max_rank=N, leaf_size=64, progress=False)

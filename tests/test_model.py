@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import dgnh
-from conftest import random_mlp
+from cases import random_mlp
 
 
 def test_forward_is_a_plain_loop():

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import binom
 
 import dgnh
-from conftest import random_mlp, random_targets
+from cases import random_mlp, random_targets
 
 N_SEEDS = 200
 

@@ -7,7 +7,8 @@ import pytest
 from distributed import Client, LocalCluster
 
 import dgnh
-from dgnh.benchmarks.compress import digits_gnh
+from cases import (dense_reference, norm_relative_error, random_mlp, random_targets,
+                   small_digits_gnh)
 from dgnh.lowrank import LowRank, pivoted_cholesky
 from dgnh.exact_solve import dual_factorize, dual_solve, solve
 from dgnh.solve import CGResult, cg
@@ -18,8 +19,7 @@ REL_REGS = [1e-3, 1e-6]
 @pytest.fixture(scope="module")
 def digits():
     """Trained digits GNH in 3 shards: N = 610 > n·d = 400 (singular G)."""
-    gn = digits_gnh("classifier", (8,), 40, max_iter=50, shard_size=15,
-                    client="in-process")
+    gn = small_digits_gnh(shard_size=15, client="in-process")
     G = gn.dense()
     norm = float(np.linalg.eigvalsh(G)[-1])
     yield gn, G, norm
@@ -34,10 +34,6 @@ def lowrank(digits):
 
 def dense_solve(G, reg, B):
     return np.linalg.solve(G + reg * np.eye(len(G)), B)
-
-
-def rel(a, b):
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 # ------------------------------------------------------------------------- CG
@@ -57,7 +53,7 @@ def test_cg_on_exact_products_reaches_rtol(digits, lowrank, pre, rel_reg):
     true = np.linalg.norm(G @ res.x + reg * res.x - B, axis=0) / np.linalg.norm(B, axis=0)
     np.testing.assert_allclose(res.residual, true, rtol=1e-3)
     assert np.all(true <= 2e-8)
-    assert rel(res.x, dense_solve(G, reg, B)) <= 1e-8 / rel_reg
+    assert norm_relative_error(res.x, dense_solve(G, reg, B)) <= 1e-8 / rel_reg
 
 
 @pytest.mark.parametrize("rel_reg", REL_REGS)
@@ -92,7 +88,6 @@ def test_cg_on_compressed_operator_matches_its_factorization(lowrank):
 
 def test_cg_detects_indefinite_operator():
     """The Hessian of an untrained tanh network is indefinite: CG must not return silently."""
-    from conftest import random_mlp
     net = random_mlp([3, 5, 2], ["tanh", "identity"], seed=1, scale=3.0)
     rng = np.random.default_rng(0)
     gn = dgnh.GaussNewton(net, rng.normal(size=(20, 3)), rng.normal(size=(20, 2)) * 5,
@@ -120,12 +115,11 @@ def test_cg_zero_rhs_and_maxiter(digits):
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy", "binary_cross_entropy"])
 def test_shard_jacobian_products_and_dual_gram(loss):
     """Per-shard Ĵ products and ĴĴᵀ blocks against a finite-difference G = ĴᵀĴ/n."""
-    from conftest import dense_reference, random_mlp, random_targets
     net = random_mlp([3, 5, 4], ["tanh", "identity"], biases=[True, False], seed=4)
     rng = np.random.default_rng(8)
     X, Y = rng.normal(size=(10, 3)), random_targets(loss, 10, 4)
     gn = dgnh.GaussNewton(net, X, Y, loss=loss, shard_size=4, client="in-process")
-    shards = gn._backend.shards
+    shards = gn.backend.shards
     J = [s.jacobian_matvec(np.eye(gn.n_params)) for s in shards]  # Ĵ_s, (n_s·d, N)
     np.testing.assert_allclose(sum(j.T @ j for j in J) / 10, dense_reference(net, X, loss),
                                atol=1e-7)
@@ -144,7 +138,7 @@ def test_dual_solve_equals_dense(digits, rel_reg):
     reg = rel_reg * norm
     B = np.random.default_rng(3).normal(size=(gn.n_params, 3))
     X = dense_solve(G, reg, B)
-    assert rel(dual_solve(gn, B, reg), X) <= 1e-10
+    assert norm_relative_error(dual_solve(gn, B, reg), X) <= 1e-10
     np.testing.assert_allclose(dual_solve(gn, B[:, 0], reg), X[:, 0],
                                atol=1e-10 * np.abs(X).max())
 
@@ -165,7 +159,6 @@ def test_dual_logdet_and_inverse_diagonal(digits, rel_reg):
 
 @pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy"])
 def test_dual_solve_other_losses(loss):
-    from conftest import random_mlp, random_targets
     net = random_mlp([4, 6, 3], ["tanh", "sigmoid"], seed=2)
     rng = np.random.default_rng(5)
     X, Y = rng.normal(size=(9, 4)), random_targets(loss, 9, 3)
@@ -185,8 +178,7 @@ def test_dual_route_on_dask_cluster_matches_in_process(digits):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, \
             Client(cluster, set_as_default=False) as client:
-        remote_gn = digits_gnh("classifier", (8,), 40, max_iter=50, shard_size=15,
-                               client=client)
+        remote_gn = small_digits_gnh(shard_size=15, client=client)
         remote = dual_factorize(remote_gn, reg)
         np.testing.assert_allclose(remote.solve(b), local.solve(b), rtol=1e-12, atol=1e-12)
         assert remote.logdet() == pytest.approx(local.logdet(), rel=1e-13)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dgnh.benchmarks.compress import digits_gnh
+from cases import small_digits_gnh
 from dgnh.lowrank import LowRank, pivoted_cholesky
 from dgnh.spectral import SpectralDensity, eigsh, spectral_density
 
 
 @pytest.fixture(scope="module")
 def digits():
-    gn = digits_gnh("classifier", (8,), 40, max_iter=50)  # N = 610
+    gn = small_digits_gnh()  # N = 610
     G = gn.dense()
     yield gn, G, np.linalg.eigvalsh(G)
     gn.close()

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import zarr
-from conftest import random_mlp, random_targets
+from cases import random_targets, relu_mlp_with_dead_unit
 
 import dgnh
 from dgnh import store
@@ -29,9 +29,8 @@ KINDS = {"lowrank": LowRank, "hmatrix": HMatrix, "hybrid": Hybrid}
 
 @pytest.fixture(scope="module")
 def gn():
-    # a dead ReLU unit (bias -50) gives zero rows, kept out of the H-matrix tree
-    net = random_mlp([5, 10, 3], ["relu", "identity"], seed=3)
-    net.biases[0][2] = -50.0
+    # a dead ReLU unit gives zero rows, kept out of the H-matrix tree
+    net = relu_mlp_with_dead_unit(10)
     rng = np.random.default_rng(3)
     X = rng.normal(size=(60, 5))
     with dgnh.GaussNewton(net, X, random_targets("cross_entropy", 60, 3), loss="cross_entropy",

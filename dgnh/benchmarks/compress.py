@@ -21,6 +21,7 @@ import numpy as np
 from ..compress import choose_candidate, compress
 from ..gauss_newton import GaussNewton
 from ..digits import train_digits_mlp
+from ..shard_factors import ShardFactors
 from .common import print_table
 
 
@@ -54,25 +55,42 @@ def trained_networks(quick: bool = False, seed: int = 0) -> dict[str, GaussNewto
             f"{'-'.join(map(str, gn.model.layer_sizes))}": gn for gn in gns}
 
 
+def kfac_partials(shard: ShardFactors) -> list[np.ndarray]:
+    """One shard's K-FAC sums per layer: ``Σ_i C_l,iᵀC_l,i`` and ``Σ_i x̃_l,i x̃_l,iᵀ``.
+
+    ``x̃`` is the layer input with a 1 appended when the layer has a bias; a task
+    run on the shard (:meth:`dgnh.protocols.Backend.sum` adds the lists up).
+    """
+    sums = []
+    for CT, XT in zip(shard.CT, shard.XT):
+        C = CT.reshape(CT.shape[0], -1)  # (d_l, n_s·d)
+        sums += [C @ C.T, XT @ XT.T]
+    return sums
+
+
 def kfac_dense(gn: GaussNewton) -> np.ndarray:
-    """Block-diagonal K-FAC ``G_l ≈ E[CᵀC] ⊗ E[x̃x̃ᵀ]`` per layer, dense, in parameter order."""
-    f = gn._backend.shards[0] if gn.n_shards == 1 else None
-    if f is None:
-        raise ValueError("kfac_dense needs a single-shard GaussNewton")
+    """Block-diagonal K-FAC ``G_l ≈ E[CᵀC] ⊗ E[x̃x̃ᵀ]`` per layer, dense, in parameter order.
+
+    Examples
+    --------
+    >>> gn = digits_gnh("classifier", hidden=(4,), n_samples=50, max_iter=5)
+    >>> kfac_dense(gn).shape == gn.shape
+    True
+    """
+    sums = gn.backend.sum(kfac_partials)
     n, N = gn.n_samples, gn.n_params
+    sizes = gn.model.layer_sizes
     K = np.zeros((N, N))
     start = 0
-    for l, (CT, XT) in enumerate(zip(f.CT, f.XT)):
-        d_out, d_in = f.sizes[l + 1], f.sizes[l]
-        S = CT.reshape(d_out, -1) @ CT.reshape(d_out, -1).T / n
-        A = XT @ XT.T / n
-        w = XT.shape[0]  # d_in (+1 with a bias)
+    for l, (CC, XX) in enumerate(zip(sums[::2], sums[1::2])):
+        d_out, d_in = sizes[l + 1], sizes[l]
+        w = XX.shape[0]  # d_in (+1 with a bias)
         p, q = np.divmod(np.arange(d_out * d_in), d_in)
         order = p * w + q
         if w > d_in:
             order = np.concatenate([order, np.arange(d_out) * w + d_in])
         size = len(order)
-        K[start:start + size, start:start + size] = np.kron(S, A)[np.ix_(order, order)]
+        K[start:start + size, start:start + size] = np.kron(CC / n, XX / n)[np.ix_(order, order)]
         start += size
     return K
 

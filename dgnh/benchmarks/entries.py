@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     t_build = time.perf_counter() - t
     M = n * d
     print(f"network {sizes}, N = {net.n_params}, n = {n}, d = {d}, n*d = {M} rows; "
-          f"factors built in {t_build:.2f} s ({gn._backend.factor_bytes / 2**20:.0f} MiB)")
+          f"factors built in {t_build:.2f} s ({gn.backend.factor_bytes / 2**20:.0f} MiB)")
 
     rows = []
     for k in (64, 256, 512):

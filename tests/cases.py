@@ -88,6 +88,22 @@ def relu_mlp_with_dead_unit(hidden: int) -> dgnh.MLP:
     return net
 
 
+def jacobian_problem(loss: str):
+    """``(net, X, gn, rng)``: a 3-5-4 tanh network (no output bias) on 10 rows in 3 shards,
+    in process, for the Jacobian-product tests; ``rng`` continues after drawing ``X``.
+
+    Examples
+    --------
+    >>> net, X, gn, rng = jacobian_problem("mse")
+    >>> gn.n_shards, gn.n_jacobian_rows
+    (3, 40)
+    """
+    net = random_mlp([3, 5, 4], ["tanh", "identity"], biases=[True, False], seed=4)
+    rng = np.random.default_rng(8)
+    X, Y = rng.normal(size=(10, 3)), random_targets(loss, 10, 4)
+    return net, X, dgnh.GaussNewton(net, X, Y, loss=loss, shard_size=4, client="in-process"), rng
+
+
 # ------------------------------------------------------------ trained digits networks
 def digits_gnh(kind: str, hidden: tuple[int, ...], n_samples: int, activation: str = "tanh",
                max_iter: int = 300, **options) -> dgnh.GaussNewton:

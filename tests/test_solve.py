@@ -7,8 +7,8 @@ import pytest
 from distributed import Client, LocalCluster
 
 import dgnh
-from cases import (dense_reference, norm_relative_error, random_mlp, random_targets,
-                   small_digits_gnh)
+from cases import (dense_reference, jacobian_problem, norm_relative_error, random_mlp,
+                   random_targets, small_digits_gnh)
 from dgnh.lowrank import LowRank, pivoted_cholesky
 from dgnh.exact_solve import dual_factorize, dual_solve, solve
 from dgnh.solve import CGResult, cg
@@ -115,10 +115,7 @@ def test_cg_zero_rhs_and_maxiter(digits):
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy", "binary_cross_entropy"])
 def test_shard_jacobian_products_and_dual_gram(loss):
     """Per-shard Ĵ products and ĴĴᵀ blocks against a finite-difference G = ĴᵀĴ/n."""
-    net = random_mlp([3, 5, 4], ["tanh", "identity"], biases=[True, False], seed=4)
-    rng = np.random.default_rng(8)
-    X, Y = rng.normal(size=(10, 3)), random_targets(loss, 10, 4)
-    gn = dgnh.GaussNewton(net, X, Y, loss=loss, shard_size=4, client="in-process")
+    net, X, gn, rng = jacobian_problem(loss)
     shards = gn.backend.shards
     J = [s.jacobian_matvec(np.eye(gn.n_params)) for s in shards]  # Ĵ_s, (n_s·d, N)
     np.testing.assert_allclose(sum(j.T @ j for j in J) / 10, dense_reference(net, X, loss),

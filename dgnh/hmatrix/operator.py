@@ -268,7 +268,8 @@ class HMatrix(Operator):
                              ("coupling", [self.couplings[a] for a in inner]),
                              ("leaf", [self.leaf_blocks[int(a)] for a in self.leaves]),
                              ("near", self._near_blocks)):
-            out.update(zip((f"{name}_offsets", f"{name}_shapes", f"{name}_values"), pack_blocks(blocks)))
+            keys = (f"{name}_offsets", f"{name}_shapes", f"{name}_values")
+            out.update(zip(keys, pack_blocks(blocks)))
         out["coupling_nodes"] = inner.astype(np.int64)
         out["leaf_nodes"] = self.leaves.astype(np.int64)
         out["near_pairs"] = self._near_pairs

@@ -13,6 +13,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 from scipy.special import erf, expit
 
+from .validation import check_choice
+
 _SQRT2 = math.sqrt(2.0)  # Python floats: they keep float32 arrays float32
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 LEAKY_SLOPE = 0.01
@@ -110,9 +112,11 @@ ACTIVATIONS: dict[str, Activation] = {
 
 
 def get_activation(name: str) -> Activation:
-    """Return the activation called ``name``; a clear ``ValueError`` otherwise."""
-    if not isinstance(name, str) or name not in ACTIVATIONS:
-        raise ValueError(
-            f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}"
-        )
-    return ACTIVATIONS[name]
+    """Return the activation called ``name``; a clear ``ValueError`` otherwise.
+
+    Examples
+    --------
+    >>> get_activation("tanh").name
+    'tanh'
+    """
+    return ACTIVATIONS[check_choice(name, "activation", sorted(ACTIVATIONS))]

@@ -14,16 +14,23 @@ shard per request batch:
 ``args`` is either one tuple shared by all shards or a list with one tuple per
 shard. :class:`LocalBackend` runs in this process; :mod:`dgnh.cluster` runs the
 same calls on a Dask cluster.
+
+:class:`LocalBackend` runs the calls of a batch one after the other, or on a
+thread pool (numpy and BLAS release the GIL), with BLAS limited so that threads ×
+BLAS threads stay within the cores.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import reduce
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .shard_factors import ShardFactors
+from .validation import check_int
 
 
 def add_partials(a: Any, b: Any) -> Any:
@@ -72,19 +79,48 @@ def shard_bounds(n_samples: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, n_samples)) for s in range(0, n_samples, shard_size)]
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one).
+
+    Examples
+    --------
+    >>> available_cores() >= 1
+    True
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class LocalBackend:
-    """All shards in this process, one call after the other.
+    """All shards in this process: one call after the other, or on a thread pool.
+
+    Parameters
+    ----------
+    shards : the shards (:class:`~dgnh.shard_factors.ShardFactors`), or none
+        yet: :meth:`create_shards` builds them.
+    threads : shards worked on at once (default 1: one after the other). With
+        more, the calls of a batch run on a ``ThreadPoolExecutor`` and BLAS is
+        limited to ``max(1, available_cores() // threads)`` threads while the
+        batch runs (threadpoolctl, process-wide), so threads × BLAS threads do
+        not oversubscribe the cores. Results do not depend on ``threads``:
+        partial sums are added in shard order.
 
     Examples
     --------
     >>> import numpy as np
-    >>> backend = LocalBackend([np.arange(3), np.arange(3, 6)])
+    >>> backend = LocalBackend([np.arange(3), np.arange(3, 6)], threads=2)
     >>> int(backend.sum(np.ndarray.sum)), [int(m) for m in backend.map(np.ndarray.max)]
     (15, [2, 5])
+    >>> backend.close()
     """
 
-    def __init__(self, shards: Sequence[ShardFactors]):
+    def __init__(self, shards: Sequence[ShardFactors] = (), threads: int = 1):
         self.shards = list(shards)
+        self.threads = check_int(threads, "threads", minimum=1)
+        self._pool = (ThreadPoolExecutor(self.threads, thread_name_prefix="dgnh-shard")
+                      if self.threads > 1 else None)
+        self._blas = None  # threadpoolctl controller of the BLAS libraries, on first use
 
     @property
     def n_shards(self) -> int:
@@ -92,16 +128,21 @@ class LocalBackend:
 
     @property
     def n_workers(self) -> int:
-        """1: every call runs in this process."""
-        return 1
+        """Threads working on shards at once (1: one call after the other)."""
+        return self.threads
 
     @property
     def factor_bytes(self) -> int:
         return int(sum(s.nbytes for s in self.shards))
 
+    def create_shards(self, tasks: Sequence[tuple[Callable, tuple]]) -> None:
+        """Build the shards ``make(*args)`` of ``tasks = [(make, args), ...]`` (on the pool)."""
+        self.shards = self._each(lambda task: task[0](*task[1]), list(tasks))
+
     def map(self, func: Callable[..., Any], args: tuple | Sequence[tuple] = ()) -> list:
         require_shards(self.n_shards)
-        return [func(s, *a) for s, a in zip(self.shards, per_shard(args, self.n_shards))]
+        calls = list(zip(self.shards, per_shard(args, self.n_shards)))
+        return self._each(lambda call: func(call[0], *call[1]), calls)
 
     def sum(self, func: Callable[..., Any], args: tuple | Sequence[tuple] = ()) -> Any:
         return reduce(add_partials, self.map(func, args))
@@ -111,6 +152,34 @@ class LocalBackend:
 
     def close(self) -> None:
         self.shards = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _each(self, call: Callable[[Any], Any], items: list) -> list:
+        """``[call(x) for x in items]``, on the pool when there is one and work for it.
+
+        On an error or an interrupt, calls not started yet are cancelled; the
+        first error in item order is raised.
+        """
+        if self._pool is None or len(items) < 2:
+            return [call(x) for x in items]
+        with self._blas_limit():
+            futures = [self._pool.submit(call, x) for x in items]
+            try:
+                return [f.result() for f in futures]
+            finally:
+                for f in futures:
+                    f.cancel()
+
+    def _blas_limit(self):
+        """A context limiting BLAS to its share of the cores (never raising its threads)."""
+        if self._blas is None:
+            from threadpoolctl import ThreadpoolController  # loaded on first parallel batch
+
+            self._blas = ThreadpoolController().select(user_api="blas")
+        share = max(1, available_cores() // self.threads)
+        current = min((lib["num_threads"] for lib in self._blas.info()), default=share)
+        return self._blas.limit(limits=min(share, current))
 
 
 def default_shard_size(model, dtype) -> int:

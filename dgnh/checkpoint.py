@@ -22,7 +22,8 @@ from .operator import Operator
 from .packing import jsonable, pack_blocks, unpack_blocks
 from .store import (FORMAT, LAYOUT, VERSION, checkpoint_rounds, describe, round_name,
                     write_result)
-from .zarr_io import check_format, open_group, read_array, remove_path, write_array
+from .zarr_io import (check_format, check_replaceable, open_group, read_array, remove_path,
+                      staging_path, swap_in, write_array)
 
 Array = np.ndarray
 
@@ -53,25 +54,35 @@ class JobStore:
     Use :meth:`begin`. Entry rounds are saved with :meth:`save_round` (one group
     per round, its ``complete`` attribute written last) and read back by
     :meth:`load_round` when a killed job runs again; :meth:`finish` writes the
-    result, marks the store complete and removes the checkpoint.
+    result, marks the store complete and removes the checkpoint. A job
+    replacing an existing store (``overwrite``) runs in a staging store beside
+    it (:func:`dgnh.zarr_io.staging_path`) that :meth:`finish` swaps in, so the
+    old result stays until the new one is complete.
     """
 
-    def __init__(self, path: str, root: zarr.Group):
-        self.path = path
+    def __init__(self, path: str, root: zarr.Group, final: str | None = None):
+        self.path = path  # where the store is being written
+        self.final = path if final is None else final  # where the result goes
         self.root = root
         self.checkpoint = root["checkpoint"]
         self.n_rounds = checkpoint_rounds(path)
 
     @staticmethod
-    def check(path: str | os.PathLike, fingerprint: str, overwrite: bool = False) -> bool:
+    def check(path: str | os.PathLike, fingerprint: str, overwrite: bool = False,
+              data_digest: str | None = None) -> bool:
         """Whether ``path`` holds a checkpoint of this job (same fingerprint) to resume.
 
         ``False`` when ``path`` does not exist or ``overwrite`` (start over).
         Raises ``FileExistsError`` for a complete result, another job's
-        checkpoint or anything else at ``path`` (unless ``overwrite``).
+        checkpoint (naming the data when their ``data_digest`` differs) or
+        anything else at ``path`` (unless ``overwrite``; even then, anything
+        but a result store or an empty directory).
         """
         path = os.fspath(path)
-        if overwrite or not os.path.lexists(path):
+        if overwrite:
+            check_replaceable(path, True, FORMAT, "output")
+            return False
+        if not os.path.lexists(path):
             return False
         try:
             root = open_group(path)
@@ -83,6 +94,11 @@ class JobStore:
         if attrs.get("complete") is True:
             raise FileExistsError(f"output {path} already holds a complete result: pass "
                                   "--overwrite (overwrite=True) to replace it")
+        stored_digest = attrs.get("data_digest")
+        if data_digest is not None and stored_digest not in (None, data_digest):
+            raise FileExistsError(f"output {path} holds a checkpoint made from other data: the "
+                                  "content of the job's data store changed since it was "
+                                  "written; pass --overwrite (overwrite=True) to start over")
         if attrs.get("fingerprint") != fingerprint or "checkpoint" not in root:
             raise FileExistsError(f"output {path} holds the checkpoint of a different job "
                                   "(other model, data or parameters): pass --overwrite "
@@ -91,18 +107,23 @@ class JobStore:
 
     @classmethod
     def begin(cls, path: str | os.PathLike, fingerprint: str, overwrite: bool = False,
-              job: dict | None = None) -> "JobStore":
-        """Reopen the checkpoint of the same job, or create the store (see :meth:`check`)."""
+              job: dict | None = None, data_digest: str | None = None) -> "JobStore":
+        """Reopen the checkpoint of the same job, or create the store (see :meth:`check`).
+
+        ``data_digest`` (:meth:`dgnh.Dataset.digest`) is stored so that a resume
+        after the data changed is refused with a message saying so.
+        """
         path = os.fspath(path)
-        if cls.check(path, fingerprint, overwrite):
+        if cls.check(path, fingerprint, overwrite, data_digest):
             return cls(path, open_group(path, mode="r+"))
-        remove_path(path)
-        root = zarr.create_group(path, zarr_format=3)
+        where = staging_path(path) if os.path.lexists(path) else path
+        remove_path(where)  # a staging store left by an interrupted job
+        root = zarr.create_group(where, zarr_format=3)
         root.create_group("checkpoint/rounds")
         root.attrs.update(jsonable({"format": FORMAT, "version": VERSION, "layout": LAYOUT,
                                     "complete": False, "fingerprint": fingerprint,
-                                    "job": job or {}}))
-        return cls(path, root)
+                                    "data_digest": data_digest, "job": job or {}}))
+        return cls(where, root, final=path)
 
     # ------------------------------------------------------------- arrays
     def load_array(self, name: str) -> Array | None:
@@ -140,9 +161,12 @@ class JobStore:
     # ------------------------------------------------------------- result
     def finish(self, op: Operator, factorization: Factorization | None = None,
                attrs: dict | None = None, factorization_seconds: float | None = None) -> None:
-        """Write the result, mark the store complete, then drop the checkpoint."""
+        """Write the result, mark the store complete, drop the checkpoint, swap it in."""
         write_result(self.root, op, factorization, attrs, factorization_seconds)
         del self.root["checkpoint"]
+        if self.path != self.final:
+            swap_in(self.path, self.final)
+            self.path = self.final
 
 
 class CheckpointedGaussNewton(Operator):
@@ -151,7 +175,8 @@ class CheckpointedGaussNewton(Operator):
     Every ``entries_many`` call is one round: round ``k`` is read from the
     :class:`~dgnh.JobStore` when stored there for the same requests, else
     evaluated by ``gn`` and stored. ``stats`` counts only the entries evaluated
-    here (what :func:`dgnh.compress` reports); ``loaded`` counts the rest.
+    here (what :func:`dgnh.compress` reports), :attr:`evaluated` their total over
+    every round (all candidates of ``method="auto"``); ``loaded`` counts the rest.
     Products ``@`` and everything else go to ``gn``.
     """
 
@@ -165,6 +190,11 @@ class CheckpointedGaussNewton(Operator):
         self.rounds = 0
         self._on_round, self._on_product = on_round, on_product
         self._diag = None
+
+    @property
+    def evaluated(self) -> int:
+        """Entries evaluated here (exact and sampled), over every round so far."""
+        return self.stats["entries_exact"] + self.stats["entries_sampled"]
 
     def diagonal(self) -> Array:
         """The GNH diagonal: from the checkpoint when stored, else evaluated and stored."""

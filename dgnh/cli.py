@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import signal
 import sys
+import threading
 
 BENCHMARKS = {
     "entries": "exact block rate vs GEMM, sampled-entry cost vs N, sampled error",
@@ -65,44 +68,43 @@ def _load_npy(path: str, what: str):
 
 
 def _solve(args: argparse.Namespace) -> int:
-    """Direct solve with the factorization when it is exact, else CG preconditioned by it."""
-    import warnings
-
+    """Exact PCG when the job's model and data are at hand, else the compressed operator."""
     import numpy as np
 
-    from . import store
-    from .solve import cg
+    from .job import solve_result
     from .zarr_io import check_new_output
 
     check_new_output(args.output, args.overwrite, "solution")
-    op = store.open(args.path)
     b = _load_npy(args.rhs, "right-hand side")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # near field: handled by CG below
-        factorization = op.factorize(args.reg)
-    if store.factorizes_exactly(op):
-        x = factorization.solve(b)
-        residual = np.linalg.norm(op @ x + args.reg * x - b) / max(np.linalg.norm(b), 1e-300)
-        how = "direct solve with its factorization"
-    else:
-        result = cg(op, b, args.reg, preconditioner=factorization)
-        x, residual = result.x, np.max(result.residual)
-        how = f"CG preconditioned by its HSS factorization, {result.n_iter} iterations"
+    sol = solve_result(args.path, b, args.reg, rtol=args.rtol, scheduler=args.scheduler)
     with open(args.output, "wb") as fh:
-        np.save(fh, x)
-    print(f"wrote {args.output}: x of shape {x.shape} solving (G̃ + λI) x = b, λ = {args.reg:g} "
-          f"({how}; relative residual {residual:.2e})")
+        np.save(fh, sol.x)
+    system = "(G + λI) x = b" if sol.exact else "(G̃ + λI) x = b"
+    print(f"wrote {args.output}: x of shape {sol.x.shape} solving {system}, λ = {args.reg:g}, "
+          f"{sol.how}")
     return 0
 
 
 def _eig(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from . import store
     from .spectral import eigsh
+    from .zarr_io import check_new_output
 
-    values = eigsh(store.open(args.path), args.k)[0]
-    print(f"top {len(values)} eigenvalues of {args.path}:")
-    for i, value in enumerate(values, 1):
-        print(f"{i:5d}  {value: .10e}")
+    if args.output:
+        check_new_output(args.output, args.overwrite, "eigenvectors")
+    op = store.open(args.path)
+    values, vectors = eigsh(op, args.k)
+    residuals = np.linalg.norm(op @ vectors - vectors * values, axis=0)
+    if args.output:
+        with open(args.output, "wb") as fh:
+            np.save(fh, vectors)
+    print(f"top {len(values)} eigenpairs (λ_i, v_i) of {args.path}"
+          + (f", eigenvectors v_i in {args.output} (columns)" if args.output else "")
+          + ": i, λ_i, residual ‖Hv_i − λ_i v_i‖")
+    for i, (value, residual) in enumerate(zip(values, residuals), 1):
+        print(f"{i:5d}  {value: .10e}  {residual:17.2e}")
     return 0
 
 
@@ -154,18 +156,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing picture")
     p.set_defaults(func=_plot)
 
-    s = sub.add_parser("solve", help="solve (G̃ + λI) x = b with a stored result")
+    s = sub.add_parser("solve", help="solve (G + λI) x = b with a stored result",
+                       description="With the job's model and data at hand (a result of dgnh "
+                                   "run): PCG on exact GNH products, preconditioned by the "
+                                   "stored factorization, to --rtol. Otherwise the answer is "
+                                   "for the compressed G̃, and its error bound is printed.")
     s.add_argument("path", metavar="PATH")
     s.add_argument("--rhs", required=True, metavar="b.npy",
                    help="right-hand side(s), (N,) or (N, k)")
     s.add_argument("--reg", required=True, type=float, metavar="λ", help="regularization λ > 0")
     s.add_argument("-o", "--output", required=True, metavar="x.npy")
+    s.add_argument("--rtol", type=float, default=1e-8,
+                   help="relative residual of the exact solve (default 1e-8)")
+    s.add_argument("--scheduler", metavar="ADDR",
+                   help="Dask scheduler for the exact products (default: this machine)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing x.npy")
     s.set_defaults(func=_solve)
 
-    e = sub.add_parser("eig", help="top eigenvalues of a stored result")
+    e = sub.add_parser("eig", help="top eigenpairs of a stored result")
     e.add_argument("path", metavar="PATH")
-    e.add_argument("-k", type=int, default=10, help="number of eigenvalues (default 10)")
+    e.add_argument("-k", type=int, default=10, help="number of eigenpairs (default 10)")
+    e.add_argument("-o", "--output", metavar="vectors.npy",
+                   help="write the eigenvectors, (N, k), columns in the printed order")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing vectors.npy")
     e.set_defaults(func=_eig)
 
     d = sub.add_parser("demo", help="train a digits MLP and run the whole pipeline on a "
@@ -176,12 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _interrupt(signum, frame):
+    """Ctrl-C: silence logging for the Dask shutdown that follows, then interrupt as usual."""
+    logging.disable(logging.CRITICAL)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    quiet_interrupt = (threading.current_thread() is threading.main_thread()
+                       and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if quiet_interrupt:
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # one line; logging stays off while the process ends
         print("dgnh: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one line, no traceback, unless --debug
@@ -190,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"dgnh {args.command}: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        if quiet_interrupt:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":

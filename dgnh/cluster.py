@@ -25,12 +25,21 @@ for any number of workers.
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import ctypes.util
+import inspect
 import itertools
+import logging
 import os
+import signal
+import sys
+import threading
+import time
+import tokenize
 import uuid
 import weakref
+from contextlib import contextmanager
 from functools import reduce
 from typing import Any, Callable, Sequence
 
@@ -82,6 +91,31 @@ def make_security(security) -> Security | None:
     return Security(require_encryption=True, **files)
 
 
+def check_client_tls(security: Security) -> None:
+    """Refuse TLS credentials that cannot make a client connection, in one line.
+
+    A TLS client of a Dask scheduler needs the cluster's CA file and a client
+    certificate with its key (``tls_client_key``, unless the certificate file
+    holds the key); Dask alone would fail later and stall at exit.
+
+    Examples
+    --------
+    >>> check_client_tls(Security(tls_ca_file="ca.pem"))
+    Traceback (most recent call last):
+    ...
+    ValueError: security: a TLS client needs tls_ca_file and tls_client_cert (plus tls_client_key unless the certificate file holds the key); got only tls_ca_file
+    """
+    given = [name for name in _TLS_FILES if getattr(security, name, None)]
+    if "tls_ca_file" not in given or "tls_client_cert" not in given:
+        raise ValueError("security: a TLS client needs tls_ca_file and tls_client_cert (plus "
+                         "tls_client_key unless the certificate file holds the key); got "
+                         + (f"only {', '.join(given)}" if given else "none of them"))
+    try:
+        security.get_connection_args("client")
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        raise ValueError(f"security: cannot load the TLS files {given}: {e}") from None
+
+
 def connect(address: str, security=None) -> Client:
     """A new ``Client`` of the scheduler at ``address``, or a ``ConnectionError``.
 
@@ -92,16 +126,24 @@ def connect(address: str, security=None) -> Client:
         raise ValueError("client must be None, 'in-process', a distributed.Client or a "
                          f"scheduler address such as 'tcp://host:8786', got {address!r}")
     security = make_security(security)
-    if address.startswith("tls://") and security is None:
-        raise ValueError(f"the scheduler at {address} uses TLS: pass security= (a "
-                         "distributed.security.Security or the TLS file paths)")
+    if address.startswith("tls://"):
+        if security is None:
+            raise ValueError(f"the scheduler at {address} uses TLS: pass security= (a "
+                             "distributed.security.Security or the TLS file paths)")
+        check_client_tls(security)
     timeout = connect_timeout()
+    start = time.monotonic()
     try:
         return Client(address, security=security, timeout=timeout, set_as_default=False)
     except (OSError, TimeoutError) as e:
-        raise ConnectionError(f"cannot connect to the Dask scheduler at {address} within "
-                              f"{timeout:g} s (wrong address, scheduler down, or credentials "
-                              f"refused): {e}") from e
+        elapsed = time.monotonic() - start
+        if elapsed < 0.9 * timeout:
+            how = (f": refused after {elapsed:.1f} s (credentials refused, or not a Dask "
+                   "scheduler)")
+        else:
+            how = f" within {timeout:g} s (wrong address, or scheduler down)"
+        raise ConnectionError(f"cannot connect to the Dask scheduler at {address}{how}: "
+                              f"{e}") from e
 
 
 def connect_timeout() -> float:
@@ -139,6 +181,94 @@ class MallocTuning(WorkerPlugin):
 
     def setup(self, worker) -> None:
         set_malloc_thresholds()
+
+
+def start_local_cluster() -> tuple[LocalCluster, Client]:
+    """A process-based ``LocalCluster`` sized to the machine, with :class:`MallocTuning`,
+    and a client of it.
+
+    Its worker processes re-run the ``__main__`` script (Dask starts them with
+    ``spawn``), so a call from the top level of a script, outside ``if __name__ ==
+    "__main__":``, is refused in one line before any process starts. The
+    workers ignore Ctrl-C: the interrupt is this process's to handle (it closes
+    the cluster), rather than a traceback in every worker.
+    """
+    where = unguarded_main_call()
+    if where is not None:
+        raise RuntimeError(f"{where}: dgnh starts a local Dask cluster here, whose worker "
+                           "processes re-run this script: put the script's top-level code "
+                           "under `if __name__ == \"__main__\":` (or pass client=\"in-process\")")
+    with sigint_ignored():
+        cluster = LocalCluster(processes=True, dashboard_address=":0", silence_logs=logging.ERROR)
+    client = Client(cluster, set_as_default=False)
+    client.register_plugin(MallocTuning())
+    return cluster, client
+
+
+def unguarded_main_call() -> str | None:
+    """``"file:line"`` of the statement of the ``__main__`` script this call comes
+    from, when it lies at the script's top level outside ``if __name__ ==
+    "__main__":`` (and would run again in every spawned process); else ``None``.
+
+    ``None`` also without a script (interactive sessions, notebooks,
+    ``python -c``), when the call does not come from the script's top level, and
+    for Dask's ``fork`` start method.
+
+    Examples
+    --------
+    >>> unguarded_main_call() is None  # under pytest: pytest's own main is guarded
+    True
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or dask.config.get("distributed.worker.multiprocessing-method") == "fork":
+        return None
+    frame = inspect.currentframe()
+    while frame is not None and not (frame.f_globals is vars(main)
+                                     and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    try:
+        with tokenize.open(path) as fh:
+            tree = ast.parse(fh.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    line = frame.f_lineno
+    for node in tree.body:
+        if node.lineno <= line <= node.end_lineno:
+            guarded = (_is_main_guard(node)
+                       and node.body[0].lineno <= line <= node.body[-1].end_lineno)
+            return None if guarded else f"{path}, line {line}"
+    return None
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    """``node`` is ``if __name__ == "__main__":`` (either side first)."""
+    if not (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and len(node.test.ops) == 1 and isinstance(node.test.ops[0], ast.Eq)):
+        return False
+    sides = (node.test.left, node.test.comparators[0])
+    return ({s.id for s in sides if isinstance(s, ast.Name)} == {"__name__"}
+            and {s.value for s in sides if isinstance(s, ast.Constant)} == {"__main__"})
+
+
+@contextmanager
+def sigint_ignored():
+    """Ignore SIGINT in this process while the block runs, so that processes started
+    meanwhile inherit the ignoring (a Ctrl-C in the block itself is lost).
+
+    Only in the main thread, where Python handles signals; elsewhere a no-op.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def call_on_shard(func: Callable[..., Any], shard: Any, args: tuple) -> Any:
@@ -195,9 +325,7 @@ class DaskBackend:
         if client is None:
             if security is not None:
                 raise ValueError("security applies when connecting to a scheduler address")
-            cluster = LocalCluster(processes=True, dashboard_address=":0")
-            client = Client(cluster, set_as_default=False)
-            client.register_plugin(MallocTuning())
+            cluster, client = start_local_cluster()
             owned = True
         elif isinstance(client, Client):
             if security is not None:
@@ -211,6 +339,7 @@ class DaskBackend:
             raise TypeError("client must be None, 'in-process', a distributed.Client or a "
                             f"scheduler address, got {type(client).__name__}")
         self.client = client
+        self._owned = owned
         self._shutdown = weakref.finalize(self, _shutdown, client if owned else None, cluster)
         self._token = uuid.uuid4().hex
         self._batches = itertools.count()
@@ -279,10 +408,10 @@ class DaskBackend:
 
     def close(self) -> None:
         """Release the shards; close the client and cluster this backend started."""
-        if self._shards:
-            self.client.cancel(self._shards)
-            self._shards = []
-        self._shutdown()
+        if self._shards and not self._owned:
+            self.client.cancel(self._shards)  # a client we were given keeps running
+        self._shards = []
+        self._shutdown()  # closing a client of our own releases its shards with it
 
     def _calls(self, func: Callable[..., Any],
                args: tuple | Sequence[tuple]) -> tuple[list[Delayed], str]:

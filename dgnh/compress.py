@@ -1,4 +1,4 @@
-"""``dgnh.compress``: compressed GNH operators with a measured error certificate (design.md §4).
+"""Compressed GNH operators with a measured error certificate (docs/design.md §4).
 
 Three representations, built from entries (exact or sampled) and, for the
 H-matrix's randomized skeletonization, one round of exact GNH products:
@@ -6,20 +6,25 @@ H-matrix's randomized skeletonization, one round of exact GNH products:
 * ``"lowrank"`` — :class:`~dgnh.lowrank.LowRank` ``UUᵀ`` by adaptive pivoted
   Cholesky, positive semi-definite;
 * ``"hmatrix"`` — :class:`~dgnh.hmatrix.HMatrix` (HSS + near field);
-* ``"hybrid"`` — :class:`Hybrid`: the low-rank part plus an H-matrix of the
-  remainder ``G − UUᵀ`` (entries from :class:`RemainderSource`);
+* ``"hybrid"`` — :class:`~dgnh.hybrid.Hybrid`: the low-rank part plus an
+  H-matrix of the remainder ``G − UUᵀ`` (entries from
+  :class:`~dgnh.hybrid.RemainderSource`);
 * ``"auto"`` — builds all three and returns the smallest in memory whose
   estimated error meets ``tol`` (else the most accurate); the candidates are
   recorded in ``report["candidates"]``.
 
-Every result carries ``report["error_estimate"]`` ≈ ``‖G − H‖₂/‖G‖₂``, from
-block Lanczos (:func:`estimate_norm`) on ``G − H`` with exact GNH products
+The parameters are one frozen :class:`CompressOptions`. Every result carries
+the same report (:data:`REPORT_KEYS`, assembled by :func:`certified_report`),
+with ``report["error_estimate"]`` ≈ ``‖G − H‖₂/‖G‖₂`` from block Lanczos
+(:func:`~dgnh.spectral.estimate_norm`) on ``G − H`` with exact GNH products
 ``gn @ V``: Ritz values never exceed the true norm, and a few block steps get
 within a small factor of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
 from typing import Any
 
@@ -30,53 +35,94 @@ from .hybrid import Hybrid, RemainderSource
 from .lowrank import LowRank, pivoted_cholesky
 from .operator import Operator
 from .spectral import LANCZOS_STEPS, estimate_norm, ritz_values
+from .validation import check_choice, check_fraction, check_int, check_number
 
 Array = np.ndarray
 METHODS = ("auto", "hmatrix", "lowrank", "hybrid")
 INDEFINITE_PROOF = 1e-12  # a Ritz value below −this·‖G‖ proves H indefinite
-# --------------------------------------------------------------------- validation
-def _check_number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+REPORT_KEYS = (
+    "method", "parameters", "seed", "n_params", "timings", "entries_evaluated", "nbytes",
+    "dense_nbytes", "memory_fraction", "norm_estimate", "error_estimate", "tol_met",
+    "min_eigenvalue_estimate", "indefinite", "details",
+)
+"""The top-level keys of every report :func:`compress` returns, whatever the form.
+
+Beside them each form adds its ``rank_statistics()`` (``rank`` for a low rank;
+``rank_min``, ``rank_mean``, ``rank_max``, ``ranks_per_level`` for an H-matrix;
+those plus ``lowrank_rank`` for a hybrid) and ``"auto"`` adds ``candidates``.
+``timings`` holds the builder's phases (always ``total``) plus ``build``,
+``norm`` and ``certificate``; ``details`` is the builder's own report.
+"""
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
+# --------------------------------------------------------------------- options
+@dataclasses.dataclass(frozen=True)
+class CompressOptions:
+    """The validated parameters of :func:`compress` (see there for their meaning).
 
+    Every field is checked, and numbers normalised to ``int``/``float``, on
+    construction; a bad value raises ``TypeError``/``ValueError`` naming the
+    parameter and its allowed range.
 
-def check_parameters(method="auto", tol=1e-3, max_rank=256, leaf_size=256, budget=0.0,
-                     neighbors=32, metric="angle", eps=None, seed=0) -> dict[str, Any]:
-    """Validate the parameters of :func:`compress`; returns them normalised.
-
-    Raises ``ValueError``/``TypeError`` naming the parameter and the allowed range.
+    Examples
+    --------
+    >>> options = CompressOptions(method="hybrid", tol=1e-4)
+    >>> options.as_dict()["tol"], options.max_rank
+    (0.0001, 256)
+    >>> CompressOptions(leaf_size=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: leaf_size must be an integer >= 2, got 1
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
-    tol = _check_number(tol, "tol")
-    if not 0 < tol < 1:
-        raise ValueError(f"tol must lie in the open interval (0, 1), got {tol}")
-    budget = _check_number(budget, "budget")
-    if not 0 <= budget <= 1:
-        raise ValueError(f"budget must lie in [0, 1] (fraction of leaves in the near field), "
-                         f"got {budget}")
-    if eps is not None:
-        eps = _check_number(eps, "eps")
-        if not 0 < eps < 1:
-            raise ValueError(f"eps must lie in the open interval (0, 1) or be None (exact "
-                             f"entries), got {eps}")
-    return {"method": method, "tol": tol, "max_rank": _check_int(max_rank, "max_rank", 1),
-            "leaf_size": _check_int(leaf_size, "leaf_size", 2), "budget": budget,
-            "neighbors": _check_int(neighbors, "neighbors", 1), "metric": metric, "eps": eps,
-            "seed": _check_int(seed, "seed", 0)}
+
+    method: str = "auto"
+    tol: float = 1e-3
+    max_rank: int = 256
+    leaf_size: int = 256
+    budget: float = 0.0
+    neighbors: int = 32
+    metric: str = "angle"
+    eps: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checked = {
+            "method": check_choice(self.method, "method", METHODS),
+            "metric": check_choice(self.metric, "metric", METRICS),
+            "tol": check_fraction(self.tol, "tol"),
+            "budget": check_number(self.budget, "budget", 0, 1,
+                                   hint=" (fraction of leaves in the near field)"),
+            "eps": None if self.eps is None else check_number(
+                self.eps, "eps", 0, 1, low_open=True, high_open=True,
+                hint=" (None means exact entries)"),
+            "max_rank": check_int(self.max_rank, "max_rank", minimum=1),
+            "leaf_size": check_int(self.leaf_size, "leaf_size", minimum=2),
+            "neighbors": check_int(self.neighbors, "neighbors", minimum=1),
+            "seed": check_int(self.seed, "seed", minimum=0),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)  # frozen: normalise in place once
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The option names, in order (the keys of a job file's ``[compress]`` table)."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options as a plain dict (what ``report["parameters"]`` records)."""
+        return dataclasses.asdict(self)
+
+
+def check_parameters(**options: Any) -> dict[str, Any]:
+    """``CompressOptions(**options).as_dict()``: the validated options as a dict.
+
+    Kept for :mod:`dgnh.job`, which reads the option names from this function's
+    signature (that of :class:`CompressOptions`).
+    """
+    return CompressOptions(**options).as_dict()
+
+
+check_parameters.__signature__ = inspect.signature(CompressOptions)  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------ error certificate
@@ -87,6 +133,35 @@ def relative_error(gn, approx: Operator, norm_G: float, seed: int = 0) -> float:
     err = estimate_norm(lambda V: gn @ V - approx @ V, gn.n_params, seed=seed,
                         support=np.asarray(gn.diagonal()) > 0)
     return err / norm_G
+
+
+def certified_report(gn, op: Operator, method: str, options: CompressOptions, norm_G: float,
+                     timings: dict[str, float], entries_evaluated: int) -> dict[str, Any]:
+    """The report of one compressed form (:data:`REPORT_KEYS` plus its rank statistics).
+
+    Measures the error certificate (``error_estimate``, ``min_eigenvalue_estimate``,
+    ``indefinite``) with exact products of ``gn``; ``timings`` (the build and the
+    norm estimate) gains the builder's phases and ``certificate``; the builder's
+    own ``op.report`` moves to ``details``.
+    """
+    t_cert = time.perf_counter()
+    err = relative_error(gn, op, norm_G, seed=options.seed)
+    lowest = float(ritz_values(op.matvec, gn.n_params, seed=options.seed,
+                               steps=2 * LANCZOS_STEPS).min()) / norm_G if norm_G > 0 else 0.0
+    t_cert = time.perf_counter() - t_cert
+    details = dict(op.report)
+    dense_nbytes = 8 * gn.n_params**2
+    report = {
+        "method": method, "parameters": options.as_dict(), "seed": options.seed,
+        "n_params": gn.n_params,
+        "timings": {**details.pop("timings"), **timings, "certificate": t_cert},
+        "entries_evaluated": entries_evaluated, "nbytes": op.nbytes,
+        "dense_nbytes": dense_nbytes, "memory_fraction": op.nbytes / dense_nbytes,
+        "norm_estimate": norm_G, "error_estimate": err, "tol_met": err <= options.tol,
+        "min_eigenvalue_estimate": lowest, "indefinite": lowest < -INDEFINITE_PROOF,
+        "details": details,
+    }
+    return {**report, **op.rank_statistics()}
 
 
 # ------------------------------------------------------------------------ compress
@@ -110,21 +185,21 @@ def compress(gn, method: str = "auto", tol: float = 1e-3, max_rank: int = 256,
     neighbors : approximate nearest neighbours per parameter (>= 1).
     metric : ``"angle"`` (``1 − G_ab²/(G_aa G_bb)``) or ``"gram"``.
     eps : ``None`` for exact entries, else sampled entries with per-entry accuracy
-        ``eps`` in (0, 1) (design.md §3).
+        ``eps`` in (0, 1) (docs/design.md §3).
     seed : seeds every random choice; the same seed gives the same result.
     progress : progress bars (``None``: only on a terminal).
 
     Returns
     -------
     HMatrix, LowRank or Hybrid
-        With ``report``: method, all parameters and the seed, timings per phase,
-        entries evaluated, memory (``nbytes``, ``memory_fraction`` of dense),
-        rank statistics, ``norm_estimate`` (‖G‖₂), ``error_estimate``
-        (‖G − H‖₂/‖G‖₂), ``tol_met``, ``min_eigenvalue_estimate`` (smallest
-        Ritz value of H over ‖G‖₂, an upper bound on λ_min(H)/‖G‖₂) and
-        ``indefinite`` (True when that proves a negative eigenvalue: then
-        ``factorize(reg)`` fails for ``reg`` below about ``−λ_min``);
-        ``"auto"`` adds ``candidates``.
+        With ``report`` (:data:`REPORT_KEYS`): method, all parameters and the
+        seed, timings per phase, entries evaluated, memory (``nbytes``,
+        ``memory_fraction`` of dense), rank statistics, ``norm_estimate``
+        (‖G‖₂), ``error_estimate`` (‖G − H‖₂/‖G‖₂), ``tol_met``,
+        ``min_eigenvalue_estimate`` (smallest Ritz value of H over ‖G‖₂, an
+        upper bound on λ_min(H)/‖G‖₂) and ``indefinite`` (True when that
+        proves a negative eigenvalue: then ``factorize(reg)`` fails for ``reg``
+        below about ``−λ_min``); ``"auto"`` adds ``candidates``.
 
     Examples
     --------
@@ -137,54 +212,37 @@ def compress(gn, method: str = "auto", tol: float = 1e-3, max_rank: int = 256,
     >>> H.report["error_estimate"] < 1e-5
     True
     """
-    params = check_parameters(method, tol, max_rank, leaf_size, budget, neighbors, metric,
+    options = CompressOptions(method, tol, max_rank, leaf_size, budget, neighbors, metric,
                               eps, seed)
     for attr in ("n_params", "diagonal", "entries_many", "matvec"):
         if not hasattr(gn, attr):
             raise TypeError(f"gn must be a dgnh.GaussNewton (or provide n_params, diagonal(), "
                             f"entries_many() and exact products), got {type(gn).__name__}")
     t0 = time.perf_counter()
-    norm_G = estimate_norm(gn.matvec, gn.n_params, seed=seed,
+    norm_G = estimate_norm(gn.matvec, gn.n_params, seed=options.seed,
                            support=np.asarray(gn.diagonal()) > 0)
     t_norm = time.perf_counter() - t0
     builders = {"lowrank": _build_lowrank, "hmatrix": _build_hmatrix, "hybrid": _build_hybrid}
-    names = ["lowrank", "hmatrix", "hybrid"] if method == "auto" else [method]
+    names = ["lowrank", "hmatrix", "hybrid"] if options.method == "auto" else [options.method]
     built: dict[str, Operator] = {}
     for name in names:
         before = _entry_count(gn)
         t_build = time.perf_counter()
-        op = builders[name](gn, params, built, norm_G, progress)
+        op = builders[name](gn, options, built, norm_G, progress)
         t_build = time.perf_counter() - t_build
-        t_cert = time.perf_counter()
-        err = relative_error(gn, op, norm_G, seed=seed)
-        lowest = float(ritz_values(op.matvec, gn.n_params, seed=seed,
-                                   steps=2 * LANCZOS_STEPS).min()) / norm_G if norm_G > 0 else 0.0
-        t_cert = time.perf_counter() - t_cert
-        inner = dict(op.report)
-        op.report = {
-            "method": name, "parameters": params, "seed": params["seed"],
-            "n_params": gn.n_params,
-            "timings": {**inner.pop("timings", {}), "build": t_build, "norm": t_norm,
-                        "certificate": t_cert},
-            "entries_evaluated": _entry_count(gn) - before + (  # a reused low-rank part
-                built["lowrank"].report["entries_evaluated"] if "lowrank" in built
-                and name == "hybrid" else 0),
-            "nbytes": op.nbytes, "dense_nbytes": 8 * gn.n_params**2,
-            "memory_fraction": op.nbytes / (8 * gn.n_params**2),
-            "norm_estimate": norm_G, "error_estimate": err, "tol_met": err <= params["tol"],
-            "min_eigenvalue_estimate": lowest, "indefinite": lowest < -INDEFINITE_PROOF,
-            **(op.rank_statistics() if hasattr(op, "rank_statistics") else {"rank": op.rank}),
-            "details": inner,
-        }
+        reused = built["lowrank"].report["entries_evaluated"] if (
+            name == "hybrid" and "lowrank" in built) else 0  # the hybrid's low-rank part
+        op.report = certified_report(gn, op, name, options, norm_G,
+                                     {"build": t_build, "norm": t_norm},
+                                     _entry_count(gn) - before + reused)
         built[name] = op
-    if method != "auto":
-        return built[method]
+    if options.method != "auto":
+        return built[options.method]
     candidates = [{"method": m, "nbytes": op.nbytes, "error_estimate": op.report["error_estimate"],
                    "entries_evaluated": op.report["entries_evaluated"],
                    "time": op.report["timings"]["build"]} for m, op in built.items()]
-    chosen = built[choose_candidate(candidates, params["tol"])]
+    chosen = built[choose_candidate(candidates, options.tol)]
     chosen.report["candidates"] = candidates
-    chosen.report["parameters"] = {**params, "method": "auto"}
     return chosen
 
 
@@ -209,28 +267,33 @@ def _entry_count(gn) -> int:
     return int(stats.get("entries_exact", 0) + stats.get("entries_sampled", 0))
 
 
-def _build_lowrank(gn, p, built, norm_G, progress) -> LowRank:
-    return pivoted_cholesky(gn, tol=p["tol"], max_rank=p["max_rank"], eps=p["eps"],
-                            seed=p["seed"], progress=bool(progress))
+def _build_lowrank(gn, options: CompressOptions, built: dict[str, Operator], norm_G: float,
+                   progress: bool | None) -> LowRank:
+    return pivoted_cholesky(gn, tol=options.tol, max_rank=options.max_rank, eps=options.eps,
+                            seed=options.seed, progress=bool(progress))
 
 
-def _build_hmatrix(gn, p, built, norm_G, progress, source=None, tol=None) -> HMatrix:
-    return build_hmatrix(gn if source is None else source, tol=p["tol"] if tol is None else tol,
-                         max_rank=p["max_rank"], leaf_size=p["leaf_size"], budget=p["budget"],
-                         neighbors=p["neighbors"], metric=p["metric"], eps=p["eps"],
-                         seed=p["seed"], progress=progress)
+def _build_hmatrix(gn, options: CompressOptions, built: dict[str, Operator], norm_G: float,
+                   progress: bool | None, source=None, tol: float | None = None) -> HMatrix:
+    """The H-matrix of ``source`` (default ``gn``) at ``tol`` (default ``options.tol``)."""
+    return build_hmatrix(gn if source is None else source,
+                         tol=options.tol if tol is None else tol, max_rank=options.max_rank,
+                         leaf_size=options.leaf_size, budget=options.budget,
+                         neighbors=options.neighbors, metric=options.metric, eps=options.eps,
+                         seed=options.seed, progress=progress)
 
 
-def _build_hybrid(gn, p, built, norm_G, progress) -> Hybrid:
+def _build_hybrid(gn, options: CompressOptions, built: dict[str, Operator], norm_G: float,
+                  progress: bool | None) -> Hybrid:
     """Low-rank part, then the H-matrix of the remainder at ``tol·‖G‖/‖G − UUᵀ‖``."""
-    lowrank = built.get("lowrank") or _build_lowrank(gn, p, built, norm_G, progress)
+    lowrank = built.get("lowrank") or _build_lowrank(gn, options, built, norm_G, progress)
     remainder = RemainderSource(gn, lowrank.U)
     t0 = time.perf_counter()
-    norm_R = estimate_norm(lambda V: gn @ V - lowrank._matmat(V), gn.n_params, seed=p["seed"],
-                           support=remainder.diagonal() > 0)
+    norm_R = estimate_norm(lambda V: gn @ V - lowrank._matmat(V), gn.n_params,
+                           seed=options.seed, support=remainder.diagonal() > 0)
     t_norm = time.perf_counter() - t0
-    tol_R = min(0.5, p["tol"] * norm_G / norm_R) if norm_R > 0 else 0.5
-    hmatrix = _build_hmatrix(gn, p, built, norm_G, progress, source=remainder, tol=tol_R)
+    tol_R = min(0.5, options.tol * norm_G / norm_R) if norm_R > 0 else 0.5
+    hmatrix = _build_hmatrix(gn, options, built, norm_G, progress, source=remainder, tol=tol_R)
     return Hybrid(lowrank, hmatrix, {
         "timings": {"remainder_norm": t_norm, **hmatrix.report["timings"]},
         "lowrank": lowrank.report, "hmatrix": hmatrix.report,

@@ -13,14 +13,17 @@ Layout (``format = "dgnh-dataset"``, ``version = 1``; docs/design.md §6)::
                             chunks (chunk_rows, ...)
 
 Every chunk is written, even an all-zero one, so a missing chunk means a
-truncated store; each array carries a ``description`` attribute.
+truncated store, and checksummed (``crc32c``), so an altered chunk is reported
+as a damaged store; each array carries a ``description`` attribute.
 :func:`open_dataset` checks the attributes against the arrays and the chunks
 present; :meth:`Dataset.read` is what a shard task runs on a worker to fetch
-its rows.
+its rows; :meth:`Dataset.digest` fingerprints the content (what a job's
+checkpoint is tied to).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -28,8 +31,8 @@ import numpy as np
 import zarr
 
 from .validation import check_real_array, is_integer
-from .zarr_io import (check_format, check_new_output, chunk_shape, open_group, remove_path,
-                      write_array)
+from .zarr_io import (SLAB_CHUNKS, check_format, chunk_shape, open_group, read_error,
+                      replacing, write_array)
 
 Array = np.ndarray
 
@@ -71,15 +74,42 @@ class Dataset:
         if not 0 <= start <= stop <= self.n_samples:
             raise ValueError(f"dataset {self.path}: rows {start}:{stop} are outside "
                              f"[0, {self.n_samples}]")
-        group = open_group(self.path, what="dataset store")
+        return self._rows(open_group(self.path, what="dataset store"), start, stop)
+
+    def _rows(self, group: zarr.Group, start: int, stop: int) -> tuple[Array, Array]:
         out = []
         for name in ("X", "Y"):
             try:
                 out.append(np.asarray(group[name][start:stop]))
             except Exception as e:  # codec, I/O and missing-key errors alike
-                raise ValueError(f"dataset {self.path}: cannot read rows {start}:{stop} of "
-                                 f"array {name!r} (corrupt or truncated chunk?): {e}") from None
+                raise read_error(f"dataset {self.path}", name, e,
+                                 rows=f"rows {start}:{stop}") from None
         return out[0], out[1]
+
+    def digest(self) -> str:
+        """SHA-256 of the content: shapes and dtypes, then ``X`` and ``Y`` row by row.
+
+        Read in slabs of whole chunks (memory: a few chunks), so it costs one
+        pass over the store; equal for equal data whatever the chunking.
+
+        Examples
+        --------
+        >>> import numpy as np, dgnh, tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> a = dgnh.save_dataset(os.path.join(d, "a.zarr"), np.ones((9, 2)), np.arange(9))
+        >>> b = dgnh.save_dataset(os.path.join(d, "b.zarr"), np.ones((9, 2)), np.arange(9),
+        ...                       chunk_rows=4)
+        >>> a.digest() == b.digest()
+        True
+        """
+        h = hashlib.sha256(repr((self.n_samples, self.n_inputs, self.target_shape,
+                                 self.x_dtype.str, self.y_dtype.str)).encode())
+        group = open_group(self.path, what="dataset store")
+        step = SLAB_CHUNKS * self.chunk_rows
+        for start in range(0, self.n_samples, step):
+            for block in self._rows(group, start, min(start + step, self.n_samples)):
+                h.update(np.ascontiguousarray(block).tobytes())
+        return h.hexdigest()
 
 
 def save_dataset(path: str | os.PathLike, X, Y, chunk_rows: int | None = None,
@@ -96,7 +126,9 @@ def save_dataset(path: str | os.PathLike, X, Y, chunk_rows: int | None = None,
     chunk_rows : rows per chunk (default: about 4 MiB of ``X`` per chunk, see
         :func:`dgnh.zarr_io.chunk_shape`). A shard reads whole chunks, so a
         shard size that is a multiple of it reads each chunk once.
-    overwrite : replace an existing store at ``path``.
+    overwrite : replace a dataset store (or an empty directory) at ``path``;
+        anything else there is refused. The new store is written beside
+        ``path`` and swapped in when complete, so a failing call loses nothing.
 
     Examples
     --------
@@ -122,15 +154,15 @@ def save_dataset(path: str | os.PathLike, X, Y, chunk_rows: int | None = None,
         chunk_rows = chunk_shape(X.shape, X.dtype.itemsize)[0]
     if not is_integer(chunk_rows) or chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-    check_new_output(path, overwrite, "dataset store")
-    remove_path(path)
-    group = zarr.create_group(path, zarr_format=3)
-    for name, arr in (("X", X), ("Y", Y)):
-        write_array(group, name, arr, _DESCRIPTIONS[name], chunk_rows=int(chunk_rows))
-    # attributes last: a store interrupted while writing has no valid metadata
-    group.attrs.update(format=FORMAT, version=VERSION, n_samples=int(n),
-                       n_inputs=int(X.shape[1]), target_shape=list(Y.shape[1:]),
-                       x_dtype=X.dtype.name, y_dtype=Y.dtype.name, chunk_rows=int(chunk_rows))
+    with replacing(path, overwrite, FORMAT, "dataset store") as new:
+        group = zarr.create_group(new, zarr_format=3)
+        for name, arr in (("X", X), ("Y", Y)):
+            write_array(group, name, arr, _DESCRIPTIONS[name], chunk_rows=int(chunk_rows))
+        # attributes last: a store interrupted while writing has no valid metadata
+        group.attrs.update(format=FORMAT, version=VERSION, n_samples=int(n),
+                           n_inputs=int(X.shape[1]), target_shape=list(Y.shape[1:]),
+                           x_dtype=X.dtype.name, y_dtype=Y.dtype.name,
+                           chunk_rows=int(chunk_rows))
     return open_dataset(path)
 
 

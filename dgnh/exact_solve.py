@@ -64,8 +64,10 @@ class DualFactorization(Factorization):
     per-shard factors by :meth:`GaussNewton.dual_gram
     <dgnh.gauss_newton.GaussNewton.dual_gram>`, one row block per shard (so shards
     may live on a Dask cluster). Memory: ``8·m²`` bytes for ``K`` on the driver
-    (``m = 17970`` takes 2.6 GB; about 1.5× that while the row blocks arrive),
-    refused above ``max_bytes``; time ``O(m²·Σ_l d_l)`` to assemble plus ``m³/3``
+    (``m = 17970`` takes 2.6 GB) plus the shards' compact factors and the row
+    blocks in flight, refused up front with these figures above ``max_bytes``
+    (default: the memory budget of :mod:`dgnh.config` or of ``gn``); time
+    ``O(m²·Σ_l d_l)`` to assemble plus ``m³/3``
     for the Cholesky factorization (scipy.linalg). Products ``Ĵv`` and ``Ĵᵀy``
     run on the shards (:meth:`~dgnh.gauss_newton.GaussNewton.jacobian_matvec`,
     :meth:`~dgnh.gauss_newton.GaussNewton.jacobian_rmatvec`: forward R-op,
@@ -74,7 +76,7 @@ class DualFactorization(Factorization):
     The Woodbury subtraction loses about ``eps·‖G‖/λ`` in relative accuracy.
     """
 
-    def __init__(self, gn: GaussNewton, reg: float, max_bytes: int = 4 * 2**30):
+    def __init__(self, gn: GaussNewton, reg: float, max_bytes=None):
         if not isinstance(gn, GaussNewton):
             raise TypeError(f"gn must be a dgnh.GaussNewton, got {type(gn).__name__}")
         self.reg = check_reg(reg)
@@ -122,7 +124,7 @@ class DualFactorization(Factorization):
         return out
 
 
-def dual_factorize(gn: GaussNewton, reg: float, max_bytes: int = 4 * 2**30) -> DualFactorization:
+def dual_factorize(gn: GaussNewton, reg: float, max_bytes=None) -> DualFactorization:
     """The exact factorization of ``G + reg·I`` by the dual route (see :class:`DualFactorization`).
 
     Examples
@@ -140,7 +142,7 @@ def dual_factorize(gn: GaussNewton, reg: float, max_bytes: int = 4 * 2**30) -> D
     return DualFactorization(gn, reg, max_bytes=max_bytes)
 
 
-def dual_solve(gn: GaussNewton, B, reg: float, max_bytes: int = 4 * 2**30) -> Array:
+def dual_solve(gn: GaussNewton, B, reg: float, max_bytes=None) -> Array:
     """``(G + reg·I)⁻¹ B`` exactly, through the ``n·d × n·d`` dual matrix (Woodbury).
 
     ``B`` is ``(N,)`` or ``(N, k)``. For repeated solves or the log-determinant,

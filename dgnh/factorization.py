@@ -12,6 +12,7 @@ import numpy as np
 import scipy.linalg
 
 from .operator import Operator
+from .validation import check_int, check_number
 
 Array = np.ndarray
 
@@ -21,15 +22,24 @@ class IndefiniteError(ValueError):
 
 
 def check_reg(reg) -> float:
-    """Validate a regularization ``λ > 0`` (finite)."""
-    if isinstance(reg, bool) or not isinstance(reg, (int, float, np.integer, np.floating)):
-        raise TypeError(f"reg must be a positive number, got {reg!r}")
-    if not np.isfinite(reg) or reg <= 0:
+    """Validate a regularization ``λ > 0`` (finite); returns it as a ``float``.
+
+    Examples
+    --------
+    >>> check_reg(1)
+    1.0
+    >>> check_reg(0.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: reg must be a finite number > 0, got 0.0: the GNH is singular whenever ...
+    """
+    try:
+        return check_number(reg, "reg", low=0, low_open=True)
+    except ValueError:  # one message for NaN, Inf and reg <= 0, saying why λ > 0 is needed
         raise ValueError(
             f"reg must be a finite number > 0, got {reg}: the GNH is singular whenever "
             "n_params > n_samples · n_outputs, so every solve needs a regularization"
-        )
-    return float(reg)
+        ) from None
 
 
 class Factorization(Operator):
@@ -67,10 +77,9 @@ class ScaledIdentity(Factorization):
     """
 
     def __init__(self, n: int, reg: float):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
+        n = check_int(n, "n", minimum=1)
         self.reg = check_reg(reg)
-        self.shape = (int(n), int(n))
+        self.shape = (n, n)
 
     def _matmat(self, V: Array) -> Array:
         return V / self.reg

@@ -15,14 +15,16 @@ from typing import Sequence
 
 import numpy as np
 
-from .backend import LocalBackend, default_shard_size, shard_bounds
+from .backend import LocalBackend, available_cores, default_shard_size, shard_bounds
 from .losses import get_loss
 from .model import MLP
 from .operator import Operator, check_dense_size
 from .protocols import Backend
 from .sampling import check_eps_delta, plan
-from .shard_factors import ShardFactors
-from .validation import check_float_dtype, check_real_array, is_integer
+from .config import memory_budget as configured_budget
+from .shard_factors import (ShardFactors, batch_pieces, request_shape, split_request,
+                            vector_chunk)
+from .validation import check_bytes, check_float_dtype, check_real_array, is_integer
 
 Array = np.ndarray
 
@@ -40,10 +42,17 @@ class GaussNewton(Operator):
     loss : ``"mse"``, ``"cross_entropy"`` or ``"binary_cross_entropy"``.
     dtype : ``numpy.float64`` (default) or ``numpy.float32`` for factors and arithmetic.
     shard_size : rows per shard (default: about 128 MiB of factors per shard).
-    client : where the shards live. ``None`` (default): in this process when
-        there is one shard, else on a process-based ``LocalCluster`` sized to
-        the machine, started here and closed by :meth:`close`. ``"in-process"``:
-        always in this process. A ``distributed.Client`` or a scheduler address
+    memory_budget : bytes (or e.g. ``"4GiB"``) of working memory per process that
+        products, batches of blocks and the dual route stay within, chunking over
+        vectors, blocks and groups (results do not change); default
+        :func:`dgnh.config.memory_budget` at call time.
+    client : where the shards live. ``None`` (default): arrays in this process,
+        on a thread pool with one thread per core (no worker processes, so a plain
+        script needs no ``if __name__ == "__main__":`` guard); a dataset store with
+        more than one shard on a process-based ``LocalCluster`` sized to the
+        machine, started here and closed by :meth:`close`. ``"in-process"``:
+        always in this process, one shard after the other. A
+        ``distributed.Client`` or a scheduler address
         (``"tcp://host:8786"``, ``"tls://…"``): on that cluster, one resident
         task per shard (see :mod:`dgnh.cluster`); an unreachable address fails
         after the Dask setting ``distributed.comm.timeouts.connect``.
@@ -75,7 +84,8 @@ class GaussNewton(Operator):
     """
 
     def __init__(self, model: MLP, X, Y=None, loss: str = "mse", dtype=np.float64,
-                 shard_size: int | None = None, client=None, security=None):
+                 shard_size: int | None = None, client=None, security=None,
+                 memory_budget=None):
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a dgnh.MLP, got {type(model).__name__}")
         self.model = model
@@ -98,32 +108,36 @@ class GaussNewton(Operator):
         self.shape = (self.n_params, self.n_params)
         self.stats = {"blocks": 0, "entries_exact": 0, "entries_sampled": 0, "rows_sampled": 0}
         self._diag = None
+        self.memory_budget = (None if memory_budget is None
+                              else check_bytes(memory_budget, "memory_budget"))
         self._backend = self._make_backend(X, Y, client, security)
 
     def _make_backend(self, X, Y, client, security):
         """Shards in this process or as resident tasks on a Dask cluster.
 
-        In process for ``client="in-process"``, and for ``client=None`` with one
-        shard; ``client=None`` with more shards starts a local cluster. A
-        dataset path is read where the shards live (the metadata through one
-        task on a given cluster, whose workers may not share this file system).
+        In process for ``client="in-process"`` (one thread), and for
+        ``client=None`` with arrays (a thread per core, at most one per shard)
+        or a single shard; ``client=None`` with a multi-shard dataset store
+        starts a local cluster. A dataset path is read where the shards live
+        (the metadata through one task on a given cluster, whose workers may
+        not share this file system).
         """
-        from .cluster import DaskBackend  # Dask is loaded on first use
-        from .dataset import open_dataset
-
         in_process = client is None or (isinstance(client, str) and client == "in-process")
         if in_process and security is not None:
             raise ValueError("security applies when client is a scheduler address")
-        backend = None if in_process else DaskBackend(client, security)
+        backend = None if in_process else dask_backend(client, security)
         try:
             if isinstance(X, str):
+                from .dataset import open_dataset  # Zarr is loaded on first use
+
                 dataset = open_dataset(X) if backend is None else backend.run(open_dataset, X)
                 self.n_samples = self._check_dataset(dataset)
             tasks = self._shard_tasks(X, Y)
-            if backend is None:
-                if client is not None or len(tasks) == 1:
-                    return LocalBackend([make(*args) for make, args in tasks])
-                backend = DaskBackend()
+            if backend is None and client is None and isinstance(X, str) and len(tasks) > 1:
+                backend = dask_backend()
+            elif backend is None:
+                threads = 1 if client is not None else min(len(tasks), available_cores())
+                backend = LocalBackend(threads=threads)
             backend.create_shards(tasks)
         except BaseException:
             if backend is not None:
@@ -204,10 +218,11 @@ class GaussNewton(Operator):
             eps, delta = check_eps_delta(eps, delta)
             if not is_integer(seed) or seed < 0:
                 raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-            args, post = self._sampling_specs(locs, eps, delta, seed)
+            specs, post = self._sampling_specs(locs, eps, delta, seed)
         else:
-            args, post = ([("exact", I, J) for I, J in locs],), [None] * len(locs)
-        sums = self._backend.sum(ShardFactors.evaluate, args)
+            specs = [[("exact", I, J)] * self.n_shards for I, J in locs]
+            post = [None] * len(locs)
+        sums = self._evaluate(specs)
         n = self.n_samples
         out = []
         for (I, J), part, how in zip(locs, sums, post):
@@ -227,8 +242,7 @@ class GaussNewton(Operator):
                       for k in range(3))
         norms = np.array(self._backend.map(ShardFactors.sq_norm_sums, (union,)))  # (shards, k)
         total = norms.sum(axis=0)  # n · G_aa
-        specs = [[] for _ in range(self.n_shards)]
-        post = []
+        specs, post = [], []  # per request: one spec per shard
         start = 0
         for r, (I, J) in enumerate(locs):
             kI, kJ = len(I[0]), len(J[0])
@@ -240,17 +254,50 @@ class GaussNewton(Operator):
             W = float(shard_w.sum())
             p = plan(eps, delta, (max(1, np.count_nonzero(tI)), max(1, np.count_nonzero(tJ))))
             if W <= 0 or p.n_rows >= self.n_samples:
-                for s in range(self.n_shards):
-                    specs[s].append(("exact", I, J))
+                specs.append([("exact", I, J)] * self.n_shards)
                 post.append(None)
                 continue
             rng = np.random.default_rng([seed, r])
             counts = rng.multinomial(p.group_size, shard_w / W, size=p.n_groups).T  # (shards, K)
-            for s in range(self.n_shards):
-                specs[s].append(("sampled", I, coef_I, J, coef_J, counts[s], W, [seed, r, s]))
+            specs.append([("sampled", I, coef_I, J, coef_J, counts[s], W, [seed, r, s])
+                          for s in range(self.n_shards)])
             self.stats["rows_sampled"] += p.n_rows
             post.append(p.group_size)
-        return [(sp,) for sp in specs], post
+        return specs, post
+
+    def _budgets(self) -> tuple[int, int]:
+        """Bytes for the partial sums of one batch, and for each shard call.
+
+        Half the memory budget each; the shards' half is shared by the shards
+        that a :class:`~dgnh.backend.LocalBackend` works on at once. The partial
+        sums are counted as if the backend held every shard's at once.
+        """
+        budget = configured_budget(self.memory_budget)
+        at_once = self._backend.n_workers if isinstance(self._backend, LocalBackend) else 1
+        return max(1, budget // 2), max(1, budget // 2 // at_once)
+
+    def _evaluate(self, specs: list[list[tuple]]) -> list[Array]:
+        """The shard sums of every request, in batches whose partial sums fit the budget.
+
+        A block too large for one batch is computed in pieces (sub-blocks, or
+        ranges of a sampled block's groups) and put together here.
+        """
+        entry = self.dtype.itemsize * (self.n_shards + 1)
+        cap = max(1, self._budgets()[0] // entry)
+        pieces = [(r,) + piece for r, sp in enumerate(specs)
+                  for piece in split_request(sp, cap, entry)]
+        sums: list = [None] * len(specs)
+        for batch in batch_pieces(pieces, cap):
+            args = [([p[2][s] for p in batch],) for s in range(self.n_shards)]
+            for (r, where, sp, _), part in zip(batch, self._backend.sum(ShardFactors.evaluate,
+                                                                         args)):
+                if where is None:
+                    sums[r] = part
+                    continue
+                if sums[r] is None:
+                    sums[r] = np.empty(request_shape(specs[r][0]), dtype=part.dtype)
+                sums[r][where] = part
+        return sums
 
     def diagonal(self) -> Array:
         """The diagonal of G, O(n·N)."""
@@ -276,8 +323,28 @@ class GaussNewton(Operator):
 
     # --------------------------------------------------------------- products
     def _matmat(self, V: Array) -> Array:
-        return (self._backend.sum(ShardFactors.gnh_matvec, (V,)) / self.n_samples).astype(
-            self.dtype)
+        return self._vector_sum(ShardFactors.gnh_matvec, V, 1 / self.n_samples)
+
+    def _vector_sum(self, func, V: Array, scale: float, rows=None) -> Array:
+        """``scale · Σ_s func(shard_s, V_s, budget)`` of shape ``(N, k)``, chunked over vectors
+        so that the shards' partial sums of a chunk fit half the memory budget.
+
+        ``rows``: per-shard row ranges of ``V`` (each shard gets its own rows),
+        else every shard gets all of ``V``.
+        """
+        partials, shard_budget = self._budgets()
+        k = V.shape[1]
+        step = vector_chunk(k, (self.n_shards + 1) * self.n_params * self.dtype.itemsize, partials)
+        out = np.empty((self.n_params, k), dtype=self.dtype) if step < k else None
+        for a in range(0, k, step):
+            Vc = np.ascontiguousarray(V[:, a:a + step])
+            args = ((Vc, shard_budget) if rows is None
+                    else [(Vc[b:e], shard_budget) for b, e in rows])
+            part = (self._backend.sum(func, args) * scale).astype(self.dtype, copy=False)
+            if out is None:
+                return part
+            out[:, a:a + step] = part
+        return out
 
     def hvp(self, V) -> Array:
         """The full Hessian of the mean loss times ``V`` (vector or ``(N, k)``)."""
@@ -297,8 +364,7 @@ class GaussNewton(Operator):
 
     def _hessian_matmat(self, V: Array) -> Array:
         """The full Hessian of the mean loss times a validated ``V (N, k)``."""
-        return (self._backend.sum(ShardFactors.hessian_matvec, (V,)) / self.n_samples).astype(
-            self.dtype)
+        return self._vector_sum(ShardFactors.hessian_matvec, V, 1 / self.n_samples)
 
     # ------------------------------------------ Jacobian products (dual route)
     @property
@@ -326,7 +392,8 @@ class GaussNewton(Operator):
         V2 = _check_vectors(V, self.n_params, "V")
         if V2.shape[1] == 0:
             return np.zeros((self.n_jacobian_rows, 0), dtype=self.dtype)
-        out = np.vstack(self._backend.map(ShardFactors.jacobian_matvec, (V2,)))
+        out = np.vstack(self._backend.map(ShardFactors.jacobian_matvec,
+                                          (V2, self._budgets()[1])))
         return out[:, 0] if np.ndim(V) == 1 else out
 
     def jacobian_rmatvec(self, Y) -> Array:
@@ -349,8 +416,8 @@ class GaussNewton(Operator):
         if Y2.shape[1] == 0:
             return np.zeros((self.n_params, 0), dtype=self.dtype)
         d = self.model.n_outputs
-        args = [(Y2[a * d:b * d],) for a, b in shard_bounds(self.n_samples, self.shard_size)]
-        out = self._backend.sum(ShardFactors.jacobian_rmatvec, args)
+        rows = [(a * d, b * d) for a, b in shard_bounds(self.n_samples, self.shard_size)]
+        out = self._vector_sum(ShardFactors.jacobian_rmatvec, Y2, 1.0, rows)
         return out[:, 0] if np.ndim(Y) == 1 else out
 
     def jacobian_columns(self, params) -> Array:
@@ -370,14 +437,17 @@ class GaussNewton(Operator):
         columns = self._backend.map(ShardFactors.gather, (loc,))  # per shard (k, n_s, d)
         return np.concatenate([c.reshape(c.shape[0], -1) for c in columns], axis=1).T
 
-    def dual_gram(self, max_bytes: int = 4 * 2**30) -> Array:
+    def dual_gram(self, max_bytes=None) -> Array:
         """The dual Gram matrix ``ĴĴᵀ`` (``m × m``, float64), rows in sample order.
 
         Assembled from the per-shard factors without forming ``Ĵ``: every shard
         first returns its compact factors (``n_s·Σ_l(d·d_l + d_{l-1} + 1)`` numbers),
         then shard ``s`` computes its row blocks against the shards ``t ≥ s``
-        (docs/design.md §4, the dual route). Needs ``8·m²`` bytes, refused above
-        ``max_bytes``; time ``O(m²·Σ_l d_l)``.
+        (docs/design.md §4, the dual route), in groups of shards whose row blocks
+        fit the memory left. Needs ``8·m²`` bytes for the matrix, 8 bytes per
+        factor number and twice the largest row block; refused up front with
+        these figures above ``max_bytes`` (bytes or e.g. ``"8GiB"``; default the
+        memory budget, :mod:`dgnh.config`). Time ``O(m²·Σ_l d_l)``.
 
         Examples
         --------
@@ -390,22 +460,36 @@ class GaussNewton(Operator):
         >>> bool(np.allclose(gn.dual_gram(), J @ J.T))
         True
         """
-        m = self.n_jacobian_rows
-        if 8 * m * m > max_bytes:
+        m, d, sizes = self.n_jacobian_rows, self.model.n_outputs, self.model.layer_sizes
+        limit = configured_budget(self.memory_budget if max_bytes is None else max_bytes)
+        bounds = shard_bounds(self.n_samples, self.shard_size)
+        row_bytes = [16 * (b - a) * d * (m - a * d) for a, b in bounds]  # a row block, twice
+        factor_bytes = 8 * self.n_samples * (d * sum(sizes[1:]) + sum(s + 1 for s in sizes[:-1]))
+        fixed = 8 * m * m + factor_bytes
+        if fixed + max(row_bytes) > limit:
+            need = fixed + max(row_bytes)
             raise ValueError(
-                f"the dual matrix ĴĴᵀ has n_samples·n_outputs = {m} rows and needs "
-                f"{8 * m * m:,} bytes ({8 * m * m / 2**30:.2f} GiB), above max_bytes="
-                f"{max_bytes:,}; raise max_bytes or use dgnh.solve (CG) instead"
-            )
+                f"the dual route needs {need:,} bytes ({need / 2**30:.2f} GiB): the matrix ĴĴᵀ "
+                f"of n_samples·n_outputs = {m} rows {8 * m * m:,}, the shards' factors "
+                f"{factor_bytes:,} and a row block {max(row_bytes):,}; above "
+                f"{'max_bytes' if max_bytes is not None else 'the memory budget'} = {limit:,}: "
+                "raise it or use dgnh.solve (CG) instead")
         factors = self._backend.map(ShardFactors.dual_factors)
-        rows = self._backend.map(ShardFactors.dual_gram,
-                                 [(factors[s:],) for s in range(len(factors))])
-        offsets = np.cumsum([0] + [row.shape[0] for row in rows])
+        groups, used = [[]], 0
+        for s, need in enumerate(row_bytes):
+            if groups[-1] and used + need > limit - fixed:
+                groups.append([])
+                used = 0
+            groups[-1].append(s)
+            used += need
         K = np.empty((m, m))
-        for s, row in enumerate(rows):
-            a, b = offsets[s], offsets[s + 1]
-            K[a:b, a:] = row
-            K[a:, a:b] = row.T
+        for group in groups:
+            args = [(factors[s:] if s in group else [],) for s in range(len(bounds))]
+            rows = self._backend.map(ShardFactors.dual_gram, args)
+            for s in group:
+                a, b = bounds[s][0] * d, bounds[s][1] * d
+                K[a:b, a:] = rows[s]
+                K[a:, a:b] = rows[s].T
         return K
 
 
@@ -439,6 +523,13 @@ def shard_from_store(path: str, start: int, stop: int, model: MLP, loss_name: st
     except (TypeError, ValueError) as e:
         raise type(e)(f"dataset {path}, rows {start}:{stop}: {e}") from None
     return shard_from_arrays(X, Y, model, loss_name, dtype, index)
+
+
+def dask_backend(client=None, security=None):
+    """A :class:`~dgnh.cluster.DaskBackend` (Dask is loaded on first use, not by ``import dgnh``)."""
+    from .cluster import DaskBackend
+
+    return DaskBackend(client, security)
 
 
 def check_shard_size(shard_size) -> int:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import expit, log_softmax, softmax
 
+from .validation import check_choice
+
 Array = np.ndarray
 
 
@@ -168,7 +170,11 @@ LOSSES: dict[str, Loss] = {c.name: c() for c in (MSE, CrossEntropy, BinaryCrossE
 
 
 def get_loss(name: str) -> Loss:
-    """Return the loss called ``name``; a clear ``ValueError`` otherwise."""
-    if not isinstance(name, str) or name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-    return LOSSES[name]
+    """Return the loss called ``name``; a clear ``ValueError`` otherwise.
+
+    Examples
+    --------
+    >>> get_loss("cross_entropy").name
+    'cross_entropy'
+    """
+    return LOSSES[check_choice(name, "loss", sorted(LOSSES))]

@@ -1,6 +1,6 @@
 """Global low-rank approximations ``G ≈ UUᵀ`` that stay positive semi-definite.
 
-Two constructions (design.md §4):
+Two constructions (docs/design.md §4):
 
 * :func:`pivoted_cholesky` — adaptive (partial) pivoted Cholesky from entries:
   the diagonal plus ``r`` columns, ``O(N·r²)`` arithmetic. Pivots are chosen
@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .factorization import LowRankUpdate, ScaledIdentity, check_reg
 from .operator import Operator, check_dense_size
+from .validation import check_fraction, check_int, check_real_array
 
 Array = np.ndarray
 RELAXATION = 0.1  # a pivot's residual diagonal is at least this fraction of the largest
@@ -56,13 +57,11 @@ class LowRank(Operator):
     is_hss = True  # no near field: factorize() is exact
 
     def __init__(self, U, report: dict[str, Any] | None = None):
-        U = np.asarray(U)
-        if U.dtype == object or not np.issubdtype(U.dtype, np.floating):
+        U = check_real_array(U, "U", ndim=2)
+        if not np.issubdtype(U.dtype, np.floating):
             raise TypeError(f"U must be a real floating-point array, got dtype {U.dtype}")
-        if U.ndim != 2 or U.shape[0] == 0:
+        if U.shape[0] == 0:
             raise ValueError(f"U must have shape (N, r) with N >= 1, got {U.shape}")
-        if not np.all(np.isfinite(U)):
-            raise ValueError("U contains NaN or Inf")
         self.U = U.astype(np.float64, copy=False)
         self.shape = (U.shape[0], U.shape[0])
         self.report = dict(report or {})
@@ -81,6 +80,10 @@ class LowRank(Operator):
     def nbytes(self) -> int:
         """Bytes held by ``U``."""
         return int(self.U.nbytes)
+
+    def rank_statistics(self) -> dict[str, Any]:
+        """``{"rank": r}``: the rank entry of a compressed form's report (``dgnh.compress``)."""
+        return {"rank": self.rank}
 
     def _matmat(self, V: Array) -> Array:
         return self.U @ (self.U.T @ V)
@@ -138,23 +141,6 @@ class LowRank(Operator):
         return cls(U, attrs.get("report"))
 
 
-# ----------------------------------------------------------------- checks
-def _check_tol(tol) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)):
-        raise TypeError(f"tol must be a number in (0, 1), got {tol!r}")
-    if not 0 < float(tol) < 1:
-        raise ValueError(f"tol must lie in the open interval (0, 1), got {tol}")
-    return float(tol)
-
-
-def _check_count(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 # ------------------------------------------------------- pivoted Cholesky
 def pivoted_cholesky(source, tol: float = 1e-3, max_rank: int = 256, block_size: int = 16,
                      eps: float | None = None, delta: float = 0.01, seed: int = 0,
@@ -185,8 +171,9 @@ def pivoted_cholesky(source, tol: float = 1e-3, max_rank: int = 256, block_size:
     tol : relative tolerance in (0, 1).
     max_rank : cap on the rank.
     block_size : pivot candidates (columns) fetched per ``entries_many`` batch.
-    eps, delta, seed : with ``eps``, the columns are sampled entries (design.md
-        §3). ``UUᵀ`` is still PSD, but the stopping rule is no longer certified.
+    eps, delta, seed : with ``eps``, the columns are sampled entries
+        (docs/design.md §3). ``UUᵀ`` is still PSD, but the stopping rule is no
+        longer certified.
     progress : show a progress bar (rank so far).
 
     Returns
@@ -194,7 +181,8 @@ def pivoted_cholesky(source, tol: float = 1e-3, max_rank: int = 256, block_size:
     LowRank
         With ``report``: method, parameters, rank, pivots, ``stop``, ``converged``,
         the residual trace, ``norm_estimate`` (of ‖G‖₂), the relative
-        ``trace_bound`` and ``error_estimate``, entries evaluated, timings.
+        ``trace_bound`` and ``error_estimate``, entries evaluated, ``timings``
+        (``entries``: fetching columns, ``total``).
 
     Examples
     --------
@@ -207,9 +195,9 @@ def pivoted_cholesky(source, tol: float = 1e-3, max_rank: int = 256, block_size:
     >>> lr.rank <= 8, bool(np.allclose(lr.to_dense(), gn.dense()))
     (True, True)
     """
-    tol = _check_tol(tol)
-    max_rank = _check_count(max_rank, "max_rank")
-    block_size = _check_count(block_size, "block_size")
+    tol = check_fraction(tol, "tol")
+    max_rank = check_int(max_rank, "max_rank", minimum=1)
+    block_size = check_int(block_size, "block_size", minimum=1)
     t_start = time.perf_counter()
     N = int(source.n_params)
     d = np.asarray(source.diagonal(), dtype=np.float64).copy()
@@ -290,7 +278,7 @@ def pivoted_cholesky(source, tol: float = 1e-3, max_rank: int = 256, block_size:
         "error_estimate": error_estimate / norm_est if norm_est > 0 else 0.0,
         "stop": stop, "converged": stop in ("trace", "estimate", "exact"),
         "n_batches": n_batches, "entries_evaluated": int(entries + N),
-        "time_entries": t_entries, "time_total": time.perf_counter() - t_start,
+        "timings": {"entries": t_entries, "total": time.perf_counter() - t_start},
     }
     return LowRank(U, report)
 
@@ -344,7 +332,8 @@ def nystrom(op, rank: int, oversample: int = 10, seed: int = 0) -> LowRank:
     -------
     LowRank
         ``report`` holds the eigenvalue estimates ``eigenvalues`` and the first
-        discarded one ``tail_eigenvalue`` (an estimate of the error ``λ_{r+1}``).
+        discarded one ``tail_eigenvalue`` (an estimate of the error ``λ_{r+1}``),
+        and ``timings`` (``products``: the sketch, ``total``) like every builder.
 
     Examples
     --------
@@ -357,8 +346,8 @@ def nystrom(op, rank: int, oversample: int = 10, seed: int = 0) -> LowRank:
     if not isinstance(op, Operator):
         raise TypeError(f"op must be a dgnh Operator, got {type(op).__name__}")
     N = op.shape[0]
-    rank = _check_count(rank, "rank")
-    oversample = _check_count(oversample, "oversample", minimum=0)
+    rank = check_int(rank, "rank", minimum=1)
+    oversample = check_int(oversample, "oversample", minimum=0)
     width = rank + oversample
     if width > N:
         raise ValueError(f"rank + oversample = {width} exceeds the operator size N = {N}")
@@ -369,11 +358,15 @@ def nystrom(op, rank: int, oversample: int = 10, seed: int = 0) -> LowRank:
     live = np.ones(N, bool) if diagonal is None else np.asarray(diagonal()) > 0
     width = min(width, int(live.sum()))
     if width == 0:
-        return LowRank(np.zeros((N, 0)), {"method": "nystrom", "rank": 0, "seed": seed})
+        return LowRank(np.zeros((N, 0)), {
+            "method": "nystrom", "rank": 0, "seed": seed,
+            "timings": {"products": 0.0, "total": time.perf_counter() - t_start}})
     omega = omega[:, :width]
     Q = np.zeros((N, width))
     Q[live], _ = np.linalg.qr(omega[live])
+    t_products = time.perf_counter()
     Y = np.asarray(op @ Q, dtype=np.float64)
+    t_products = time.perf_counter() - t_products
     shift = np.sqrt(N) * np.finfo(np.float64).eps * np.linalg.norm(Y)
     Y += shift * Q
     M = Q.T @ Y
@@ -389,6 +382,7 @@ def nystrom(op, rank: int, oversample: int = 10, seed: int = 0) -> LowRank:
         "method": "nystrom", "rank": r, "oversample": oversample, "seed": seed,
         "shift": float(shift), "eigenvalues": lam[:r].tolist(),
         "tail_eigenvalue": float(lam[r]) if len(lam) > r else 0.0,
-        "n_products": int(width), "time_total": time.perf_counter() - t_start,
+        "n_products": int(width),
+        "timings": {"products": t_products, "total": time.perf_counter() - t_start},
     }
     return LowRank(U, report)

@@ -14,24 +14,11 @@ from typing import Sequence
 import numpy as np
 
 from .activations import get_activation
+from .validation import check_int, check_real_array
 
 Array = np.ndarray
 FORMAT = "dgnh.mlp"
 FORMAT_VERSION = 1
-
-
-def check_finite_array(a, what: str, ndim: int | None = None) -> Array:
-    """Return ``a`` as a float array after checking its dtype, ndim and finiteness."""
-    arr = np.asarray(a)
-    if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
-    ):
-        raise TypeError(f"{what} must be a real numeric array, got dtype {arr.dtype}")
-    if ndim is not None and arr.ndim != ndim:
-        raise ValueError(f"{what} must be {ndim}-dimensional, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{what} contains NaN or Inf")
-    return arr
 
 
 class MLP:
@@ -80,7 +67,7 @@ class MLP:
         self.weights: list[Array] = []
         self.biases: list[Array | None] = []
         for l, (W, b) in enumerate(zip(weights, biases), start=1):
-            W = check_finite_array(W, f"weight of layer {l}", ndim=2).astype(np.float64)
+            W = check_real_array(W, f"weight of layer {l}", ndim=2).astype(np.float64)
             if self.weights and W.shape[1] != self.weights[-1].shape[0]:
                 raise ValueError(
                     f"weight of layer {l} has shape {W.shape}: its {W.shape[1]} inputs "
@@ -89,7 +76,7 @@ class MLP:
             if 0 in W.shape:
                 raise ValueError(f"weight of layer {l} has an empty shape {W.shape}")
             if b is not None:
-                b = check_finite_array(b, f"bias of layer {l}").astype(np.float64)
+                b = check_real_array(b, f"bias of layer {l}").astype(np.float64)
                 if b.shape != (W.shape[0],):
                     raise ValueError(
                         f"bias of layer {l} must have shape ({W.shape[0]},), got {b.shape}"
@@ -126,7 +113,7 @@ class MLP:
 
     def check_inputs(self, X, what: str = "X") -> Array:
         """Validate a data matrix of shape ``(n_samples, n_inputs)``."""
-        X = check_finite_array(X, what)
+        X = check_real_array(X, what)
         if X.ndim != 2 or X.shape[1] != self.n_inputs:
             raise ValueError(
                 f"{what} must have shape (n_samples, {self.n_inputs}) to match the first "
@@ -161,7 +148,7 @@ class MLP:
 
     def with_parameters(self, w) -> "MLP":
         """A copy of this network with the flat parameter vector ``w``."""
-        w = check_finite_array(w, "parameter vector", ndim=1)
+        w = check_real_array(w, "parameter vector", ndim=1)
         if w.shape != (self.n_params,):
             raise ValueError(f"parameter vector must have length {self.n_params}, got {w.shape[0]}")
         weights, biases = [], []
@@ -220,8 +207,7 @@ class MLP:
     def param_info(self, i: int) -> tuple[int, str, int, int | None]:
         """``(layer, "weight"|"bias", row, col)`` of parameter ``i``; layers count from 1,
         ``col`` is ``None`` for a bias."""
-        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"parameter index must be an integer, got {type(i).__name__}")
+        i = check_int(i, "parameter index")
         layer, row, col = (int(v[0]) for v in self.locate(np.array([i])))
         if col == self.layer_sizes[layer]:
             return layer + 1, "bias", row, None
@@ -229,9 +215,8 @@ class MLP:
 
     def param_index(self, layer: int, kind: str, row: int, col: int | None = None) -> int:
         """Inverse of :meth:`param_info` (``layer`` counts from 1)."""
-        for name, v in (("layer", layer), ("row", row), ("col", col)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
-                raise TypeError(f"{name} must be an integer, got {v!r}")
+        layer, row = check_int(layer, "layer"), check_int(row, "row")
+        col = None if col is None else check_int(col, "col")
         if not 1 <= layer <= self.n_layers:
             raise IndexError(f"layer must be in 1..{self.n_layers}, got {layer}")
         W, b = self.weights[layer - 1], self.biases[layer - 1]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
+from .validation import check_real_array
+
 Array = np.ndarray
 
 
@@ -37,18 +39,12 @@ class Operator:
 
     def matvec(self, V) -> Array:
         """``self @ V`` for a vector ``(N,)`` or a matrix of vectors ``(N, k)``."""
-        V = np.asarray(V)
-        if V.dtype == object or not (
-            np.issubdtype(V.dtype, np.floating) or np.issubdtype(V.dtype, np.integer)
-        ):
-            raise TypeError(f"vectors must be real numeric, got dtype {V.dtype}")
+        V = check_real_array(V, "V")
         if V.ndim not in (1, 2) or V.shape[0] != self.shape[1]:
             raise ValueError(
                 f"operator of shape {self.shape} cannot multiply an array of shape {V.shape}: "
                 f"expected ({self.shape[1]},) or ({self.shape[1]}, k)"
             )
-        if not np.all(np.isfinite(V)):
-            raise ValueError("vectors contain NaN or Inf")
         if V.ndim == 1:
             return self._matmat(V[:, None])[:, 0]
         if V.shape[1] == 0:

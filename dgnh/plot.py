@@ -31,12 +31,14 @@ from .hybrid import Hybrid
 from .lowrank import LowRank
 from .operator import Operator
 from .spectral import eigsh
+from .validation import check_choice, check_int
 
 Array = np.ndarray
 DENSE_COLOR = "tab:red"
 NEAR_COLOR = "tab:orange"
 ZERO_COLOR = "0.85"
 RANK_CMAP = "Greens"
+PANELS = ("both", "structure", "spectrum")
 
 
 def _blocks(op: Operator) -> tuple[list[tuple[int, int, int, int, str, int]], int]:
@@ -106,9 +108,7 @@ def plot_structure(op: Operator, ax: Axes) -> Axes:
         title = f"hybrid: U Uᵀ (rank {op.lowrank.rank}) + H-matrix"
     else:
         title = "H-matrix"
-    outside = "zero rows of the remainder" if isinstance(op, Hybrid) else "zero rows"
-    ax.set_title(f"{title}, N = {N:,}" + (
-        f" ({N - n_tree:,} {outside}, grey)" if n_tree < N else ""), fontsize=9)
+    ax.set_title(f"{title}, N = {N:,}" + _outside_tree(op, n_tree), fontsize=9)
     ax.set_xlabel("parameter (tree order)")
     ax.figure.colorbar(cmap, ax=ax, fraction=0.046, pad=0.04, label="rank of far block")
     kinds = {kind for *_, kind, _ in blocks}
@@ -120,6 +120,19 @@ def plot_structure(op: Operator, ax: Axes) -> Axes:
     return ax
 
 
+def _outside_tree(op: Operator, n_tree: int) -> str:
+    """The grey rows named: zero rows of G, and (hybrid) rows the low-rank part captures."""
+    N = op.shape[0]
+    if n_tree == N:
+        return ""
+    if not isinstance(op, Hybrid):
+        return f" ({N - n_tree:,} zero rows, grey)"
+    outside = np.setdiff1d(np.arange(N), op.hmatrix.perm)
+    zero = int(np.count_nonzero(~np.any(op.lowrank.U[outside] != 0, axis=1)))
+    return (f"\n(grey: {len(outside) - zero:,} rows captured by U Uᵀ, its pivots; "
+            f"{zero:,} zero rows of G)")
+
+
 def plot_spectrum(op: Operator, ax: Axes, k: int = 40, reference: Array | None = None,
                   reg: float | None = None, reg_label: str | None = None,
                   label: str = "compressed") -> Axes:
@@ -127,30 +140,35 @@ def plot_spectrum(op: Operator, ax: Axes, k: int = 40, reference: Array | None =
 
     ``reference``: eigenvalues to draw beside them (e.g. of the exact GNH);
     ``reg``: the regularization λ of a factorization, as a horizontal line
-    (labelled ``reg_label``). When ``op.report`` proves the operator indefinite
-    (``dgnh.compress``'s Lanczos bound ``min_eigenvalue_estimate``), the panel
-    draws ``|λ_min|``: a factorization needs λ above it. Non-positive
-    eigenvalues cannot be drawn on the log scale and are counted in the legend.
+    (labelled ``reg_label``). When ``op.report`` has ``norm_estimate`` (‖G‖₂),
+    everything is drawn relative to it, as ``dgnh info`` prints it. When the
+    report proves the operator indefinite (``dgnh.compress``'s Lanczos bound
+    ``min_eigenvalue_estimate``), the panel draws ``|λ_min|``: a factorization
+    needs λ above it. Non-positive eigenvalues cannot be drawn on the log scale
+    and are counted in the legend.
     """
     k = int(min(k, op.shape[0] - 1))
     values = eigsh(op, k)[0]
+    report = getattr(op, "report", {})
+    norm = report.get("norm_estimate") or 1.0
+    unit = "‖G‖₂" if "norm_estimate" in report else ""
     for vals, name, style in ((values, label, "o"), (reference, "exact GNH", "x")):
         if vals is None:
             continue
-        vals = np.sort(np.asarray(vals))[::-1][:k]
+        vals = np.sort(np.asarray(vals))[::-1][:k] / norm
         positive = vals > 0
         suffix = f" ({np.count_nonzero(~positive)} ≤ 0 not shown)" if not positive.all() else ""
         ax.semilogy(np.flatnonzero(positive) + 1, vals[positive], style, ms=4,
                     label=name + suffix, fillstyle="none")
     if reg is not None:
-        ax.axhline(reg, color="tab:red", lw=0.8, ls="--", label=reg_label or f"λ = {reg:.3g}")
-    report = getattr(op, "report", {})
+        ax.axhline(reg / norm, color="tab:red", lw=0.8, ls="--",
+                   label=reg_label or f"λ = {reg / norm:.3g}{unit}")
     if report.get("indefinite"):
-        lowest = report["min_eigenvalue_estimate"] * report["norm_estimate"]
+        lowest = report["min_eigenvalue_estimate"]  # relative to ‖G‖₂, as dgnh info prints it
         ax.axhline(-lowest, color="tab:purple", lw=0.8, ls=":",
-                   label=f"indefinite: λ_min ≤ {lowest:.2g} (|λ_min| shown)")
+                   label=f"indefinite: λ_min ≤ {lowest:.3g}‖G‖₂ (|λ_min| shown)")
     ax.set_xlabel("index i")
-    ax.set_ylabel("eigenvalue λ_i")
+    ax.set_ylabel(f"eigenvalue λ_i / ‖G‖₂ (‖G‖₂ ≈ {norm:.4g})" if unit else "eigenvalue λ_i")
     ax.set_title(f"top {k} eigenvalues", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -168,10 +186,8 @@ def plot_store(path: str | os.PathLike, output: str | os.PathLike, panels: str =
     >>> plot_store("result.zarr", "result.png")  # doctest: +SKIP
     'result.png'
     """
-    if panels not in ("both", "structure", "spectrum"):
-        raise ValueError(f"panels must be 'both', 'structure' or 'spectrum', got {panels!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    check_choice(panels, "panels", PANELS)
+    k = check_int(k, "k", minimum=1)
     output = os.fspath(output)
     check_new_output(output, overwrite, "picture")
     op = store.open(path)
@@ -180,7 +196,9 @@ def plot_store(path: str | os.PathLike, output: str | os.PathLike, panels: str =
     if fact is not None:
         reg, reg_label = fact["reg"], None
     elif failed.get("status") == "indefinite":
-        reg, reg_label = failed["reg"], f"λ = {failed['reg']:.3g} (factorization: indefinite)"
+        norm = op.report.get("norm_estimate") or 1.0
+        reg, reg_label = failed["reg"], (f"λ = {failed['reg'] / norm:.3g}‖G‖₂ (factorization: "
+                                         "indefinite)")
     else:
         reg, reg_label = None, None
     names = ["structure", "spectrum"] if panels == "both" else [panels]

@@ -1,4 +1,4 @@
-"""Sample-size plans for the sampled GNH entries (design.md §3).
+"""Sample-size plans for the sampled GNH entries (docs/design.md §3).
 
 The estimator of an entry G_ab draws data rows i with probability q_i and
 averages ⟨u_i, v_i⟩ / (n q_i). With the mixture weights
@@ -23,8 +23,9 @@ import math
 from functools import lru_cache
 from typing import NamedTuple
 
-import numpy as np
 from scipy.special import bdtrc  # binomial survival function, P[Bin(n, p) > k]
+
+from .validation import check_fraction, check_int
 
 
 class SamplePlan(NamedTuple):
@@ -39,13 +40,14 @@ class SamplePlan(NamedTuple):
 
 
 def check_eps_delta(eps, delta) -> tuple[float, float]:
-    """Validate ``eps`` and ``delta`` in the open interval (0, 1)."""
-    for name, v in (("eps", eps), ("delta", delta)):
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
-            raise TypeError(f"{name} must be a number in (0, 1), got {v!r}")
-        if not (0 < float(v) < 1):
-            raise ValueError(f"{name} must lie in the open interval (0, 1), got {v}")
-    return float(eps), float(delta)
+    """Validate ``eps`` and ``delta`` in the open interval (0, 1); returns them as floats.
+
+    Examples
+    --------
+    >>> check_eps_delta(0.1, 0.01)
+    (0.1, 0.01)
+    """
+    return check_fraction(eps, "eps"), check_fraction(delta, "delta")
 
 
 @lru_cache(maxsize=256)
@@ -77,10 +79,10 @@ def plan(eps: float, delta: float, block_shape: tuple[int, int] = (1, 1)) -> Sam
     SamplePlan(n_groups=..., group_size=...)
     """
     eps, delta = check_eps_delta(eps, delta)
-    if len(block_shape) != 2 or any(isinstance(k, bool) or not isinstance(k, (int, np.integer))
-                                    or k < 0 for k in block_shape):
+    if len(block_shape) != 2:
         raise ValueError(f"block_shape must be two non-negative integers, got {block_shape!r}")
+    rows, cols = (check_int(k, "block_shape entry", minimum=0) for k in block_shape)
     K, p = _base_plan(eps, delta)
-    factor = math.sqrt(max(1, block_shape[0]) * max(1, block_shape[1]))
+    factor = math.sqrt(max(1, rows) * max(1, cols))
     m = math.ceil(factor / (p * eps * eps))
     return SamplePlan(K, m)

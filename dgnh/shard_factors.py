@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import memory_budget
 from .activations import get_activation
 from .losses import Loss
 from .model import MLP
@@ -28,6 +29,7 @@ from .validation import check_float_dtype, check_int
 
 Array = np.ndarray
 GATHER_BYTES = 16 * 2**20  # size of the reused Jacobian buffers of one block chunk
+ROP_MAX_VECTORS = 4  # GNH products with fewer vectors take the R-op route (benchmarks/scale.py)
 
 
 class ShardFactors:
@@ -55,6 +57,7 @@ class ShardFactors:
         self.acts = [get_activation(a) for a in model.activations]
         self.Y = Y
         self.n = X.shape[0]
+        self.offsets = model.layer_offsets
         # forward pass
         A = [np.ascontiguousarray(X, dtype=self.dtype)]
         Z = []
@@ -120,9 +123,9 @@ class ShardFactors:
     def _fill(self, buf: Array, loc, ranges, rows: slice) -> Array:
         """Write Ĵ columns of layer-sorted parameters for a row slice into ``buf``."""
         layer, p, q = loc
-        for l, a, b in ranges:
-            np.take(self.CT[l][:, rows], p[a:b], axis=0, out=buf[a:b], mode="clip")
-            buf[a:b] *= self.XT[l][q[a:b], rows][:, :, None]
+        for l, a, b in ranges:  # fancy index + slice: copies only the gathered rows
+            np.multiply(self.CT[l][p[a:b], rows], self.XT[l][q[a:b], rows][:, :, None],
+                        out=buf[a:b])
         return buf
 
     def block(self, loc_I, loc_J) -> Array:
@@ -137,6 +140,7 @@ class ShardFactors:
         same = k == m and all(np.array_equal(a, b) for a, b in zip(loc_I, loc_J))
         d = self.sizes[-1]
         step = max(1, min(self.n, GATHER_BYTES // (max(k + m, 1) * d * self.dtype.itemsize)))
+        step = -(-self.n // -(-self.n // step))  # equal chunks: the buffers are allocated once
         out = np.zeros((k, m), dtype=self.dtype)
         bufI = bufJ = None
         for s in range(0, self.n, step):
@@ -171,17 +175,20 @@ class ShardFactors:
                       + coef_J @ self.sq_norms(loc_J).astype(np.float64))
 
     def sampled_block(self, loc_I, coef_I, loc_J, coef_J, counts, total_weight,
-                      seed) -> Array:
+                      seed, groups: tuple[int, int] | None = None) -> Array:
         """Importance-sampled group sums for a block (design.md §3).
 
         Draws ``counts[g]`` rows of this shard for each group g with probability
         ∝ ``row_weights`` and returns ``Σ_k Ĵ_ik[:, I]ᵀ Ĵ_ik[:, J] · W / w_ik`` per
         group, shape ``(n_groups, |I|, |J|)``; the driver divides by ``n`` and the
-        group size and takes the entrywise median over groups.
+        group size and takes the entrywise median over groups. ``groups=(g0, g1)``
+        returns only those groups (the same numbers); the sampled Jacobian rows
+        are gathered in chunks of ``GATHER_BYTES``.
         """
         counts = np.asarray(counts, dtype=np.int64)
+        g0, g1 = (0, len(counts)) if groups is None else groups
         k, m = len(loc_I[0]), len(loc_J[0])
-        out = np.zeros((len(counts), k, m), dtype=self.dtype)
+        out = np.zeros((g1 - g0, k, m), dtype=self.dtype)
         if counts.sum() == 0:
             return out
         w = self.row_weights(loc_I, coef_I, loc_J, coef_J)
@@ -189,13 +196,13 @@ class ShardFactors:
         rng = np.random.default_rng(seed)
         rows = rng.choice(self.n, size=int(counts.sum()), p=w / wsum)
         scale = (total_weight / w[rows]).astype(self.dtype)
-        a = self.gather(loc_I, rows) * scale[None, :, None]
-        b = self.gather(loc_J, rows)
         ends = np.cumsum(counts)
-        for g, (e, c) in enumerate(zip(ends, counts)):
-            if c:
-                sl = slice(e - c, e)
-                out[g] = a[:, sl].reshape(k, -1) @ b[:, sl].reshape(m, -1).T
+        step = max(1, GATHER_BYTES // (max(k + m, 1) * self.sizes[-1] * self.dtype.itemsize))
+        for g in range(g0, g1):
+            for a in range(ends[g] - counts[g], ends[g], step):
+                sl = slice(a, min(a + step, ends[g]))
+                A = self.gather(loc_I, rows[sl]) * scale[None, sl, None]
+                out[g - g0] += A.reshape(k, -1) @ self.gather(loc_J, rows[sl]).reshape(m, -1).T
         return out
 
     # ----------------------------------------- loss, gradient, products
@@ -255,14 +262,92 @@ class ShardFactors:
             Ra.append(rz * self.dS[l])
         return Rz, Ra
 
-    def gnh_matvec(self, V: Array) -> Array:
-        """Σ_i J_iᵀ Q_i J_i V for ``V`` of shape ``(N, k)``: forward R-op, then backprop."""
-        _, Ra = self._forward_tangent(self._split(V))
-        U = self.loss.curvature_matvec(self.F, Ra[-1])
-        return self._flatten(self._backprop(U))
+    def gnh_matvec(self, V: Array, budget: int | None = None) -> Array:
+        """Σ_i Ĵ_iᵀ Ĵ_i V for ``V`` of shape ``(N, k)``, through the stored factors.
 
-    def hessian_matvec(self, V: Array) -> Array:
-        """Σ_i ∇²_w ℓ_i V (Pearlmutter's R{backprop}), ``V`` of shape ``(N, k)``."""
+        Per layer one GEMM with the layer inputs each way across all vectors
+        (4·n_s·N·k flops in all) plus small per-sample products with ``C_l``;
+        chunked over vectors so the working memory stays within ``budget``
+        bytes (default :func:`dgnh.config.memory_budget`).
+        """
+        if V.shape[1] < ROP_MAX_VECTORS:  # streaming C_l costs more than the R-op's GEMVs
+            return self._by_vectors(self._gnh_rop, V, self.n_params, self._rop_bytes(), budget)
+        return self._by_vectors(lambda Vc: self._jt_times(self._j_times(Vc)), V, self.n_params,
+                                self._product_bytes(), budget)
+
+    def _gnh_rop(self, V: Array) -> Array:
+        """Σ_i J_iᵀ Q_i J_i V by a forward R-op pass, the output curvature, then backprop."""
+        Ra = self._forward_tangent(self._split(V))[1][-1]
+        return self._flatten(self._backprop(self.loss.curvature_matvec(self.F, Ra)))
+
+    def _rop_bytes(self) -> int:
+        """Working bytes per vector of the R-op passes (tangents of every layer kept)."""
+        return self.dtype.itemsize * (3 * self.n_params + 2 * self.n * sum(self.sizes[1:])
+                                      + 6 * self.n * max(self.sizes[1:]))
+
+    def _product_bytes(self) -> int:
+        """Working bytes per vector of :meth:`_j_times` + :meth:`_jt_times` (input and output
+        chunks, the layer's direction/gradient, per-sample tangents; temporaries twice)."""
+        widest = max((d_in + 1) * d_l + self.n * d_l
+                     for d_in, d_l in zip(self.sizes[:-1], self.sizes[1:]))
+        return self.dtype.itemsize * (2 * self.n_params + 2 * widest + 2 * self.n * self.sizes[-1])
+
+    @property
+    def n_params(self) -> int:
+        return int(self.offsets[-1])
+
+    def _by_vectors(self, func, V: Array, n_rows: int, per_vector: int,
+                    budget: int | None) -> Array:
+        """``func`` on column chunks of ``V`` that each fit ``budget`` bytes, side by side."""
+        k = V.shape[1]
+        step = vector_chunk(k, per_vector, budget)
+        if step >= k:
+            return func(V)
+        out = np.empty((n_rows, k), dtype=self.dtype)
+        for a in range(0, k, step):
+            out[:, a:a + step] = func(V[:, a:a + step])
+        return out
+
+    def _layer_params(self, l: int):
+        """Row ranges of layer ``l``'s weights and bias in the flat parameter vector."""
+        o, d_l, d_in = int(self.offsets[l]), self.sizes[l + 1], self.sizes[l]
+        return slice(o, o + d_l * d_in), slice(o + d_l * d_in, int(self.offsets[l + 1]))
+
+    def _j_times(self, V: Array) -> Array:
+        """``Ĵ_s V`` as ``(n_s, d, k)``: ``Σ_l C_l,i (X_l,i-directions)`` per sample."""
+        k = V.shape[1]
+        out = np.zeros((self.n, self.sizes[-1], k), dtype=self.dtype)
+        for l, (CT, XT) in enumerate(zip(self.CT, self.XT)):
+            d_in, d_l = self.sizes[l], self.sizes[l + 1]
+            w, b = self._layer_params(l)
+            M = np.empty((XT.shape[0], d_l, k), dtype=self.dtype)  # directions (d_in(+1), d_l, k)
+            M[:d_in] = V[w].reshape(d_l, d_in, k).transpose(1, 0, 2)
+            if self.b[l] is not None:
+                M[d_in] = V[b]
+            T = (XT.T @ M.reshape(-1, d_l * k)).reshape(self.n, d_l, k)
+            out += np.matmul(CT.transpose(1, 2, 0), T)  # C_l,i (d, d_l) @ T_i (d_l, k)
+        return out
+
+    def _jt_times(self, U: Array) -> Array:
+        """``Ĵ_sᵀ U`` as ``(N, k)`` for ``U`` of shape ``(n_s, d, k)``."""
+        k = U.shape[2]
+        out = np.empty((self.n_params, k), dtype=self.dtype)
+        for l, (CT, XT) in enumerate(zip(self.CT, self.XT)):
+            d_in, d_l = self.sizes[l], self.sizes[l + 1]
+            w, b = self._layer_params(l)
+            D = np.matmul(CT.transpose(1, 0, 2), U)  # C_l,iᵀ (d_l, d) @ U_i (d, k)
+            R = (XT @ D.reshape(self.n, d_l * k)).reshape(-1, d_l, k)
+            out[w].reshape(d_l, d_in, k)[...] = R[:d_in].transpose(1, 0, 2)
+            if self.b[l] is not None:
+                out[b] = R[d_in]
+        return out
+
+    def hessian_matvec(self, V: Array, budget: int | None = None) -> Array:
+        """Σ_i ∇²_w ℓ_i V (Pearlmutter's R{backprop}), ``V`` of shape ``(N, k)``, chunked
+        over vectors within ``budget`` bytes."""
+        return self._by_vectors(self._hessian_chunk, V, self.n_params, self._rop_bytes(), budget)
+
+    def _hessian_chunk(self, V: Array) -> Array:
         dirs = self._split(V)
         Rz, Ra = self._forward_tangent(dirs)
         L = len(self.W)
@@ -299,8 +384,8 @@ class ShardFactors:
     def evaluate(self, specs) -> list[Array]:
         """Evaluate a batch of block requests in one call (one task per shard).
 
-        ``specs`` holds ``("exact", loc_I, loc_J)`` or
-        ``("sampled", loc_I, coef_I, loc_J, coef_J, counts, total_weight, seed)``.
+        ``specs`` holds ``("exact", loc_I, loc_J)`` or ``("sampled", loc_I, coef_I,
+        loc_J, coef_J, counts, total_weight, seed[, groups])`` (see :func:`split_request`).
         """
         out = []
         for spec in specs:
@@ -311,22 +396,23 @@ class ShardFactors:
         return out
 
     # ------------------------------------------- dual route (dgnh.solve)
-    def jacobian_matvec(self, V: Array) -> Array:
+    def jacobian_matvec(self, V: Array, budget: int | None = None) -> Array:
         """``Ĵ_s V``: this shard's rows of the scaled Jacobian ``Ĵ = RJ`` times ``V (N, k)``.
 
-        Rows are ordered ``(i, o)`` (sample-major), shape ``(n_s·d, k)``; a forward
-        R-op pass, O(n_s·N·k).
+        Rows are ordered ``(i, o)`` (sample-major), shape ``(n_s·d, k)``; one GEMM per
+        layer through the factors, O(n_s·N·k), chunked over vectors within ``budget``.
         """
-        _, Ra = self._forward_tangent(self._split(V))
-        R = self.loss.factor(self.F)  # (n_s, d, d)
-        out = np.einsum("iab,kib->iak", R, Ra[-1])
-        return out.reshape(self.n * self.sizes[-1], -1)
+        m = self.n * self.sizes[-1]
+        return self._by_vectors(lambda Vc: self._j_times(Vc).reshape(m, -1), V, m,
+                                self._product_bytes(), budget)
 
-    def jacobian_rmatvec(self, Y: Array) -> Array:
+    def jacobian_rmatvec(self, Y: Array, budget: int | None = None) -> Array:
         """``Ĵ_sᵀ Y`` for ``Y`` of shape ``(n_s·d, k)`` (rows ``(i, o)``): shape ``(N, k)``."""
-        R = self.loss.factor(self.F)
-        Y = Y.reshape(self.n, self.sizes[-1], -1).astype(self.dtype, copy=False)
-        return self._flatten(self._backprop(np.einsum("iab,iak->kib", R, Y)))
+        # an aligned copy in the factors' dtype: numpy skips BLAS on unaligned arrays
+        Y = np.require(Y, dtype=self.dtype, requirements="A")
+        return self._by_vectors(
+            lambda Yc: self._jt_times(Yc.reshape(self.n, self.sizes[-1], -1)), Y,
+            self.n_params, self._product_bytes(), budget)
 
     def dual_factors(self) -> tuple[list[Array], list[Array]]:
         """Per layer ``C_l`` as ``(n_s·d, d_l)`` (rows ``(i, o)``) and ``XT[l]``, float64."""
@@ -341,8 +427,10 @@ class ShardFactors:
         ``Σ_l (C_{l,s} C_{l,t}ᵀ) ∘ (X_{l-1,s}X_{l-1,t}ᵀ + 1_bias)`` side by side,
         shape ``(n_s·d, Σ_t n_t·d)``, without forming Ĵ.
         """
-        C_s, X_s = self.dual_factors()
         d = self.sizes[-1]
+        if not others:
+            return np.empty((self.n * d, 0))
+        C_s, X_s = self.dual_factors()
         blocks = []
         for C_t, X_t in others:
             n_t = X_t[0].shape[1]
@@ -385,3 +473,98 @@ def _sorted(loc):
     ends = np.concatenate([bounds, [len(sl)]]).astype(int)
     ranges = [(int(sl[a]), int(a), int(b)) for a, b in zip(starts, ends) if b > a]
     return (sl, sp, sq), ranges, order
+
+
+def vector_chunk(k: int, per_vector: int, budget: int | None) -> int:
+    """Vectors per chunk so that ``chunk · per_vector`` bytes fit ``budget`` (≥ 1).
+
+    ``budget=None`` reads :func:`dgnh.config.memory_budget`.
+
+    Examples
+    --------
+    >>> vector_chunk(64, 10**6, 16 * 10**6), vector_chunk(64, 10**6, 10)
+    (16, 1)
+    """
+    budget = memory_budget() if budget is None else budget
+    return max(1, min(k, budget // max(per_vector, 1)))
+
+
+def split_request(specs: list[tuple], cap: int, entry_bytes: int = 8) -> list[tuple]:
+    """A request (one :meth:`ShardFactors.evaluate` spec per shard) in pieces of ≤ ``cap``
+    entries each.
+
+    Returns ``[(where, specs, entries)]``: an exact block splits into sub-blocks
+    (``where`` = ``(row slice, column slice)``), a sampled one into ranges of its
+    groups (``where`` = a group slice), which give the same numbers; ``where`` is
+    ``None`` for a request kept whole. A single group of a sampled block larger
+    than ``cap`` is refused (``ValueError``, with the bytes it needs at
+    ``entry_bytes`` per entry): its median needs all of it.
+
+    Examples
+    --------
+    >>> loc = tuple(np.zeros(4, dtype=int) for _ in range(3))
+    >>> [w for w, _, _ in split_request([("exact", loc, loc)], 8)]
+    [(slice(0, 4, None), slice(0, 2, None)), (slice(0, 4, None), slice(2, 4, None))]
+    """
+    shape = request_shape(specs[0])
+    k, m = shape[-2:]
+    if specs[0][0] == "exact":
+        I, J = specs[0][1:3]
+        if k * m <= cap:
+            return [(None, specs, k * m)]
+        c = min(m, max(1, cap // max(k, 1)))
+        r = min(k, max(1, cap // c))
+        return [((slice(a, a + r), slice(b, b + c)),
+                 [("exact", _part(I, a, a + r), _part(J, b, b + c))] * len(specs),
+                 len(I[0][a:a + r]) * len(J[0][b:b + c]))
+                for a in range(0, k, r) for b in range(0, m, c)]
+    n_groups = shape[0]
+    if n_groups * k * m <= cap:
+        return [(None, specs, n_groups * k * m)]
+    if k * m > cap:
+        raise ValueError(f"a sampled {k}x{m} block needs the partial sums of one of its groups "
+                         f"at once, {k * m * entry_bytes:,} bytes, above the {cap * entry_bytes:,} "
+                         "the memory budget leaves them; raise memory_budget or request smaller "
+                         "blocks")
+    step = cap // (k * m)
+    return [(slice(g, min(g + step, n_groups)),
+             [sp[:8] + ((g, min(g + step, n_groups)),) for sp in specs],
+             (min(g + step, n_groups) - g) * k * m) for g in range(0, n_groups, step)]
+
+
+def request_shape(spec: tuple) -> tuple[int, ...]:
+    """Shape of the shard sum of an :meth:`ShardFactors.evaluate` spec.
+
+    Examples
+    --------
+    >>> loc = tuple(np.zeros(3, dtype=int) for _ in range(3))
+    >>> request_shape(("exact", loc, loc))
+    (3, 3)
+    """
+    if spec[0] == "exact":
+        return len(spec[1][0]), len(spec[2][0])
+    return len(spec[5]), len(spec[1][0]), len(spec[3][0])
+
+
+def _part(loc, a: int, b: int):
+    """Located parameters ``a:b``."""
+    return tuple(x[a:b] for x in loc)
+
+
+def batch_pieces(pieces: list, cap: int) -> list[list]:
+    """Consecutive pieces ``(…, entries)`` grouped so each batch holds ≤ ``cap`` entries
+    (a larger piece alone).
+
+    Examples
+    --------
+    >>> [[p[0] for p in b] for b in batch_pieces([("a", 3), ("b", 3), ("c", 5)], 6)]
+    [['a', 'b'], ['c']]
+    """
+    batches, size = [], cap + 1
+    for piece in pieces:
+        if size + piece[-1] > cap:
+            batches.append([])
+            size = 0
+        batches[-1].append(piece)
+        size += piece[-1]
+    return batches

@@ -22,6 +22,7 @@ import numpy as np
 
 from .factorization import Factorization, IndefiniteError, check_reg
 from .operator import Operator
+from .validation import check_fraction, check_int, check_real_array
 
 Array = np.ndarray
 
@@ -48,28 +49,24 @@ class CGResult:
     residual: Array | float
 
 
-def _check_rtol(rtol) -> float:
-    if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.integer, np.floating)):
-        raise TypeError(f"rtol must be a number in (0, 1), got {rtol!r}")
-    if not 0 < float(rtol) < 1:
-        raise ValueError(f"rtol must lie in the open interval (0, 1), got {rtol}")
-    return float(rtol)
-
-
 def check_rhs(B, n: int) -> Array:
-    """Validate a right-hand side ``(n,)`` or ``(n, k)``; returns it as float64."""
-    arr = np.asarray(B)
-    if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
-    ):
-        raise TypeError(f"the right-hand side must be a real numeric array, got dtype {arr.dtype}")
+    """Validate a right-hand side ``(n,)`` or ``(n, k)``; returns it as float64.
+
+    Examples
+    --------
+    >>> check_rhs([1, 2], 2)
+    array([1., 2.])
+    >>> check_rhs(np.ones((3, 1)), 2)
+    Traceback (most recent call last):
+    ...
+    ValueError: the right-hand side must have shape (2,) or (2, k) to match the operator ...
+    """
+    arr = check_real_array(B, "the right-hand side")
     if arr.ndim not in (1, 2) or arr.shape[0] != n:
         raise ValueError(
             f"the right-hand side must have shape ({n},) or ({n}, k) to match the operator "
             f"(n_params = {n}), got {arr.shape}"
         )
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("the right-hand side contains NaN or Inf")
     return arr.astype(np.float64)
 
 
@@ -135,12 +132,9 @@ def cg(op: Operator, b, reg: float, preconditioner=None, rtol: float = 1e-8,
         raise TypeError(f"op must be a dgnh Operator (e.g. GaussNewton), got {type(op).__name__}")
     N = op.shape[0]
     reg = check_reg(reg)
-    rtol = _check_rtol(rtol)
+    rtol = check_fraction(rtol, "rtol")
     B = check_rhs(b, N)
-    if maxiter is None:
-        maxiter = 10 * N
-    if isinstance(maxiter, bool) or not isinstance(maxiter, (int, np.integer)) or maxiter < 0:
-        raise ValueError(f"maxiter must be a non-negative integer, got {maxiter!r}")
+    maxiter = 10 * N if maxiter is None else check_int(maxiter, "maxiter", minimum=0)
     apply_M = _preconditioner(op, preconditioner, reg)
     vector = B.ndim == 1
     B2 = B[:, None] if vector else B
@@ -188,5 +182,3 @@ def cg(op: Operator, b, reg: float, preconditioner=None, rtol: float = 1e-8,
         converged=bool(not active.any()),
         residual=float(true_res[0]) if vector else true_res,
     )
-
-

@@ -1,15 +1,22 @@
-"""Spectra of GNH operators: top eigenpairs and the spectral density.
+"""Spectra of GNH operators: block Lanczos, top eigenpairs, the spectral density, norms.
 
-* :func:`eigsh` — extreme eigenpairs by implicitly restarted Lanczos
-  (:func:`scipy.sparse.linalg.eigsh`) on ``op.as_linear_operator()``, so only
-  products are needed (exact GNH products for a :class:`GaussNewton`).
+* :func:`lanczos` — Lanczos with full reorthogonalization from a block of
+  start vectors, building either one block Krylov space or, with
+  ``independent=True``, one Krylov space per column; the columns share every
+  product ``A @ V`` either way. It is the routine behind the two below.
+* :func:`ritz_values` / :func:`estimate_norm` — Ritz values of a block Krylov
+  space and the norm estimate of ``dgnh.compress``'s error certificate
+  (docs/design.md §4).
 * :func:`spectral_density` — stochastic Lanczos quadrature (SLQ; Golub and
   Meurant; Ubaru, Chen and Saad 2017): for each Rademacher probe ``v``, ``m``
   Lanczos steps give a Gauss quadrature rule (nodes θ_j = Ritz values,
   weights τ_j = squared first components of the Ritz vectors) with
   ``Σ_j τ_j θ_j^p = vᵀA^p v / vᵀv`` exactly for ``p ≤ 2m − 1``. Averaging over
-  probes estimates the spectral measure ``(1/N) Σ_i δ(x − λ_i)``. The probes
-  run as one block, sharing each product ``op @ V``.
+  probes estimates the spectral measure ``(1/N) Σ_i δ(x − λ_i)``. Every probe
+  keeps its own Krylov space (the rule is per probe); the probes share products.
+* :func:`eigsh` — extreme eigenpairs by implicitly restarted Lanczos
+  (:func:`scipy.sparse.linalg.eigsh`) on ``op.as_linear_operator()``, so only
+  products are needed (exact GNH products for a :class:`GaussNewton`).
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ import scipy.linalg
 import scipy.sparse.linalg
 
 from .operator import Operator
+from .validation import check_choice, check_int, check_number
 
 Array = np.ndarray
 WHICH = ("LA", "LM", "SA")
 LANCZOS_BLOCK = 4  # block size of the error certificate
 LANCZOS_STEPS = 10  # block Krylov steps of the error certificate
+BREAKDOWN = 1e-12  # a residual below this fraction of ‖A Q‖ closes a Krylov space
 
 
 def _check_operator(op) -> None:
@@ -34,15 +43,150 @@ def _check_operator(op) -> None:
         raise TypeError(f"op must be a dgnh Operator (e.g. GaussNewton), got {type(op).__name__}")
 
 
-def _check_int(value, name: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {rng}, got {value}")
-    return int(value)
+# ------------------------------------------------------------------ block Lanczos
+@dataclass
+class KrylovBasis:
+    """An orthonormal Krylov basis from :func:`lanczos` and its image under ``A``.
+
+    Attributes
+    ----------
+    basis, images : ``(m, N, b)``; ``basis[j]`` is block ``j`` of the basis and
+        ``images[j] = A @ basis[j]``.
+    steps : ``(b,)``; with independent columns, the blocks ``0..steps[p] − 1``
+        span column ``p``'s Krylov space (fewer than ``m`` where it closed early,
+        the rest of that column is zero); for one block space every entry is ``m``.
+    """
+
+    basis: Array
+    images: Array
+    steps: Array
+
+    def projection(self, column: int | None = None) -> Array:
+        """The Rayleigh quotient ``KᵀAK`` (symmetrized) of the whole block space, or of
+        the Krylov space of one ``column`` (independent columns)."""
+        if column is None:
+            K = np.concatenate(list(self.basis), axis=1)
+            AK = np.concatenate(list(self.images), axis=1)
+        else:
+            m = int(self.steps[column])
+            K, AK = self.basis[:m, :, column].T, self.images[:m, :, column].T
+        T = K.T @ AK
+        return (T + T.T) / 2
 
 
+def _project(basis: Array, W: Array, independent: bool) -> Array:
+    """The component of ``W`` in the span of ``basis`` (per column if ``independent``)."""
+    if independent:
+        return np.einsum("knv,kv->nv", basis, np.einsum("knv,nv->kv", basis, W))
+    return np.einsum("knv,kvw->nw", basis, np.einsum("knv,nw->kvw", basis, W))
+
+
+def _norms(W: Array, independent: bool) -> Array:
+    """Column norms, or the Frobenius norm of the whole block for every column."""
+    if independent:
+        return np.linalg.norm(W, axis=0)
+    return np.full(W.shape[1], np.linalg.norm(W))
+
+
+def _normalize(W: Array, independent: bool) -> Array:
+    """Unit columns (zero columns stay zero), or an orthonormal basis of the block (QR)."""
+    if independent:
+        norms = np.linalg.norm(W, axis=0)
+        return W / np.where(norms > 0, norms, 1.0)
+    return np.linalg.qr(W)[0]
+
+
+def lanczos(apply: Callable[[Array], Array], start: Array, steps: int,
+            independent: bool = False) -> KrylovBasis:
+    """Lanczos with full reorthogonalization from the start block ``start`` ``(N, b)``.
+
+    ``apply(V)`` returns ``A @ V`` for a symmetric ``A`` and ``V`` of shape
+    ``(N, b)``; there are at most ``steps`` calls. With ``independent=False``
+    the basis spans the block Krylov space
+    ``span{S, AS, …, A^{m−1}S}`` (QR of ``start`` first); with
+    ``independent=True`` it is ``b`` Lanczos runs, column ``p`` spanning
+    ``span{s_p, A s_p, …}`` (``start`` normalized per column). Each new block
+    is orthogonalized twice against the basis so far, normalized, and once more
+    against the basis (QR of a rank-deficient block). A space closes when its
+    residual falls below ``1e-12`` times the largest ``‖A Q‖`` seen or when it
+    fills the whole space; Lanczos stops when every space has closed.
+
+    Examples
+    --------
+    >>> A = np.diag([4.0, 1.0, 1.0, 2.0])
+    >>> krylov = lanczos(lambda V: A @ V, np.ones((4, 1)), steps=4, independent=True)
+    >>> krylov.steps.tolist(), np.round(np.linalg.eigvalsh(krylov.projection(0)), 12).tolist()
+    ([3], [1.0, 2.0, 4.0])
+    """
+    start = np.asarray(start, dtype=np.float64)
+    n, width = start.shape
+    gained = 1 if independent else width  # dimension each step adds to a space
+    basis = np.zeros((steps, n, width))
+    images = np.zeros((steps, n, width))
+    count = np.full(width, steps)
+    extending = np.ones(width, dtype=bool)
+    scale = np.zeros(width)  # the largest ‖A Q‖ so far, per space
+    Q = _normalize(start, independent)
+    for j in range(steps):
+        basis[j] = Q
+        images[j] = np.asarray(apply(Q), dtype=np.float64)
+        R = images[j].copy()
+        for _ in range(2):
+            R -= _project(basis[:j + 1], R, independent)
+        scale = np.maximum(scale, _norms(images[j], independent))
+        closed = extending & ((_norms(R, independent) <= BREAKDOWN * scale)
+                              | ((j + 1) * gained >= n))
+        count[closed] = j + 1
+        extending &= ~closed
+        if not extending.any():
+            break
+        R[:, ~extending] = 0.0
+        Q = _normalize(R, independent)
+        Q = _normalize(Q - _project(basis[:j + 1], Q, independent), independent)
+    m = int(count.max())
+    return KrylovBasis(basis[:m], images[:m], count)
+
+
+def ritz_values(apply: Callable[[Array], Array], n: int, seed: int = 0,
+                block_size: int = LANCZOS_BLOCK, steps: int = LANCZOS_STEPS,
+                support: Array | None = None) -> Array:
+    """Ritz values of a symmetric ``A`` on a block Krylov space (:func:`lanczos`).
+
+    ``apply(V)`` returns ``A @ V`` for ``V`` of shape ``(n, k)``. The start block
+    is Gaussian from ``default_rng([seed, 11])`` (zero outside the boolean
+    ``support``, if given). Ritz values lie in ``[λ_min(A), λ_max(A)]`` and the
+    extreme ones converge first. Costs ``steps`` products with ``block_size``
+    vectors.
+
+    Examples
+    --------
+    >>> A = np.diag([3.0, -5.0, 1.0, 0.5])
+    >>> np.round(ritz_values(lambda V: A @ V, 4), 12).tolist()
+    [-5.0, 0.5, 1.0, 3.0]
+    """
+    start = np.random.default_rng([seed, 11]).standard_normal((n, block_size))
+    if support is not None:
+        start[~support] = 0.0
+    return np.linalg.eigvalsh(lanczos(apply, start, steps).projection())
+
+
+def estimate_norm(apply: Callable[[Array], Array], n: int, seed: int = 0,
+                  block_size: int = LANCZOS_BLOCK, steps: int = LANCZOS_STEPS,
+                  support: Array | None = None) -> float:
+    """Estimate ``‖A‖₂`` of a symmetric ``A``: the largest ``|θ|`` of :func:`ritz_values`.
+
+    Never exceeds ``‖A‖₂``; a few block steps get within a small factor of it.
+
+    Examples
+    --------
+    >>> A = np.diag([3.0, -5.0, 1.0, 0.5])
+    >>> round(estimate_norm(lambda V: A @ V, 4), 12)
+    5.0
+    """
+    return float(np.max(np.abs(ritz_values(apply, n, seed, block_size, steps, support))))
+
+
+# --------------------------------------------------------------------- eigsh
 def eigsh(op: Operator, k: int, which: str = "LA", tol: float = 0.0,
           seed: int = 0) -> tuple[Array, Array]:
     """The ``k`` extreme eigenpairs of a symmetric operator by Lanczos (scipy ARPACK).
@@ -53,7 +197,7 @@ def eigsh(op: Operator, k: int, which: str = "LA", tol: float = 0.0,
     k : number of eigenpairs, ``1 <= k < N``.
     which : ``"LA"`` (largest algebraic, the default), ``"LM"`` (largest
         magnitude) or ``"SA"`` (smallest algebraic; slow for a singular GNH).
-    tol : relative accuracy of the eigenvalues (0 means machine precision).
+    tol : relative accuracy of the eigenvalues in [0, 1) (0 means machine precision).
     seed : seeds the Lanczos start vector, so results are reproducible.
 
     Returns
@@ -74,12 +218,12 @@ def eigsh(op: Operator, k: int, which: str = "LA", tol: float = 0.0,
     N = op.shape[0]
     if N < 2:
         raise ValueError(f"eigsh needs an operator of size N >= 2, got N = {N}")
-    k = _check_int(k, "k", 1, N - 1)
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) \
-            or not 0 <= tol < 1:
-        raise ValueError(f"tol must be a number in [0, 1), got {tol!r}")
+    k = check_int(k, "k")
+    if not 1 <= k < N:  # the bound depends on the operator, not on k alone
+        raise ValueError(f"k must be in [1, {N - 1}] (below the operator size N = {N}), "
+                         f"got {k}")
+    which = check_choice(which, "which", WHICH)
+    tol = check_number(tol, "tol", 0, 1, high_open=True)
     v0 = np.random.default_rng(seed).standard_normal(N)
     vals, vecs = scipy.sparse.linalg.eigsh(op.as_linear_operator(), k=k, which=which,
                                            tol=tol, v0=v0)
@@ -87,6 +231,7 @@ def eigsh(op: Operator, k: int, which: str = "LA", tol: float = 0.0,
     return vals[order], vecs[:, order]
 
 
+# ------------------------------------------------------------------------- SLQ
 @dataclass
 class SpectralDensity:
     """Gauss quadrature rules of stochastic Lanczos quadrature, one per probe.
@@ -112,8 +257,7 @@ class SpectralDensity:
 
         It integrates to 1; multiply by ``n_params`` for eigenvalues per unit.
         """
-        if not np.isfinite(width) or width <= 0:
-            raise ValueError(f"width must be a positive number, got {width}")
+        width = check_number(width, "width", low=0, low_open=True)
         x = np.asarray(x, dtype=np.float64)
         z = (x[..., None] - self.nodes.ravel()) / width
         kernel = np.exp(-0.5 * z * z) / (width * np.sqrt(2 * np.pi))
@@ -124,9 +268,10 @@ def spectral_density(op: Operator, n_vectors: int = 16, n_steps: int = 40,
                      seed: int = 0) -> SpectralDensity:
     """Stochastic Lanczos quadrature for the spectral density of a symmetric operator.
 
-    Runs ``n_steps`` Lanczos steps (full reorthogonalization) from each of
-    ``n_vectors`` Rademacher probes drawn by ``numpy.random.default_rng(seed)``;
-    ``n_vectors·n_steps`` products in ``n_steps`` batched calls.
+    Runs ``n_steps`` Lanczos steps (:func:`lanczos`, independent columns) from
+    each of ``n_vectors`` Rademacher probes ``±1/√N`` drawn by
+    ``numpy.random.default_rng(seed)``; ``n_vectors·n_steps`` products in
+    ``n_steps`` batched calls.
 
     Examples
     --------
@@ -139,89 +284,14 @@ def spectral_density(op: Operator, n_vectors: int = 16, n_steps: int = 40,
     """
     _check_operator(op)
     N = op.shape[0]
-    n_vectors = _check_int(n_vectors, "n_vectors", 1)
-    n_steps = _check_int(n_steps, "n_steps", 1, N)
-    rng = np.random.default_rng(seed)
-    V = rng.choice([-1.0, 1.0], size=(N, n_vectors)) / np.sqrt(N)
-    basis = np.zeros((n_steps, N, n_vectors))
-    alpha = np.zeros((n_vectors, n_steps))
-    beta = np.zeros((n_vectors, n_steps))
-    steps = np.full(n_vectors, n_steps)  # Krylov dimension per probe (smaller if it closed)
-    scale = np.zeros(n_vectors)  # running estimate of ‖A‖ per probe
-    for j in range(n_steps):
-        basis[j] = V
-        W = np.asarray(op @ V, dtype=np.float64)
-        alpha[:, j] = np.einsum("ij,ij->j", V, W)
-        # full reorthogonalization against the basis so far (twice is enough)
-        for _ in range(2):
-            W -= np.einsum("jnv,jv->nv", basis[:j + 1],
-                           np.einsum("jnv,nv->jv", basis[:j + 1], W))
-        b = np.linalg.norm(W, axis=0)
-        scale = np.maximum(scale, np.abs(alpha[:, j]) + b)
-        closed = (b <= 1e-12 * scale) & (steps == n_steps)
-        steps[closed] = j + 1
-        beta[:, j] = np.where(steps > j + 1, b, 0.0)
-        V = np.where(steps > j + 1, W / np.where(b > 0, b, 1.0), 0.0)
-        if j + 1 < n_steps and not np.any(steps > j + 1):
-            break
+    n_vectors = check_int(n_vectors, "n_vectors", minimum=1)
+    n_steps = check_int(n_steps, "n_steps", minimum=1, maximum=N)
+    probes = np.random.default_rng(seed).choice([-1.0, 1.0], size=(N, n_vectors)) / np.sqrt(N)
+    krylov = lanczos(op.matvec, probes, n_steps, independent=True)
     nodes = np.zeros((n_vectors, n_steps))
     weights = np.zeros((n_vectors, n_steps))
-    for p in range(n_vectors):
-        m = steps[p]
-        theta, S = scipy.linalg.eigh_tridiagonal(alpha[p, :m], beta[p, :m - 1])
+    for p, m in enumerate(krylov.steps):
+        theta, S = scipy.linalg.eigh(krylov.projection(p))
         nodes[p, :m] = theta
         weights[p, :m] = S[0] ** 2
     return SpectralDensity(nodes, weights, N)
-
-
-
-
-def ritz_values(apply: Callable[[Array], Array], n: int, seed: int = 0,
-                block_size: int = LANCZOS_BLOCK, steps: int = LANCZOS_STEPS,
-                support: Array | None = None) -> Array:
-    """Ritz values of a symmetric ``A`` on a block Krylov space (block Lanczos).
-
-    ``apply(V)`` returns ``A @ V`` for ``V`` of shape ``(n, k)``. The start block
-    is Gaussian (zero outside the boolean ``support``, if given); the basis is
-    fully reorthogonalized. Ritz values lie in ``[λ_min(A), λ_max(A)]`` and the
-    extreme ones converge first. Costs ``steps`` products with ``block_size``
-    vectors.
-    """
-    rng = np.random.default_rng([seed, 11])
-    V = rng.standard_normal((n, block_size))
-    if support is not None:
-        V[~support] = 0.0
-    Q = np.linalg.qr(V)[0]
-    basis, images = [], []
-    for _ in range(steps):
-        AQ = np.asarray(apply(Q), dtype=np.float64)
-        basis.append(Q)
-        images.append(AQ)
-        K = np.hstack(basis)
-        R = AQ - K @ (K.T @ AQ)
-        R -= K @ (K.T @ R)
-        if np.linalg.norm(R) <= 1e-12 * max(np.linalg.norm(AQ), 1e-300) or K.shape[1] >= n:
-            break
-        Q = np.linalg.qr(R)[0]
-        Q -= K @ (K.T @ Q)
-        Q = np.linalg.qr(Q)[0]
-    K, AK = np.hstack(basis), np.hstack(images)
-    T = K.T @ AK
-    return np.linalg.eigvalsh((T + T.T) / 2)
-
-
-
-def estimate_norm(apply: Callable[[Array], Array], n: int, seed: int = 0,
-                  block_size: int = LANCZOS_BLOCK, steps: int = LANCZOS_STEPS,
-                  support: Array | None = None) -> float:
-    """Estimate ``‖A‖₂`` of a symmetric ``A``: the largest ``|θ|`` of :func:`ritz_values`.
-
-    Never exceeds ``‖A‖₂``; a few block steps get within a small factor of it.
-
-    Examples
-    --------
-    >>> A = np.diag([3.0, -5.0, 1.0, 0.5])
-    >>> round(estimate_norm(lambda V: A @ V, 4), 12)
-    5.0
-    """
-    return float(np.max(np.abs(ritz_values(apply, n, seed, block_size, steps, support))))

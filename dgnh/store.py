@@ -10,10 +10,11 @@ Layout (``format = "dgnh-result"``, ``version = 1``; docs/design.md §6)::
         n_params                  N
         provenance                created (UTC), dgnh/python/numpy/scipy/zarr/dask/
                                   distributed versions, platform
-        fingerprint, job, run     only from `dgnh run`: the job's fingerprint (only the
-                                  same job resumes its checkpoint); the validated job
-                                  parameters; timings per phase, shards, workers,
-                                  checkpoint counts
+        fingerprint, data_digest, only from `dgnh run`: the job's fingerprint (only the
+        job, run                  same job on the same data resumes its checkpoint); the
+                                  SHA-256 of the data's content (dgnh.Dataset.digest);
+                                  the validated job parameters; timings per phase,
+                                  shards, workers, checkpoint counts
     <path>/operator/              the compressed operator; attributes: kind, report
                                   (parameters, seed, timings, entries evaluated, memory,
                                   error estimate), arrays (the names of its arrays)
@@ -40,7 +41,10 @@ Layout (``format = "dgnh-result"``, ``version = 1``; docs/design.md §6)::
                                   requests), n_blocks, n_entries, complete (written last)
 
 Every array carries a ``description`` attribute; every chunk is written (even
-an all-zero one), so a missing chunk means a truncated store. Numbers in the
+an all-zero one), so a missing chunk means a truncated store, and ends with a
+CRC-32C (the ``crc32c`` codec after zstd), so an altered chunk is reported as a
+damaged store naming the array (stores written before it are still read). A
+store is written beside its path and swapped in when complete. Numbers in the
 JSON attributes that are not finite are stored as ``null``. Arrays are written
 in chunk-aligned row slabs (:func:`dgnh.zarr_io.write_rows`), so writers never
 share a chunk; the attributes (metadata) are written by the driver only, after
@@ -82,8 +86,7 @@ from .lowrank import LowRank
 from .operator import Operator
 from .packing import jsonable
 from .version import __version__
-from .zarr_io import (check_format, check_new_output, open_group, read_array, remove_path,
-                      write_array)
+from .zarr_io import check_format, open_group, read_array, replacing, write_array
 
 Array = np.ndarray
 
@@ -237,12 +240,18 @@ def _read_operator(group: zarr.Group, where: str) -> StoredOperator:
         raise ValueError(f"{where}: inconsistent {kind} operator: {e}") from e
 
 
+def check_factorization(op: Operator, factorization: Factorization | None) -> None:
+    """``TypeError`` unless ``factorization`` is ``None`` or a Factorization of ``op``'s shape."""
+    if factorization is not None and (not isinstance(factorization, Factorization)
+                                      or factorization.shape != op.shape):
+        raise TypeError(f"factorization must be a dgnh Factorization of shape {op.shape} "
+                        f"(from op.factorize(reg)), got {type(factorization).__name__}")
+
+
 def _write_factorization(root: zarr.Group, op: Operator, factorization: Factorization,
                          seconds: float | None = None) -> None:
     """The ``factorization`` group: ``reg``, ``logdet``, ``exact`` and the inverse diagonal."""
-    if not isinstance(factorization, Factorization) or factorization.shape != op.shape:
-        raise TypeError(f"factorization must be a dgnh Factorization of shape {op.shape} "
-                        f"(from op.factorize(reg)), got {type(factorization).__name__}")
+    check_factorization(op, factorization)
     group = root.create_group("factorization", overwrite=True)
     write_array(group, "inverse_diagonal", factorization.inverse_diagonal(),
                 describe("inverse_diagonal"))
@@ -278,9 +287,14 @@ def save(op: Operator, path: str | os.PathLike, overwrite: bool = False,
     op : LowRank, HMatrix or Hybrid (e.g. from :func:`dgnh.compress`); its
         ``report`` is stored with it.
     path : directory of the Zarr v3 store; must not exist unless ``overwrite``.
-    overwrite : replace whatever is at ``path``.
+    overwrite : replace a result store (or an empty directory) at ``path``;
+        anything else there is refused.
     factorization : optional ``op.factorize(reg)``: its ``reg``, ``logdet`` and
         ``inverse_diagonal`` are stored.
+
+    Everything is checked before anything is written, and the store is
+    written beside ``path`` and swapped in when complete: a failing call
+    leaves what was at ``path`` as it was.
 
     Examples
     --------
@@ -294,12 +308,12 @@ def save(op: Operator, path: str | os.PathLike, overwrite: bool = False,
     """
     path = os.fspath(path)
     kind_of(op)
-    check_new_output(path, overwrite, "result store")
-    remove_path(path)
-    root = zarr.create_group(path, zarr_format=3)
-    root.attrs.update({"format": FORMAT, "version": VERSION, "layout": LAYOUT,
-                       "complete": False})
-    write_result(root, op, factorization)
+    check_factorization(op, factorization)
+    with replacing(path, overwrite, FORMAT, "result store") as new:
+        root = zarr.create_group(new, zarr_format=3)
+        root.attrs.update({"format": FORMAT, "version": VERSION, "layout": LAYOUT,
+                           "complete": False})
+        write_result(root, op, factorization)
 
 
 def _open_complete(path: str | os.PathLike) -> tuple[str, zarr.Group]:
@@ -324,7 +338,8 @@ def open(path: str | os.PathLike) -> Operator:
     or :class:`~dgnh.hybrid.Hybrid` that was stored, with its ``report``.
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` naming
     the path and the problem for an unknown format or version, an incomplete
-    job, missing arrays or a truncated store.
+    job, missing arrays, a truncated store or a chunk failing its checksum
+    ("damaged store").
 
     Examples
     --------

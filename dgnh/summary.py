@@ -35,10 +35,15 @@ def summary(path: str | os.PathLike) -> str:
                                   f"{c['error_estimate']:.3g}, {c['entries_evaluated']:,} entries"))
     if params:
         rows.append(("parameters", ", ".join(f"{k}={v}" for k, v in params.items())))
-    if "entries_evaluated" in report:
+    if "entries_evaluated" in report and not run:
         rows.append(("entries", f"{report['entries_evaluated']:,} evaluated"))
-    if run:
+    if run:  # the job's entry rounds: every candidate's, as a resume loads them
         ck = run["checkpoint"]
+        rows.append(("entries", f"{ck['entries_evaluated'] + ck['entries_loaded']:,} in the "
+                                f"job's {ck['rounds']} entry rounds"
+                                + (" (all candidates)" if "candidates" in report else "")
+                                + f": {ck['entries_evaluated']:,} evaluated, "
+                                f"{ck['entries_loaded']:,} loaded from the checkpoint"))
         if ck["rounds_loaded"]:
             rows.append(("resumed", f"{ck['rounds_loaded']} of {ck['rounds']} entry rounds "
                                     f"({ck['entries_loaded']:,} entries) from the checkpoint"))

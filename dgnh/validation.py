@@ -130,3 +130,31 @@ def check_float_dtype(dtype, name: str = "dtype") -> np.dtype:
     if normalised not in (np.dtype(np.float64), np.dtype(np.float32)):
         raise TypeError(message)
     return normalised
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def check_bytes(value, name: str) -> int:
+    """A positive number of bytes: an integer, a float, or a string such as ``"4GiB"``.
+
+    Examples
+    --------
+    >>> check_bytes("1.5 KiB", "memory_budget"), check_bytes(2e9, "memory_budget")
+    (1536, 2000000000)
+    """
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("kmgtib")
+        unit = text[len(number):]
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = None
+        if amount is None or unit not in _BYTE_UNITS:
+            raise ValueError(f"{name} must be a number of bytes such as 4000000000 or '4GiB', "
+                             f"got {value!r}")
+        value = amount * _BYTE_UNITS[unit]
+    check_number(value, name, low=1)
+    return int(value)

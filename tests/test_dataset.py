@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -201,3 +202,78 @@ def test_store_gives_the_same_operator_as_arrays(tmp_path, loss, chunk_rows, sha
     np.testing.assert_array_equal(from_store @ V, from_arrays @ V)
     np.testing.assert_array_equal(from_store.gradient(), from_arrays.gradient())
     assert from_store.loss() == from_arrays.loss()
+
+
+# ------------------------ overwrite replaces only a dataset store (issue 13, items 7, 11)
+def _thesis_dir(path):
+    path.mkdir()
+    (path / "thesis.tex").write_text("four years")
+
+
+@pytest.mark.parametrize("make, match", [
+    (_thesis_dir, "it is a directory that is not a Zarr store"),
+    (lambda p: p.write_text("four years"), "it is a file, not a dgnh dataset store"),
+    (lambda p: zarr.create_group(p, zarr_format=3, attributes={"format": "mine"}),
+     r"it is a Zarr store but not a dgnh dataset store \(format attribute 'mine'\)"),
+    (lambda p: dgnh.save(dgnh.LowRank(np.ones((3, 1))), p),
+     "it is a Zarr store but not a dgnh dataset store .*'dgnh-result'"),
+])
+def test_overwrite_refuses_what_is_not_a_dataset_store(tmp_path, make, match):
+    path = tmp_path / "target"
+    make(path)
+    listing = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match=f"refusing to replace {re.escape(str(path))}: "
+                                              f"{match}"):
+        dgnh.save_dataset(path, np.ones((4, 2)), np.ones(4), overwrite=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == listing
+
+
+def test_overwrite_swaps_in_a_complete_store(tmp_path):
+    path = tmp_path / "d.zarr"
+    dgnh.save_dataset(path, np.ones((5, 2)), np.arange(5))
+    with pytest.raises(ValueError, match="X contains NaN or Inf"):
+        dgnh.save_dataset(path, np.full((4, 2), np.nan), np.arange(4), overwrite=True)
+    assert dgnh.open_dataset(path).n_samples == 5
+    ds = dgnh.save_dataset(path, np.zeros((7, 3)), np.arange(7), overwrite=True)
+    assert (ds.n_samples, ds.n_inputs) == (7, 3)
+    assert os.listdir(tmp_path) == ["d.zarr"]  # no staging store or old copy left behind
+    (tmp_path / "empty").mkdir()
+    assert dgnh.save_dataset(tmp_path / "empty", np.ones((2, 2)), np.ones(2),
+                             overwrite=True).n_samples == 2
+
+
+# ------------------------------------------- content digest and checksums (issue 13, items 8, 9)
+@pytest.mark.parametrize("change, same", [
+    (lambda X, Y: (X, Y, {"chunk_rows": 3}), True),
+    (lambda X, Y: (X.astype(np.float32), Y, {}), False),
+    (lambda X, Y: (X + np.eye(*X.shape) * 1e-12, Y, {}), False),
+    (lambda X, Y: (X, Y[::-1].copy(), {}), False),
+    (lambda X, Y: (X[:-1], Y[:-1], {}), False),
+])
+def test_digest_follows_the_content(tmp_path, change, same):
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(11, 3)), rng.integers(0, 3, 11)
+    a = dgnh.save_dataset(tmp_path / "a.zarr", X, Y, chunk_rows=4).digest()
+    X2, Y2, options = change(X, Y)
+    b = dgnh.save_dataset(tmp_path / "a.zarr", X2, Y2, overwrite=True, **options).digest()
+    assert (a == b) is same
+
+
+def test_altered_chunk_is_a_damaged_store_for_the_shard_reading_it(tmp_path):
+    path = tmp_path / "d.zarr"
+    rng = np.random.default_rng(0)
+    dgnh.save_dataset(path, rng.normal(size=(10, 3)), rng.normal(size=10), chunk_rows=4)
+    chunk = path / "X" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 1  # same size, other bytes
+    chunk.write_bytes(bytes(data))
+    ds = dgnh.open_dataset(path)  # metadata only: fine
+    match = (f"damaged store: dataset {re.escape(str(path))}: cannot read rows 4:8 of array "
+             "'X': a chunk fails its checksum")
+    with pytest.raises(ValueError, match=match):
+        ds.read(4, 8)
+    net = random_mlp([3, 2, 1], ["tanh", "identity"])
+    with pytest.raises(ValueError, match="damaged store: .*array 'X': a chunk fails"):
+        dgnh.GaussNewton(net, path, shard_size=4, client="in-process")
+    with pytest.raises(ValueError, match="damaged store"):
+        ds.digest()

@@ -485,3 +485,131 @@ def test_deployed_job_command_runs(deployed_cluster, certs):
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert os.path.isdir(output) and "certify" in done.stdout, done.stdout
+
+
+# --------------------------------- hand-started scheduler and workers bind privately
+WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]", "*"}
+PRIVATE_PLACEHOLDERS = ("SCHEDULER_IP", "WORKER_IP")
+DOCS_WITH_DASK_COMMANDS = [DEPLOY / "README.md", DEPLOY.parent / "README.md"]
+
+
+def documented_dask_commands(path):
+    """Every ``dask scheduler`` / ``dask worker`` command in a Markdown file's code (fenced
+    blocks with their line continuations, and inline code spans), as argument lists."""
+    import shlex
+
+    text = path.read_text()
+    lines = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        lines += block.replace("\\\n", " ").splitlines()
+    lines += re.findall(r"(?<!`)`([^`\n]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S))
+    commands = [shlex.split(line, comments=True) for line in lines]
+    return [argv for argv in commands if argv[:1] == ["dask"] and len(argv) > 2  # not a name
+            and argv[1] in ("scheduler", "worker")]
+
+
+def _bind_host(address: str | None) -> str | None:
+    """The host part of ``tls://h:p``, ``h:p``, ``:p``, ``[::]:p`` (``None`` stays ``None``)."""
+    if address is None:
+        return None
+    address = address.split("://")[-1]
+    return address.rsplit(":", 1)[0] if ":" in address else address
+
+
+def wildcard_binds(argv) -> list[str]:
+    """The servers of a ``dask scheduler``/``dask worker`` command that listen on every
+    interface, from its options as distributed's own command line parses them."""
+    from distributed.cli import dask_scheduler, dask_worker
+
+    main = {"scheduler": dask_scheduler.main, "worker": dask_worker.main}[argv[1]]
+    args = [str(COMPOSE) if a.endswith(".pem") else a for a in argv[2:]]  # files must exist
+    params = main.make_context(f"dask {argv[1]}", args).params
+    listen = params.get("listen_address")
+    served = params["host"] if listen is None else _bind_host(listen)
+    found = []
+    if params["interface"] is None and (served is None or served in WILDCARD_HOSTS):
+        found.append(f"the {argv[1]} ({served!r})")
+    if params["dashboard"] and _bind_host(params["dashboard_address"]) in WILDCARD_HOSTS:
+        found.append(f"its dashboard ({params['dashboard_address']!r})")
+    return found
+
+
+@pytest.mark.parametrize("argv, wildcard", [
+    ("dask scheduler --protocol tls", ["the scheduler ('')", "its dashboard (':8787')"]),
+    ("dask scheduler --host 10.0.0.5 --dashboard-address 127.0.0.1:8787", []),
+    ("dask scheduler --host 10.0.0.5 --no-dashboard", []),
+    ("dask scheduler --host 0.0.0.0 --dashboard-address [::]:8787",
+     ["the scheduler ('0.0.0.0')", "its dashboard ('[::]:8787')"]),
+    ("dask worker tls://10.0.0.5:8786", ["the worker (None)", "its dashboard (':0')"]),
+    ("dask worker tls://10.0.0.5:8786 --host 10.0.0.6 --dashboard-address 127.0.0.1:0", []),
+    ("dask worker tls://10.0.0.5:8786 --listen-address tls://10.0.0.6:0 --no-dashboard", []),
+    ("dask worker tls://10.0.0.5:8786 --listen-address tls://:9000 --no-dashboard",
+     ["the worker ('')"]),
+])
+def test_wildcard_check_reads_the_options(argv, wildcard):
+    assert wildcard_binds(argv.split()) == wildcard
+
+
+@pytest.mark.parametrize("doc", DOCS_WITH_DASK_COMMANDS, ids=lambda p: str(p.relative_to(
+    DEPLOY.parent)))
+def test_documented_dask_commands_bind_no_wildcard_address(doc):
+    commands = documented_dask_commands(doc)
+    assert {argv[1] for argv in commands} == {"scheduler", "worker"}, doc
+    for argv in commands:
+        assert not wildcard_binds(argv), f"{doc}: `{' '.join(argv)}` listens on every " \
+                                         f"interface: {wildcard_binds(argv)}"
+
+
+def test_hand_started_cluster_listens_on_the_private_address_only(certs, tmp_path):
+    """deploy/README.md's commands, run with 127.0.0.1 as the private address: every socket the
+    scheduler, the worker and its nanny listen on is bound to it."""
+    import psutil
+    from distributed import Client
+
+    from dgnh.cluster import make_security
+
+    port, dashboard = free_port(), free_port()
+    procs = []
+
+    def local(argv):
+        out = []
+        for token in argv:
+            for name in PRIVATE_PLACEHOLDERS:
+                token = token.replace(name, "127.0.0.1")
+            token = re.sub(r"(^|:)8786$", rf"\g<1>{port}", token)
+            token = token.replace(":8787", f":{dashboard}")
+            out.append(str(certs / token) if token.endswith(".pem") else token)
+        return [sys.executable, "-m", "dask"] + out[1:]
+
+    commands = sorted(documented_dask_commands(DEPLOY / "README.md"),
+                      key=lambda argv: argv[1] != "scheduler")
+    assert [argv[1] for argv in commands] == ["scheduler", "worker"]
+    try:
+        for argv in commands:
+            log = open(tmp_path / f"{argv[1]}.log", "wb")
+            procs.append(subprocess.Popen(local(argv), stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True, cwd=tmp_path))
+            log.close()
+        security = make_security({"tls_ca_file": str(certs / "ca.pem"),
+                                  "tls_client_cert": str(certs / "dask.pem"),
+                                  "tls_client_key": str(certs / "dask-key.pem")})
+        with Client(f"tls://127.0.0.1:{port}", security=security, timeout=60) as client:
+            client.wait_for_workers(1, timeout=60)
+        listening = []
+        for proc in procs:
+            parent = psutil.Process(proc.pid)
+            for p in [parent] + parent.children(recursive=True):
+                listening += [c.laddr for c in p.net_connections(kind="inet")
+                              if c.status == psutil.CONN_LISTEN]
+        assert len(listening) >= 4  # scheduler + its dashboard, worker + nanny (+ dashboard)
+        assert {addr.ip for addr in listening} == {"127.0.0.1"}, listening
+        assert {port, dashboard} <= {addr.port for addr in listening}
+    finally:  # each process leads its own session: end it with the processes it started
+        for proc in reversed(procs):
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

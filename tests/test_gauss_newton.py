@@ -187,3 +187,17 @@ def test_use_after_close_is_refused():
     gn.close()
     with pytest.raises(ValueError, match="closed"):
         gn @ np.ones(gn.n_params)
+
+
+def test_batched_products_through_the_factors_against_dense(problem):
+    """≥ ROP_MAX_VECTORS vectors take the route through the stored factors (one GEMM per
+    layer across all vectors), fewer the R-op: both equal the dense G V (from blocks)."""
+    from dgnh.shard_factors import ROP_MAX_VECTORS
+
+    net, X, Y, loss, gn = problem
+    G = gn.dense()
+    V = np.random.default_rng(2).normal(size=(net.n_params, ROP_MAX_VECTORS + 3))
+    for k in (1, ROP_MAX_VECTORS - 1, ROP_MAX_VECTORS, V.shape[1]):
+        assert max_relative_error(gn @ V[:, :k], G @ V[:, :k]) <= 1e-12
+    J = gn.jacobian_matvec(np.eye(net.n_params))
+    assert max_relative_error(J.T @ J / gn.n_samples, G) <= 1e-12

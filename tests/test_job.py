@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +17,9 @@ import dgnh
 from dgnh import store
 from dgnh.compress import compress
 from dgnh.checkpoint import CheckpointedGaussNewton, JobStore
-from dgnh.job import JobError, load_job, parse_job, run_job
+from dgnh.job import (JobError, fingerprint, load_job, load_model, parse_job, run_job,
+                      solve_result)
+from dgnh.summary import summary
 
 N_SAMPLES = 80
 
@@ -264,3 +269,262 @@ def test_onnx_model(problem, job_dir):
         direct = compress(g, **job.compress, progress=False)
     v = np.ones(net.n_params)
     np.testing.assert_allclose(dgnh.open(job.output) @ v, direct @ v, rtol=1e-12)
+
+
+# ------------------------------------------- the output is never the data (issue 13, item 12)
+@pytest.mark.parametrize("output, message", [
+    ("data.zarr", "it is the data store"),
+    ("./data.zarr/", "it is the data store"),
+    ("link.zarr", "it is the data store"),  # a symbolic link to the data store
+    ("data.zarr/result.zarr", "it lies inside the data store"),
+    ("model.npz", "it is the model file"),
+])
+def test_output_that_is_the_data_or_the_model_is_refused(job_dir, output, message):
+    os.symlink(job_dir / "data.zarr", job_dir / "link.zarr")
+    table = base_job()
+    table["output"] = output
+    path = write_job(job_dir, table)
+    with pytest.raises(JobError, match=f"output = '{re.escape(output)}': {message}"):
+        load_job(path)
+    job = parse_job({**base_job(), "output": "out.zarr"}, base_dir=str(job_dir))
+    job = dataclasses.replace(job, output=str(job_dir / output))
+    before = dgnh.open_dataset(job_dir / "data.zarr").digest()
+    with pytest.raises(JobError, match=message):
+        run_job(job, overwrite=True, out=io.StringIO())
+    assert dgnh.open_dataset(job_dir / "data.zarr").digest() == before
+    assert os.path.isfile(job_dir / "model.npz")
+
+
+# ------------------------- the checkpoint belongs to the data's content (issue 13, items 6, 8)
+def checkpoint_of(job, complete_rounds: bool = True) -> JobStore:
+    """The checkpoint a killed run of ``job`` leaves when every entry round was stored."""
+    model = load_model(job.model)
+    digest = dgnh.open_dataset(job.data).digest()
+    js = JobStore.begin(job.output, fingerprint(job, model, digest), job=job.to_dict(),
+                        data_digest=digest)
+    with dgnh.GaussNewton(model, job.data, loss=job.loss, client="in-process") as gn:
+        compress(CheckpointedGaussNewton(gn, js), **job.compress, progress=False)
+    return js
+
+
+def test_resume_counts_every_candidate_and_refuses_changed_data(problem, tmp_path):
+    for name in ("model.npz",):
+        os.symlink(problem["dir"] / name, tmp_path / name)
+    dgnh.save_dataset(tmp_path / "own.zarr", problem["X"], problem["Y"])
+    table = {**base_job(method="auto"), "data": "own.zarr"}
+    fresh = run_job(load_job(write_job(tmp_path, {**table, "output": "fresh.zarr"}, "f.toml")),
+                    out=io.StringIO())
+    job = load_job(write_job(tmp_path, table))
+    checkpoint_of(job)
+    resumed = run_job(job, out=io.StringIO())
+    f, r = fresh["run"]["checkpoint"], resumed["run"]["checkpoint"]
+    # the same entries counted both ways: all candidates' rounds, evaluated or loaded
+    assert r["rounds_loaded"] == r["rounds"] == f["rounds"] and r["entries_evaluated"] == 0
+    assert r["entries_loaded"] == f["entries_evaluated"] > 0
+    assert f["entries_evaluated"] > fresh["report"]["entries_evaluated"]  # > the chosen one's
+    assert f"{f['entries_evaluated']:,} in the job's" in summary(job.output)
+    v = np.random.default_rng(1).normal(size=problem["net"].n_params)
+    assert np.array_equal(dgnh.open(job.output) @ v, dgnh.open(fresh["job"]["output"]) @ v)
+
+    # the same data rewritten (other chunks): its content is unchanged, so it resumes
+    shutil.rmtree(job.output)
+    checkpoint_of(job)
+    dgnh.save_dataset(job.data, problem["X"], problem["Y"], chunk_rows=7, overwrite=True)
+    assert run_job(job, out=io.StringIO())["run"]["checkpoint"]["entries_evaluated"] == 0
+    # other values at the same path and shape: refused, the checkpoint kept
+    shutil.rmtree(job.output)
+    checkpoint_of(job)
+    X = problem["X"].copy()
+    X[17, 2] += 1e-9
+    dgnh.save_dataset(job.data, X, problem["Y"], overwrite=True)
+    with pytest.raises(FileExistsError, match="checkpoint made from other data"):
+        run_job(job, out=io.StringIO())
+    assert store.checkpoint_rounds(job.output) == f["rounds"]
+    run_job(job, overwrite=True, out=io.StringIO())  # --overwrite starts over on the new data
+    with dgnh.GaussNewton(problem["net"], X, problem["Y"], loss="cross_entropy",
+                          client="in-process") as gn:
+        direct = compress(gn, **job.compress, progress=False)
+    np.testing.assert_allclose(dgnh.open(job.output) @ v, direct @ v, rtol=1e-12)
+
+
+# --------------------------------- a failing --overwrite run keeps the result (issue 13, item 7)
+def test_failed_overwrite_keeps_the_stored_result(job_dir):
+    job = load_job(write_job(job_dir, base_job(method="lowrank")))
+    run_job(job, out=io.StringIO())
+    v = np.ones(dgnh.open(job.output).shape[0])
+    before = dgnh.open(job.output) @ v
+    broken = dataclasses.replace(job, loss="mse")  # the data hold class labels: fails in factors
+    with pytest.raises(ValueError):
+        run_job(broken, overwrite=True, out=io.StringIO())
+    assert np.array_equal(dgnh.open(job.output) @ v, before)
+    other = dataclasses.replace(job, compress={**job.compress, "method": "hmatrix"})
+    run_job(other, overwrite=True, out=io.StringIO())
+    assert type(dgnh.open(job.output)).__name__ == "HMatrix"
+    assert sorted(os.listdir(job_dir)) == ["data.zarr", "job.toml", "model.npz", "out.zarr"]
+    # a file or a foreign directory is never replaced, even with overwrite
+    for name, make in (("thesis.tex", lambda p: p.write_text("mine")),
+                       ("notes", lambda p: (p.mkdir(), (p / "a.txt").write_text("mine")))):
+        make(job_dir / name)
+        with pytest.raises(FileExistsError, match=f"refusing to replace .*{name}"):
+            run_job(dataclasses.replace(job, output=str(job_dir / name)), overwrite=True,
+                    out=io.StringIO())
+        assert "mine" in ((job_dir / name).read_text() if name.endswith(".tex")
+                          else (job_dir / name / "a.txt").read_text())
+
+
+# --------------------------------------- .pt models load without unpickling (issue 13, item 10)
+class _Touch:
+    """Unpickling this runs ``touch <path>`` (what a malicious .pt file does)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_torch_model_is_loaded_without_running_code(problem, job_dir):
+    torch = pytest.importorskip("torch")
+    net = problem["net"]
+    seq = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                              torch.nn.Sequential(torch.nn.Linear(8, 3)))
+    with torch.no_grad():
+        for layer, W, b in zip((seq[0], seq[2][0]), net.weights, net.biases):
+            layer.weight.copy_(torch.from_numpy(W))
+            layer.bias.copy_(torch.from_numpy(b))
+    torch.save(seq, job_dir / "whole.pt")
+    loaded = load_model(str(job_dir / "whole.pt"))
+    assert loaded.activations == net.activations
+    np.testing.assert_allclose(loaded.parameters(), net.parameters(), rtol=1e-6)
+
+    marker = job_dir / "pwned"
+    torch.save({"weights": _Touch(marker)}, job_dir / "evil.pt")
+    torch.save(seq.state_dict(), job_dir / "state.pt")
+    (job_dir / "junk.pt").write_bytes(b"not a torch file")
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(dim=1)),
+               job_dir / "softmax.pt")
+    cases = [("evil.pt", "was refused: .*never runs code from a file: .*posix.system"),
+             ("state.pt", "holds a state_dict"),
+             ("junk.pt", "was refused: .*not a file written by torch.save"),
+             ("softmax.pt", "was refused: .*torch.nn.modules.activation.Softmax")]
+    for name, message in cases:
+        with pytest.raises(ValueError, match=f"model file .*{name} {message}") as err:
+            load_model(str(job_dir / name))
+        assert "\n" not in str(err.value)
+    assert not marker.exists()
+    # and through a job: refused in the load phase, nothing written
+    table = base_job(method="lowrank")
+    table["model"] = "evil.pt"
+    with pytest.raises(ValueError, match="evil.pt was refused"):
+        run_job(load_job(write_job(job_dir, table)), out=io.StringIO())
+    assert not marker.exists() and not os.path.exists(job_dir / "out.zarr")
+
+
+# ------------------------------- solving with a result: G or G̃, said plainly (issue 13, item 5)
+def dense_gnh(problem, X=None) -> np.ndarray:
+    with dgnh.GaussNewton(problem["net"], problem["X"] if X is None else X, problem["Y"],
+                          loss="cross_entropy", client="in-process") as gn:
+        return gn.dense()
+
+
+def relative_residual(A, x, b) -> float:
+    return float(np.linalg.norm(A @ x - b) / np.linalg.norm(b))
+
+
+@pytest.fixture
+def loose_result(problem, job_dir):
+    """A job's low-rank result far enough from G that (G̃ + λI)⁻¹b is visibly off."""
+    job = load_job(write_job(job_dir, base_job(method="lowrank", tol=0.2, max_rank=3)))
+    run_job(job, out=io.StringIO())
+    G = dense_gnh(problem)
+    reg = 1e-3 * np.linalg.norm(G, 2)
+    b = np.random.default_rng(7).normal(size=(G.shape[0], 2))
+    return job, G, reg, b
+
+
+def test_solve_result_solves_the_exact_system(loose_result):
+    job, G, reg, b = loose_result
+    A = G + reg * np.eye(len(G))
+    A_tilde = dgnh.open(job.output).to_dense() + reg * np.eye(len(G))
+    assert relative_residual(A, np.linalg.solve(A_tilde, b), b) > 1e-3  # G̃ answers otherwise
+    for rtol in (1e-6, 1e-10):
+        sol = solve_result(job.output, b, reg, rtol=rtol)
+        assert sol.exact and sol.x.shape == b.shape
+        assert relative_residual(A, sol.x, b) <= 1.01 * rtol
+        assert "exactly (G, not the compressed G̃)" in sol.how
+        assert re.search(rf"true relative residual \S+ \(rtol {rtol:g}\)", sol.how), sol.how
+        printed = float(re.search(r"true relative residual (\S+)", sol.how).group(1))
+        assert printed == pytest.approx(max(relative_residual(A, sol.x[:, j], b[:, j])
+                                            for j in range(2)), rel=0.02)
+    with pytest.raises(ValueError, match=r"cannot multiply an array of shape \(3,\)"):
+        solve_result(job.output, np.ones(3), reg)
+
+
+def _remove_data(job_dir, problem):
+    os.unlink(job_dir / "data.zarr")
+
+
+def _change_data(job_dir, problem):
+    os.unlink(job_dir / "data.zarr")
+    dgnh.save_dataset(job_dir / "data.zarr", problem["X"] + 1e-6, problem["Y"])
+
+
+def _change_model(job_dir, problem):
+    os.unlink(job_dir / "model.npz")
+    net = problem["net"]
+    dgnh.MLP([W * 1.001 for W in net.weights], net.biases, net.activations).save(
+        job_dir / "model.npz")
+
+
+def _drop_job_record(job_dir, problem):
+    path = job_dir / "out.zarr"
+    op = dgnh.open(path)
+    dgnh.save(op, path, overwrite=True)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_remove_data, r"the job's data .*data.zarr is not reachable"),
+    (_change_data, r"the data store .*data.zarr no longer holds the result's data"),
+    (_change_model, r"the model .*model.npz is not the result's"),
+    (_drop_job_record, "the store has no job record of dgnh run"),
+])
+def test_solve_result_says_when_it_answers_for_the_compressed_operator(
+        loose_result, problem, job_dir, damage, reason):
+    job, G, reg, b = loose_result
+    op = dgnh.open(job.output)
+    damage(job_dir, problem)
+    sol = solve_result(job.output, b[:, 0], reg)
+    expected = np.linalg.solve(op.to_dense() + reg * np.eye(len(G)), b[:, 0])
+    assert not sol.exact
+    np.testing.assert_allclose(sol.x, expected, rtol=1e-8, atol=1e-12)
+    assert re.search(rf"for the COMPRESSED operator G̃, not the exact GNH \({reason}\)", sol.how)
+    e, norm = op.report["error_estimate"], op.report["norm_estimate"]
+    assert f"‖G − G̃‖₂/‖G‖₂ ≈ {e:.2g}" in sol.how
+    assert f"{e:.2g}·‖G‖₂/λ = {e * norm / reg:.2g} (relative)" in sol.how
+    # the bound holds: x is that far from the exact solution at most
+    exact = np.linalg.solve(G + reg * np.eye(len(G)), b[:, 0])
+    assert np.linalg.norm(sol.x - exact) <= 1.5 * e * norm / reg * np.linalg.norm(exact)
+
+
+def test_solve_result_with_an_indefinite_compressed_operator(problem, job_dir):
+    """G̃ + λI indefinite (leaf diagonals lowered by c > λ): PCG on exact products still
+    solves G + λI, preconditioned by the GNH diagonal."""
+    job = load_job(write_job(job_dir, base_job(method="hmatrix")))
+    run_job(job, out=io.StringIO())
+    G = dense_gnh(problem)
+    norm = np.linalg.norm(G, 2)
+    c, reg = 0.02 * norm, 0.01 * norm
+    leaves = zarr.open_group(job.output, mode="r+")["operator"]
+    values, offsets, shapes = (leaves[f"leaf_{n}"][...] for n in ("values", "offsets", "shapes"))
+    for start, (rows, cols) in zip(offsets, shapes):
+        values[start:start + rows * cols:cols + 1] -= c  # the diagonal of a row-major block
+    leaves["leaf_values"][...] = values
+    op = dgnh.open(job.output)
+    assert np.linalg.eigvalsh(op.to_dense())[0] < -reg
+    with pytest.raises(dgnh.IndefiniteError):
+        op.factorize(reg)
+    b = np.random.default_rng(8).normal(size=len(G))
+    sol = solve_result(job.output, b, reg)
+    assert sol.exact and "preconditioned by the GNH diagonal (the stored HMatrix + λI is " \
+                         "indefinite" in sol.how
+    assert relative_residual(G + reg * np.eye(len(G)), sol.x, b) <= 1.01e-8

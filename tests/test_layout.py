@@ -16,8 +16,8 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dgnh"
 
 LAYERS = {  # bottom to top; a newcomer finds each concern by its file name
-    "core": ["version", "validation", "protocols", "activations", "losses", "model", "interop",
-             "shard_factors", "sampling", "packing"],
+    "core": ["version", "validation", "config", "protocols", "activations", "losses", "model",
+             "interop", "shard_factors", "sampling", "packing"],
     "operators": ["operator", "factorization", "lowrank", "hmatrix", "hybrid", "spectral",
                   "solve", "compress"],
     "data": ["zarr_io", "dataset"],

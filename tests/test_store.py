@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import re
 import shutil
 import warnings
 
@@ -16,6 +18,7 @@ import dgnh
 from dgnh import store
 from dgnh.checkpoint import JobStore
 from dgnh.compress import compress
+from dgnh.factorization import ScaledIdentity
 from dgnh.hybrid import Hybrid
 from dgnh.packing import pack_blocks, unpack_blocks
 from dgnh.summary import summary
@@ -318,3 +321,145 @@ def test_summary_names_the_essentials(saved, gn):
     for fragment in ("hybrid", f"N = {gn.n_params}", "error", "factorization", "reg = 0.05",
                      "numpy"):
         assert fragment in text
+
+
+# --------------------------------- a failing save never loses a stored result (issue 13, item 7)
+class _FailingFactorization(ScaledIdentity):
+    """A real factorization whose inverse diagonal fails (a disk-full stand-in) mid-write."""
+
+    def inverse_diagonal(self):
+        raise OSError("No space left on device")
+
+
+def _products(path, V):
+    return dgnh.open(path) @ V
+
+
+@pytest.mark.parametrize("make_call, exc, message", [
+    (lambda ops, path: store.save(ops["hmatrix"], path, overwrite=True, factorization="chol"),
+     TypeError, "factorization must be a dgnh Factorization of shape"),
+    (lambda ops, path: store.save(ops["hmatrix"], path, overwrite=True,
+                                  factorization=ScaledIdentity(3, 0.1)),
+     TypeError, r"factorization must be a dgnh Factorization of shape \(\d+, \d+\)"),
+    (lambda ops, path: store.save(np.eye(3), path, overwrite=True), TypeError,
+     "cannot store a ndarray"),
+    (lambda ops, path: store.save(ops["hybrid"], path, overwrite=True,
+                                  factorization=_FailingFactorization(ops["hybrid"].shape[0],
+                                                                      0.1)),
+     OSError, "No space left on device"),
+])
+def test_failing_save_keeps_the_stored_result(saved, ops, rng, make_call, exc, message):
+    _, path = saved("lowrank")
+    V = rng.normal(size=(ops["lowrank"].shape[0], 2))
+    before, fac_before = _products(path, V), store.read_factorization(path)
+    with pytest.raises(exc, match=message):
+        make_call(ops, path)
+    assert np.array_equal(_products(path, V), before)
+    assert store.read_factorization(path)["logdet"] == fac_before["logdet"]
+    assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]  # no staging left
+
+
+@pytest.mark.parametrize("content", ["file", "foreign directory", "other zarr", "dataset"])
+def test_overwrite_replaces_only_a_result_store(ops, tmp_path, content):
+    path = tmp_path / "x"
+    if content == "file":
+        path.write_text("thesis")
+    elif content == "foreign directory":
+        path.mkdir()
+        (path / "thesis.tex").write_text("thesis")
+    elif content == "other zarr":
+        zarr.create_group(path, zarr_format=3, attributes={"format": "someone-else"})
+    else:
+        dgnh.save_dataset(path, np.ones((3, 2)), np.ones(3))
+    listing = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(FileExistsError, match=f"refusing to replace {re.escape(str(path))}"):
+        store.save(ops["lowrank"], path, overwrite=True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == listing
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    store.save(ops["lowrank"], empty, overwrite=True)  # an empty directory may be used
+    assert type(dgnh.open(empty)) is LowRank
+
+
+# ------------------------------------- altered chunks are detected (issue 13, item 9)
+def _flip_a_byte(chunk_file) -> None:
+    data = bytearray(open(chunk_file, "rb").read())
+    data[len(data) // 2] ^= 0x10
+    with open(chunk_file, "wb") as fh:
+        fh.write(data)
+
+
+def _array_paths(path):
+    """Every array of a Zarr group on disk, with the codecs of its metadata."""
+    out = {}
+    for meta in sorted(pathlib.Path(path).rglob("zarr.json")):
+        doc = json.loads(meta.read_text())
+        if doc["node_type"] == "array":
+            out[str(meta.parent.relative_to(path))] = [c["name"] for c in doc["codecs"]]
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_array_is_checksummed(saved, tmp_path, rng, kind):
+    _, path = saved(kind)
+    arrays = _array_paths(path)
+    assert arrays and all(codecs[-1] == "crc32c" for codecs in arrays.values()), arrays
+    js = JobStore.begin(tmp_path / "job.zarr", "fp")
+    js.save_array("diagonal", rng.normal(size=5))
+    js.save_round(0, "d", [rng.normal(size=(2, 3))])
+    ds = dgnh.save_dataset(tmp_path / "d.zarr", np.ones((4, 2)), np.arange(4))
+    for other in (tmp_path / "job.zarr", ds.path):
+        assert all(codecs[-1] == "crc32c" for codecs in _array_paths(other).values())
+
+
+@pytest.mark.parametrize("kind, array", [
+    ("lowrank", "operator/U"), ("hmatrix", "operator/leaf_values"),
+    ("hmatrix", "operator/perm"), ("hybrid", "operator/lowrank/U"),
+    ("hybrid", "operator/hmatrix/coupling_values"),
+])
+def test_altered_chunk_is_a_damaged_store(saved, kind, array):
+    _, path = saved(kind)
+    chunk = sorted((pathlib.Path(path) / array / "c").rglob("*"))
+    _flip_a_byte([c for c in chunk if c.is_file()][0])
+    name = array.rsplit("/", 1)[1]
+    with pytest.raises(ValueError, match=f"damaged store: .*cannot read array '{name}': a chunk "
+                                         "fails its checksum") as err:
+        dgnh.open(path)
+    assert "\n" not in str(err.value)
+
+
+def test_altered_factorization_and_checkpoint_chunks(saved, tmp_path, rng):
+    _, path = saved("lowrank")
+    _flip_a_byte(next((pathlib.Path(path) / "factorization" / "inverse_diagonal" / "c")
+                      .rglob("0")))
+    with pytest.raises(ValueError, match="damaged store: .*'inverse_diagonal'"):
+        store.read_factorization(path)
+    js = JobStore.begin(tmp_path / "job.zarr", "fp")
+    js.save_round(0, "d", [rng.normal(size=(30, 3))])
+    _flip_a_byte(tmp_path / "job.zarr" / "checkpoint" / "rounds" / "000000" / "values" / "c" / "0")
+    with pytest.raises(ValueError, match="damaged store: checkpoint of .*round 0.*'values'"):
+        JobStore.begin(tmp_path / "job.zarr", "fp").load_round(0)
+
+
+def test_stores_written_without_checksums_are_still_read(saved, tmp_path, rng):
+    """A store as dgnh wrote it before the crc32c codec: every array copied with zarr's
+    default codecs."""
+    op, path = saved("hybrid")
+    old = tmp_path / "old.zarr"
+    src = zarr.open_group(path, mode="r")
+
+    def copy(group, into):
+        into.attrs.update(dict(group.attrs))
+        for name, arr in group.arrays():
+            z = into.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=arr.chunks,
+                                  attributes=dict(arr.attrs),
+                                  config={"write_empty_chunks": True})
+            z[...] = arr[...]
+        for name, sub in group.groups():
+            copy(sub, into.create_group(name))
+
+    copy(src, zarr.create_group(old, zarr_format=3))
+    assert not any("crc32c" in codecs for codecs in _array_paths(old).values())
+    V = rng.normal(size=(op.shape[0], 2))
+    assert np.array_equal(dgnh.open(old) @ V, op @ V)
+    assert store.read_factorization(old)["logdet"] == store.read_factorization(path)["logdet"]

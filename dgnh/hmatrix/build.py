@@ -1,13 +1,15 @@
 """Building an :class:`~dgnh.hmatrix.HMatrix` from an entry source (docs/design.md §4).
 
 :func:`build_hmatrix` orchestrates the steps: the cluster tree
-(:mod:`dgnh.hmatrix.tree`), one round of exact products with a Gaussian test
-matrix (:func:`gaussian_sketch`), the bottom-up skeletonization
-(:func:`skeletonize`: :func:`leaf_sketch`, :func:`parent_sketch`,
-:func:`interpolative_decomposition`, one :class:`NodeState` per node) and the
-near-field corrections (:func:`near_field_corrections`). Entry requests go
-through an :class:`EntryRounds`: one ``entries_many`` call per round, counted,
-timed and shown on a progress bar.
+(:mod:`dgnh.hmatrix.tree`), rounds of exact products with a power-iterated
+test matrix (:class:`~dgnh.hmatrix.sketch.Sketch`), the bottom-up
+skeletonization (:func:`skeletonize`: :func:`leaf_sketch`,
+:func:`parent_sketch`, :func:`interpolative_decomposition` with an absolute
+threshold, one :class:`NodeState` per node, a wider sketch where a node's rank
+fills it), the near-field corrections (:func:`near_field_corrections`) and the
+diagonal compensation that makes the result positive semi-definite
+(:func:`psd_shift`). Entry requests go through an :class:`EntryRounds`: one
+``entries_many`` call per round, counted, timed and shown on a progress bar.
 """
 
 from __future__ import annotations
@@ -21,20 +23,48 @@ import numpy as np
 import scipy.linalg
 from tqdm import tqdm
 
+from ..factorization import IndefiniteError
+from ..spectral import ritz_values
+from ..validation import check_int, check_number
+from .factorization import HSSFactorization
 from .operator import HMatrix
+from .sketch import Sketch, oversampling_for
 from .tree import ClusterTree, cluster_tree, grow_trees, tree_depth
 
 Array = np.ndarray
-OVERSAMPLING = 10  # sketch columns beyond max_rank
-PRODUCT_CHUNK = 128  # sketch columns per product call
+INITIAL_RANK = 256  # first sketch rank (below max_rank the sketch grows where needed)
+MAX_GROWTHS = 4  # widening rounds of the sketch
+LEVEL_SAFETY = 4.0  # τ = tol·‖G‖ / (LEVEL_SAFETY·√depth): the global tolerance split by level
+PSD_REG = 1e-12  # PSD: H + (σ + PSD_REG·‖G‖)·I must have a Cholesky factorization
+PSD_PRECISION = 0.05  # relative precision of the bisection for σ
 
 
 # ------------------------------------------------------------------ per-node numerics
-def interpolative_decomposition(block: Array, tol: float, max_rank: int) -> tuple[Array, Array]:
+def _pivoted_id(block: Array, tol: float, max_rank: int,
+                threshold: float) -> tuple[Array, Array, int]:
+    """:func:`interpolative_decomposition` and the rank the thresholds want (before the cap)."""
+    m, n = block.shape
+    if m == 0 or n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, n)), 0
+    R, piv = scipy.linalg.qr(block, mode="r", pivoting=True, check_finite=False)
+    diag = np.abs(np.diag(R))
+    small = diag <= max(tol * diag[0], threshold)
+    wanted = int(np.argmax(small)) if small.any() else len(diag)
+    k = min(wanted, max_rank)
+    T = np.zeros((k, n))
+    T[:, piv[:k]] = np.eye(k)
+    if k < n:
+        T[:, piv[k:]] = scipy.linalg.solve_triangular(R[:k, :k], R[:k, k:], check_finite=False)
+    return piv[:k].astype(np.int64), T, wanted
+
+
+def interpolative_decomposition(block: Array, tol: float, max_rank: int,
+                                threshold: float = 0.0) -> tuple[Array, Array]:
     """Column interpolative decomposition ``block ≈ block[:, skel] @ T`` by pivoted QR.
 
-    The rank is the number of leading pivots ``|R_kk| > tol·|R_00|`` (relative
-    tolerance), at most ``max_rank``. ``T[:, skel]`` is the identity.
+    The rank is the number of leading pivots with ``|R_kk| > max(tol·|R_00|,
+    threshold)`` (a relative and an absolute tolerance), at most ``max_rank``.
+    ``T[:, skel]`` is the identity.
 
     Returns
     -------
@@ -47,20 +77,11 @@ def interpolative_decomposition(block: Array, tol: float, max_rank: int) -> tupl
     >>> skel, T = interpolative_decomposition(A, 1e-12, 5)
     >>> skel.tolist(), bool(np.allclose(A[:, skel] @ T, A))
     ([2], True)
+    >>> interpolative_decomposition(A, 0.0, 5, threshold=10.0)[0].tolist()  # |R_00| < 10
+    []
     """
-    m, n = block.shape
-    if m == 0 or n == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, n))
-    R, piv = scipy.linalg.qr(block, mode="r", pivoting=True, check_finite=False)
-    diag = np.abs(np.diag(R))
-    small = diag <= tol * diag[0]
-    k = int(np.argmax(small)) if small.any() else len(diag)
-    k = min(k, max_rank)
-    T = np.zeros((k, n))
-    T[:, piv[:k]] = np.eye(k)
-    if k < n:
-        T[:, piv[k:]] = scipy.linalg.solve_triangular(R[:k, :k], R[:k, k:], check_finite=False)
-    return piv[:k].astype(np.int64), T
+    skel, T, _ = _pivoted_id(block, tol, max_rank, threshold)
+    return skel, T
 
 
 def leaf_sketch(Y_leaf: Array, D: Array, omega_leaf: Array) -> Array:
@@ -147,10 +168,10 @@ class EntryRounds:
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
-        """Record the wall time of the ``with`` block as ``timings[phase]``."""
+        """Add the wall time of the ``with`` block to ``timings[phase]``."""
         t0 = time.perf_counter()
         yield
-        self.timings[phase] = time.perf_counter() - t0
+        self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
 
     def close(self) -> None:
         """Close the progress bar."""
@@ -165,52 +186,28 @@ class NodeState:
     ``skeleton`` holds tree positions (empty at the root), ``interpolation``
     the matrix ``T`` over the node's candidates, ``coupling`` the block
     ``G[α̃₁, α̃₂]`` of its children (inner nodes), ``sketch`` the rows
-    ``Ω[out]ᵀ G[out, candidates]`` (dropped once the parent has its own),
-    ``local_skeleton`` the skeleton positions among the candidates and
-    ``test_coefficients`` the upward test coefficients ``V_αᵀ Ω[α]``.
+    ``Ω[out]ᵀ G[out, candidates]`` and ``inputs`` the candidates' test
+    coefficients (both dropped once the parent is skeletonized),
+    ``local_skeleton`` the skeleton positions among the candidates,
+    ``test_coefficients`` the upward test coefficients ``V_αᵀ Ω[α] = T·inputs``
+    and ``wanted`` the rank the threshold asked for (before ``max_rank``).
     """
 
     skeleton: Array = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     interpolation: Array | None = None
     coupling: Array | None = None
     sketch: Array | None = None
+    inputs: Array | None = None
     local_skeleton: Array | None = None
     test_coefficients: Array | None = None
+    wanted: int = 0
 
-    def skeletonize(self, sketch: Array, candidates: Array, test: Array, tol: float,
-                    max_rank: int) -> None:
-        """Skeleton and interpolation from ``sketch`` over ``candidates``.
-
-        ``test`` holds the candidates' test coefficients (a leaf's ``Ω[α]``).
-        """
-        self.sketch = sketch
-        self.local_skeleton, self.interpolation = interpolative_decomposition(sketch, tol, max_rank)
+    def skeletonize(self, candidates: Array, threshold: float, max_rank: int) -> None:
+        """Skeleton and interpolation from :attr:`sketch` over ``candidates``."""
+        self.local_skeleton, self.interpolation, self.wanted = _pivoted_id(
+            self.sketch, 0.0, max_rank, threshold)
         self.skeleton = candidates[self.local_skeleton]
-        self.test_coefficients = self.interpolation @ test
-
-
-def gaussian_sketch(source: Any, perm: Array, width: int, seed: int) -> tuple[Array, Array]:
-    """A Gaussian test matrix ``Ω`` (tree order, ``width`` columns) and ``Y = GΩ``.
-
-    ``Y`` comes from exact products ``source.matvec``, ``PRODUCT_CHUNK``
-    columns at a time; ``Ω`` is drawn from ``(seed, 3)``.
-
-    Examples
-    --------
-    >>> class Dense:
-    ...     n_params = 3
-    ...     def matvec(self, V): return 2.0 * V
-    >>> omega, Y = gaussian_sketch(Dense(), np.array([2, 0]), 4, seed=0)
-    >>> omega.shape, bool(np.allclose(Y, 2 * omega))
-    ((2, 4), True)
-    """
-    omega = np.random.default_rng([seed, 3]).standard_normal((len(perm), width))
-    Y = np.zeros((len(perm), width))
-    for j in range(0, width, PRODUCT_CHUNK):  # bounded memory per product call
-        full = np.zeros((int(source.n_params), min(PRODUCT_CHUNK, width - j)))
-        full[perm] = omega[:, j:j + full.shape[1]]
-        Y[:, j:j + full.shape[1]] = np.asarray(source.matvec(full), dtype=np.float64)[perm]
-    return omega, Y
+        self.test_coefficients = self.interpolation @ self.inputs
 
 
 def _fetch_couplings(tree: ClusterTree, states: list[NodeState], nodes: Array,
@@ -226,26 +223,91 @@ def _fetch_couplings(tree: ClusterTree, states: list[NodeState], nodes: Array,
     return blocks[len(nodes):]
 
 
-def _skeletonize_node(tree: ClusterTree, states: list[NodeState], a: int, omega: Array,
-                      Y: Array, tol: float, max_rank: int) -> None:
-    """Skeletonize node ``a`` from its sketch (a leaf) or its children's (an inner node)."""
+def _node_rows(tree: ClusterTree, states: list[NodeState], a: int, omega: Array, Y: Array,
+               below: dict[int, tuple[Array, Array]]) -> tuple[Array, Array]:
+    """Sketch rows of node ``a`` over its candidates and the candidates' test coefficients.
+
+    A leaf uses ``omega, Y`` (tree order); an inner node its children's rows and
+    upward test coefficients ``below[c]`` through their skeletons and coupling.
+    """
     c1, c2 = tree.node_children[a]
-    s, e = tree.node_start[a], tree.node_stop[a]
     if c1 < 0:
-        sketch = leaf_sketch(Y[s:e], tree.leaf_blocks[a - tree.leaf_nodes[0]], omega[s:e])
-        states[a].skeletonize(sketch, np.arange(s, e), omega[s:e], tol, max_rank)
-        return
-    left, right = states[c1], states[c2]
-    sketch = parent_sketch(left.sketch, left.local_skeleton, right.sketch, right.local_skeleton,
-                           left.test_coefficients, right.test_coefficients, states[a].coupling)
-    states[a].skeletonize(sketch, np.concatenate([left.skeleton, right.skeleton]),
-                          np.vstack([left.test_coefficients, right.test_coefficients]),
-                          tol, max_rank)
-    left.sketch = right.sketch = None
+        s, e = tree.node_start[a], tree.node_stop[a]
+        return leaf_sketch(Y[s:e], tree.leaf_blocks[a - tree.leaf_nodes[0]], omega[s:e]), omega[s:e]
+    (S1, w1), (S2, w2) = below[c1], below[c2]
+    return (parent_sketch(S1, states[c1].local_skeleton, S2, states[c2].local_skeleton, w1, w2,
+                          states[a].coupling), np.vstack([w1, w2]))
 
 
-def skeletonize(tree: ClusterTree, rounds: EntryRounds, omega: Array, Y: Array, tol: float,
-                max_rank: int) -> tuple[list[NodeState], list[Array]]:
+def _rows_for_columns(tree: ClusterTree, states: list[NodeState], level: int, omega: Array,
+                      Y: Array) -> dict[int, tuple[Array, Array]]:
+    """Rows and test coefficients of the nodes of ``level`` for new test columns ``omega, Y``,
+    passed up through the fixed skeletons of the levels below."""
+    below: dict[int, tuple[Array, Array]] = {}
+    for lev in range(tree.depth, level - 1, -1):
+        current = {int(a): _node_rows(tree, states, a, omega, Y, below) for a in tree.nodes_at(lev)}
+        if lev == level:
+            return current
+        below = {a: (rows, states[a].interpolation @ inputs)
+                 for a, (rows, inputs) in current.items()}
+    return {}
+
+
+def _candidates(tree: ClusterTree, states: list[NodeState], a: int) -> Array:
+    c1, c2 = tree.node_children[a]
+    if c1 < 0:
+        return np.arange(tree.node_start[a], tree.node_stop[a])
+    return np.concatenate([states[c1].skeleton, states[c2].skeleton])
+
+
+@dataclass
+class SketchPlan:
+    """Ranks of the sketch: the target ``rank`` (``width = rank + oversampling``) grows
+    up to ``max_rank``; ``threshold`` is the absolute ID tolerance τ."""
+
+    rank: int
+    max_rank: int
+    oversampling: int | None
+    threshold: float
+
+    def columns(self, rank: int) -> int:
+        return rank + (oversampling_for(rank) if self.oversampling is None else self.oversampling)
+
+    def saturated(self, state: NodeState, n_candidates: int, width: int, n_active: int) -> bool:
+        """True when a node's ID fills the sketch and a wider one could change it."""
+        return (self.rank <= state.wanted < n_candidates and self.rank < self.max_rank
+                and width < n_active)
+
+
+def _skeletonize_level(tree: ClusterTree, states: list[NodeState], nodes: Array,
+                       sketch: Sketch, plan: SketchPlan) -> None:
+    """IDs of the nodes of one level; the sketch grows (up to ``MAX_GROWTHS`` times in a
+    build) while a node's rank fills it."""
+    below = {int(c): (states[c].sketch, states[c].test_coefficients)
+             for a in nodes for c in tree.node_children[a] if c >= 0}
+    for a in nodes:
+        states[a].sketch, states[a].inputs = _node_rows(tree, states, a, sketch.omega, sketch.Y,
+                                                        below)
+    while True:
+        for a in nodes:
+            states[a].skeletonize(_candidates(tree, states, a), plan.threshold, plan.max_rank)
+        full = [a for a in nodes if plan.saturated(states[a], len(states[a].inputs), sketch.width,
+                                                   len(tree.perm))]
+        if not full or sketch.growths > MAX_GROWTHS:
+            break
+        plan.rank = min(2 * plan.rank, plan.max_rank)
+        new = sketch.grow(plan.columns(plan.rank) - sketch.width)
+        rows = _rows_for_columns(tree, states, tree.node_level[nodes[0]], sketch.omega[:, new],
+                                 sketch.Y[:, new])
+        for a in nodes:
+            states[a].sketch = np.vstack([states[a].sketch, rows[int(a)][0]])
+            states[a].inputs = np.hstack([states[a].inputs, rows[int(a)][1]])
+    for c in below:
+        states[c].sketch = states[c].inputs = None
+
+
+def skeletonize(tree: ClusterTree, rounds: EntryRounds, sketch: Sketch,
+                plan: SketchPlan) -> tuple[list[NodeState], list[Array]]:
     """Bottom-up skeletonization with nested bases; one entry round per inner level.
 
     The round of level ℓ fetches the couplings of the children of its nodes
@@ -261,8 +323,7 @@ def skeletonize(tree: ClusterTree, rounds: EntryRounds, omega: Array, Y: Array, 
             near_exact += _fetch_couplings(tree, states, nodes, near, rounds,
                                            f"couplings level {level + 1}")
         if level > 0:
-            for a in nodes:
-                _skeletonize_node(tree, states, a, omega, Y, tol, max_rank)
+            _skeletonize_level(tree, states, nodes, sketch, plan)
         if level == tree.depth:
             rounds.step()
     return states, near_exact
@@ -284,22 +345,71 @@ def near_field_corrections(hss: HMatrix, near_pairs: Array,
     return [G_ab - hss.hss_block(a, b) for (a, b), G_ab in zip(near_pairs, exact_blocks)]
 
 
+def psd_shift(h: HMatrix, norm: float, seed: int = 0) -> tuple[float, int]:
+    """The smallest ``σ ≥ 0`` (to ``PSD_PRECISION``) with ``H_hss + σI`` positive semi-definite.
+
+    The test is the HSS Cholesky (:class:`~dgnh.hmatrix.HSSFactorization`,
+    exact for ``H_hss``) at ``reg = PSD_REG·norm``: it succeeds exactly when
+    ``λ_min(H_hss) + σ > −reg``. A Lanczos estimate of ``λ_min`` (never below
+    it) starts the bracket, which doubles until the factorization succeeds and
+    is then bisected. ``σ ≤ −λ_min(H_hss) ≤ ‖G − H_hss‖₂``. Returns ``σ`` and
+    the number of factorizations.
+
+    Examples
+    --------
+    >>> h = HMatrix(2, [0, 1], [-1, 0, 0], [[1, 2], [-1, -1], [-1, -1]], [0, 0, 1],
+    ...             [2, 1, 2], [[], [0], [1]], [None, np.eye(1), np.eye(1)],
+    ...             [np.array([[2.0]]), None, None], [np.eye(1), np.eye(1)],
+    ...             np.zeros((0, 2)), [])
+    >>> sigma, _ = psd_shift(h, 3.0)  # λ_min([[1, 2], [2, 1]]) = −1
+    >>> bool(abs(sigma - 1.0) <= 0.05)
+    True
+    """
+    hss = h.without_near_field()
+    reg = PSD_REG * norm
+    count = 0
+
+    def definite(sigma: float) -> bool:
+        nonlocal count
+        count += 1
+        try:
+            HSSFactorization(hss.with_shift(sigma), reg)
+        except IndefiniteError:
+            return False
+        return True
+
+    if norm <= 0 or len(hss.perm) == 0 or definite(0.0):
+        return 0.0, count
+    lowest = float(ritz_values(hss.matvec, hss.shape[0], seed=seed, steps=20).min())
+    low, high = 0.0, max(-lowest, reg)
+    while not definite(high):
+        low, high = high, 2.0 * high
+    while high - low > PSD_PRECISION * high:
+        middle = 0.5 * (low + high)
+        low, high = (low, middle) if definite(middle) else (middle, high)
+    return high, count
+
+
 def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int = 256,
                   budget: float = 0.0, neighbors: int = 32, metric: str = "angle",
                   eps: float | None = None, seed: int = 0, n_trees: int = 4,
-                  max_near: int = 32, oversampling: int = OVERSAMPLING,
+                  max_near: int = 32, oversampling: int | None = None,
+                  power_iterations: int = 1, norm_estimate: float | None = None,
                   progress: bool | None = None) -> HMatrix:
-    """Build an :class:`~dgnh.hmatrix.HMatrix` of the symmetric PSD matrix behind ``source``.
+    """Build a positive semi-definite :class:`~dgnh.hmatrix.HMatrix` of the symmetric PSD
+    matrix behind ``source``, aiming at ``‖G − H‖₂ ≤ tol·‖G‖₂``.
 
-    :func:`dgnh.compress` validates the parameters and is the public entry
-    point; see :mod:`dgnh.hmatrix` for the algorithm.
+    :func:`dgnh.compress` validates the shared parameters and is the public
+    entry point; see :mod:`dgnh.hmatrix` for the algorithm.
 
     Parameters
     ----------
     source : entry source with exact products: ``n_params``, ``diagonal()``,
         ``entries_many(requests, eps=, seed=)`` and ``matvec(V)``.
-    tol : relative tolerance of every interpolative decomposition.
-    max_rank : cap on every skeleton size.
+    tol : target relative error: every interpolative decomposition keeps the
+        pivots above ``τ = tol·‖G‖₂/(LEVEL_SAFETY·√depth)`` (absolute).
+    max_rank : cap on every skeleton size (``report["n_capped_nodes"]`` counts
+        the nodes it cut).
     leaf_size : largest leaf (the tree is balanced, leaves hold ≤ ``leaf_size``).
     budget : near-field budget in [0, 1] (fraction of the other leaves), 0 = HSS.
     neighbors : nearest neighbours per parameter (for the near-field votes).
@@ -308,7 +418,9 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
     seed : seeds every random choice (and the entry sampler).
     n_trees : randomized trees for the neighbour search (the first is the cluster tree).
     max_near : absolute cap on the near leaves of one leaf.
-    oversampling : sketch columns beyond ``max_rank``.
+    oversampling : sketch columns beyond the target rank (``None``: ``max(10, rank/4)``).
+    power_iterations : subspace iterations ``Ω ← orth(GΩ)`` on the test matrix (>= 0).
+    norm_estimate : ``‖G‖₂`` if known (e.g. from Lanczos); ``None``: ``‖GΩ‖₂`` from the sketch.
     progress : show a progress bar per tree level (``None``: only on a terminal).
 
     Examples
@@ -323,6 +435,10 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
     True
     """
     t_start = time.perf_counter()
+    oversampling = None if oversampling is None else check_int(oversampling, "oversampling", 0)
+    power_iterations = check_int(power_iterations, "power_iterations", 0)
+    if norm_estimate is not None:
+        norm_estimate = check_number(norm_estimate, "norm_estimate", low=0)
     n_params = int(source.n_params)
     diag = np.asarray(source.diagonal(), dtype=np.float64)
     if diag.shape != (n_params,) or not np.all(np.isfinite(diag)):
@@ -336,31 +452,44 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
     with rounds.timed("leaves_and_neighbors"):
         tree = cluster_tree(active, diag[active], trees, rounds.fetch, budget=budget,
                             neighbors=neighbors, max_near=max_near, metric=metric)
-    width = min(max_rank, len(active)) + oversampling if depth > 0 else 0
+    sketch = Sketch(source, tree.perm, power_iterations, seed)
+    plan = SketchPlan(min(max_rank, INITIAL_RANK, len(active)), max_rank, oversampling, 0.0)
     with rounds.timed("products"):
-        if width:
+        if depth > 0:
             rounds.status("products")
-        omega, Y = gaussian_sketch(source, tree.perm, width, seed)
+            sketch.grow(plan.columns(plan.rank))
+    norm = norm_estimate if norm_estimate is not None else (
+        sketch.norm_estimate() if depth > 0 else float(np.linalg.norm(tree.leaf_blocks[0], 2)))
+    plan.threshold = tol * norm / (LEVEL_SAFETY * np.sqrt(max(depth, 1)))
     with rounds.timed("skeletons"):
-        states, near_exact = skeletonize(tree, rounds, omega, Y, tol, max_rank)
+        states, near_exact = skeletonize(tree, rounds, sketch, plan)
         rounds.close()
     hss = HMatrix(n_params, tree.perm, tree.node_parent, tree.node_children, tree.node_start,
                   tree.node_stop, [s.skeleton for s in states],
                   [s.interpolation for s in states], [s.coupling for s in states],
                   tree.leaf_blocks, tree.near_pairs[:0], [])
+    with rounds.timed("psd_shift"):
+        shift, n_factorizations = psd_shift(hss, norm, seed)
+        hss = hss.with_shift(shift)
     with rounds.timed("near_blocks"):
         h = hss.with_near_field(tree.near_pairs,
                                 near_field_corrections(hss, tree.near_pairs, near_exact))
     rounds.timings["total"] = time.perf_counter() - t_start
     parameters = {"tol": tol, "max_rank": max_rank, "leaf_size": leaf_size, "budget": budget,
                   "neighbors": neighbors, "metric": metric, "eps": eps, "seed": seed,
-                  "n_trees": n_trees, "max_near": max_near, "oversampling": oversampling}
+                  "n_trees": n_trees, "max_near": max_near, "oversampling": oversampling,
+                  "power_iterations": power_iterations}
     return h.with_report({
         "method": "hmatrix", "parameters": parameters, "n_params": n_params,
         "n_zero_diagonal": int(n_params - len(active)), "depth": depth,
         "n_leaves": len(tree.leaf_start) - 1 if len(active) else 0,
         "n_near_pairs": len(tree.near_pairs), "entry_rounds": rounds.rounds,
-        "entries_requested": rounds.entries, "sketch_columns": width,
+        "entries_requested": rounds.entries, "sketch_columns": sketch.width,
+        "power_iterations": power_iterations, "product_rounds": sketch.product_rounds,
+        "product_columns": sketch.product_columns, "sketch_growths": max(sketch.growths - 1, 0),
+        "norm_estimate": norm, "threshold": plan.threshold,
+        "n_capped_nodes": int(sum(s.wanted > max_rank for s in states)),
+        "psd_shift": shift, "psd_factorizations": n_factorizations,
         "timings": rounds.timings, **h.rank_statistics(), "nbytes": h.nbytes,
         "dense_nbytes": 8 * n_params * n_params,
     })

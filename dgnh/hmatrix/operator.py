@@ -50,6 +50,8 @@ class HMatrix(Operator):
     True
     """
 
+    kind = "hmatrix"  # its name in the result store's registry (dgnh.store.STORED_KINDS)
+
     def __init__(self, n_params: int, perm: Array, node_parent: Array, node_children: Array,
                  node_start: Array, node_stop: Array, skeletons: Sequence[Array],
                  interpolations: Sequence[Array | None], couplings: Sequence[Array | None],
@@ -83,6 +85,11 @@ class HMatrix(Operator):
     def near_pairs(self) -> Array:
         """Leaf node pairs ``(n_near, 2)`` with exact near-field corrections."""
         return self._near_pairs
+
+    @property
+    def near_blocks(self) -> list[Array]:
+        """The near-field corrections, one per row of :attr:`near_pairs`."""
+        return self._near_blocks
 
     @property
     def is_hss(self) -> bool:
@@ -131,16 +138,36 @@ class HMatrix(Operator):
         """
         return self._replace(near_pairs, near_blocks, self.report)
 
+    def with_shift(self, sigma: float) -> "HMatrix":
+        """``H + σ·I`` on the tree's parameters (``σ`` added to the leaf blocks).
+
+        The parameters outside the tree (zero diagonal) stay exactly zero.
+
+        Examples
+        --------
+        >>> h = HMatrix(2, [0, 1], [-1, 0, 0], [[1, 2], [-1, -1], [-1, -1]], [0, 0, 1],
+        ...             [2, 1, 2], [[], [0], [1]], [None, np.eye(1), np.eye(1)],
+        ...             [np.array([[3.0]]), None, None], [np.eye(1), 2 * np.eye(1)],
+        ...             np.zeros((0, 2)), [])
+        >>> h.with_shift(0.5).to_dense().tolist()
+        [[1.5, 3.0], [3.0, 2.5]]
+        """
+        leaves = [self.leaf_blocks[int(a)] + sigma * np.eye(len(self.leaf_blocks[int(a)]))
+                  for a in self.leaves]
+        return self._replace(self._near_pairs, self._near_blocks, self.report, leaves)
+
     def with_report(self, report: dict[str, Any]) -> "HMatrix":
         """The same H-matrix with another :attr:`report` (the construction record)."""
         return self._replace(self._near_pairs, self._near_blocks, report)
 
     def _replace(self, near_pairs: Array, near_blocks: Sequence[Array],
-                 report: dict[str, Any] | None) -> "HMatrix":
+                 report: dict[str, Any] | None,
+                 leaf_blocks: Sequence[Array] | None = None) -> "HMatrix":
+        if leaf_blocks is None:
+            leaf_blocks = [self.leaf_blocks[int(a)] for a in self.leaves]
         return HMatrix(self.shape[0], self.perm, self.node_parent, self.node_children,
                        self.node_start, self.node_stop, self.skeletons, self.interpolations,
-                       self.couplings, [self.leaf_blocks[int(a)] for a in self.leaves],
-                       near_pairs, near_blocks, report)
+                       self.couplings, leaf_blocks, near_pairs, near_blocks, report)
 
     # ---------------------------------------------------------------- products
     def _upward(self, X: Array) -> list[Array]:

@@ -18,6 +18,7 @@ BENCHMARKS = {
     "distributed": "batches of blocks and matvecs on 1 and 2 workers vs in-process",
     "compress": "H-matrix / low-rank / hybrid vs truncated eigendecomposition, K-FAC, dense",
     "solve": "factorization + solve and CG vs dense Cholesky and the dual route",
+    "scale": "large networks (N up to 1e6): time, peak memory, GEMM ratios, float32 vs float64",
 }
 
 

@@ -293,3 +293,82 @@ def test_demo_writes_store_and_pictures(tmp_path):
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(FileExistsError, match="demo output .* already exists"):
         run_demo(tmp_path / "demo", hidden=4, max_iter=5, stream=io.StringIO())
+
+
+# ------------------------------------ dgnh solve says which system it solved (issue 13, item 5)
+@pytest.fixture(scope="module")
+def job_result(problem):
+    """A job's result (one shard, in this process), loose enough that G̃ answers otherwise."""
+    from dgnh.job import run_job
+
+    job = write_job(problem, str(problem["dir"] / "loose.zarr"), "loose.toml")
+    table = {**JOB, "output": "loose.zarr", "shard_size": N_SAMPLES,
+             "compress": {"method": "lowrank", "tol": 0.2, "max_rank": 4}}
+    (problem["dir"] / "loose.toml").write_text(toml_text(table))
+    run_job(load_job(job), out=io.StringIO())
+    with dgnh.GaussNewton(problem["net"], problem["X"], problem["Y"], loss="cross_entropy",
+                          client="in-process") as gn:
+        G = gn.dense()
+    return {"path": str(problem["dir"] / "loose.zarr"), "G": G,
+            "reg": float(1e-3 * np.linalg.norm(G, 2))}
+
+
+@pytest.mark.parametrize("rtol", [None, "1e-11"])
+def test_solve_with_the_jobs_model_and_data_is_exact(job_result, tmp_path, rtol, capsys):
+    G, reg = job_result["G"], job_result["reg"]
+    b = np.random.default_rng(11).normal(size=len(G))
+    np.save(tmp_path / "b.npy", b)
+    argv = ["solve", job_result["path"], "--rhs", str(tmp_path / "b.npy"), "--reg", repr(reg),
+            "-o", str(tmp_path / "x.npy")] + (["--rtol", rtol] if rtol else [])
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "solving (G + λI) x = b" in out and "exactly (G, not the compressed G̃)" in out
+    bound = float(rtol or 1e-8)
+    A = G + reg * np.eye(len(G))
+    x = np.load(tmp_path / "x.npy")
+    residual = np.linalg.norm(A @ x - b) / np.linalg.norm(b)
+    assert residual <= 1.01 * bound
+    printed = float(re.search(r"true relative residual (\S+) \(rtol", out).group(1))
+    assert printed == pytest.approx(residual, rel=0.02)
+    op = dgnh.open(job_result["path"])
+    x_tilde = np.linalg.solve(op.to_dense() + reg * np.eye(len(G)), b)
+    assert np.linalg.norm(A @ x_tilde - b) / np.linalg.norm(b) > 1e-3  # what it printed before
+
+
+def test_solve_without_the_job_says_it_answers_for_the_compressed_operator(result, capsys):
+    b = np.random.default_rng(12).normal(size=result["op"].shape[0])
+    np.save(result["dir"] / "b-compressed.npy", b)
+    x_path = str(result["dir"] / "x-compressed.npy")
+    assert main(["solve", result["path"], "--rhs", str(result["dir"] / "b-compressed.npy"),
+                 "--reg", repr(result["reg"]), "-o", x_path]) == 0
+    out = capsys.readouterr().out
+    report = result["op"].report
+    bound = report["error_estimate"] * report["norm_estimate"] / result["reg"]
+    assert "solving (G̃ + λI) x = b" in out
+    assert "for the COMPRESSED operator G̃, not the exact GNH (the store has no job record" in out
+    assert f"‖G‖₂/λ = {bound:.2g} (relative)" in out and out.count("\n") == 1
+
+
+# -------------------------------------------- dgnh eig writes eigenpairs (issue 13, item 6)
+def test_eig_writes_the_eigenvectors_and_their_residuals(result, capsys):
+    vectors = str(result["dir"] / "vectors.npy")
+    assert main(["eig", result["path"], "-k", "4", "-o", vectors]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert vectors in lines[0] and "‖Hv_i − λ_i v_i‖" in lines[0]
+    dense = result["op"].to_dense()
+    values, reference = np.linalg.eigh(dense)
+    V = np.load(vectors)
+    assert V.shape == (dense.shape[0], 4)
+    for j, line in enumerate(lines[1:]):
+        i, value, residual = line.split()
+        assert int(i) == j + 1
+        assert float(value) == pytest.approx(values[::-1][j], rel=1e-8)
+        ritz = V[:, j] @ dense @ V[:, j]
+        r = np.linalg.norm(dense @ V[:, j] - ritz * V[:, j])
+        assert float(residual) == pytest.approx(r, abs=1e-12 * values[-1])
+        assert float(residual) < 1e-8 * values[-1]
+        assert abs(V[:, j] @ reference[:, -1 - j]) == pytest.approx(1.0, abs=1e-6)
+    assert main(["eig", result["path"], "-k", "4", "-o", vectors]) == 1
+    assert "eigenvectors " in capsys.readouterr().err
+    assert main(["eig", result["path"], "-k", "2", "-o", vectors, "--overwrite"]) == 0
+    assert np.load(vectors).shape == (dense.shape[0], 2)

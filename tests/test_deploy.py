@@ -503,7 +503,8 @@ def documented_dask_commands(path):
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
         lines += block.replace("\\\n", " ").splitlines()
     lines += re.findall(r"(?<!`)`([^`\n]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S))
-    commands = [shlex.split(line, comments=True) for line in lines]
+    commands = [shlex.split(line, comments=True) for line in lines
+                if re.match(r"\s*dask (scheduler|worker)\b", line)]
     return [argv for argv in commands if argv[:1] == ["dask"] and len(argv) > 2  # not a name
             and argv[1] in ("scheduler", "worker")]
 

@@ -52,7 +52,6 @@ the job's model and data are at hand, else for the compressed G̃, saying so.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import sys
@@ -67,7 +66,7 @@ from tqdm import tqdm
 
 from . import store
 from .checkpoint import CheckpointedGaussNewton, JobStore
-from .compress import check_parameters, compress
+from .compress import CompressOptions, compress
 from .dataset import open_dataset
 from .exact_solve import solve as exact_solve
 from .factorization import IndefiniteError, check_reg
@@ -202,10 +201,10 @@ def parse_job(raw: dict[str, Any], base_dir: str = ".", source: str = "job") -> 
         _check(fail, "shard_size", shard_size, check_shard_size)
 
     comp = table_of("compress")
-    unknown(comp, tuple(inspect.signature(check_parameters).parameters), "compress.")
+    unknown(comp, CompressOptions.field_names(), "compress.")
     for key, value in comp.items():
-        _check(fail, f"compress.{key}", value, lambda v, k=key: check_parameters(**{k: v}))
-    comp = check_parameters(**comp)
+        _check(fail, f"compress.{key}", value, lambda v, k=key: CompressOptions(**{k: v}))
+    comp = CompressOptions(**comp).as_dict()
 
     fact = None
     if "factorize" in raw:

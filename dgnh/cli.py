@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 
 BENCHMARKS = {
     "entries": "exact block rate vs GEMM, sampled-entry cost vs N, sampled error",
@@ -191,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _interrupt(signum, frame):
-    """Ctrl-C: silence logging for the Dask shutdown that follows, then interrupt as usual."""
+    """Ctrl-C: silence logging and warnings for the shutdown that follows (Dask closing, a
+    Zarr write cut short), then interrupt as usual."""
     logging.disable(logging.CRITICAL)
+    warnings.simplefilter("ignore")
     raise KeyboardInterrupt
 
 

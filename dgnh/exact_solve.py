@@ -70,8 +70,9 @@ class DualFactorization(Factorization):
     ``O(m²·Σ_l d_l)`` to assemble plus ``m³/3``
     for the Cholesky factorization (scipy.linalg). Products ``Ĵv`` and ``Ĵᵀy``
     run on the shards (:meth:`~dgnh.gauss_newton.GaussNewton.jacobian_matvec`,
-    :meth:`~dgnh.gauss_newton.GaussNewton.jacobian_rmatvec`: forward R-op,
-    backprop), so a solve costs two passes over the data plus ``O(m²·k)``.
+    :meth:`~dgnh.gauss_newton.GaussNewton.jacobian_rmatvec`: one GEMM per layer
+    through the stored factors), so a solve costs two passes over the data plus
+    ``O(m²·k)``.
 
     The Woodbury subtraction loses about ``eps·‖G‖/λ`` in relative accuracy.
     """

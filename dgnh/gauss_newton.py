@@ -24,7 +24,8 @@ from .sampling import check_eps_delta, plan
 from .config import memory_budget as configured_budget
 from .shard_factors import (ShardFactors, batch_pieces, request_shape, split_request,
                             vector_chunk)
-from .validation import check_bytes, check_float_dtype, check_real_array, is_integer
+from .validation import (check_bytes, check_float_dtype, check_fraction, check_index_pairs,
+                         check_real_array, is_integer)
 
 Array = np.ndarray
 
@@ -206,18 +207,25 @@ class GaussNewton(Operator):
         a GEMM. When the plan asks for at least ``n_samples`` rows the exact block
         is cheaper and is returned instead.
         """
+        rows = self.model.check_indices(rows, "row index")  # a scalar: one row, as 1-D
+        cols = self.model.check_indices(cols, "column index")
         return self.entries_many([(rows, cols)], eps=eps, delta=delta, seed=seed)[0]
 
     def entries_many(self, requests: Sequence[tuple], eps: float | None = None,
                      delta: float = 0.01, seed: int = 0) -> list[Array]:
-        """Many blocks ``[(rows1, cols1), ...]`` in one batch (one call per shard)."""
+        """Many blocks ``[(rows1, cols1), ...]`` in one batch (one call per shard).
+
+        ``requests`` is a sequence of pairs of 1-D index arrays (a single pair is
+        ``[(rows, cols)]``); ``delta`` and ``seed`` are checked even without ``eps``.
+        """
         locs = [(self.model.locate(self.model.check_indices(r, "row index")),
                  self.model.locate(self.model.check_indices(c, "column index")))
-                for r, c in requests]
+                for r, c in check_index_pairs(requests)]
+        delta = check_fraction(delta, "delta")
+        if not is_integer(seed) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if eps is not None:
             eps, delta = check_eps_delta(eps, delta)
-            if not is_integer(seed) or seed < 0:
-                raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
             specs, post = self._sampling_specs(locs, eps, delta, seed)
         else:
             specs = [[("exact", I, J)] * self.n_shards for I, J in locs]
@@ -377,7 +385,8 @@ class GaussNewton(Operator):
 
         ``V`` is ``(N,)`` or ``(N, k)``; the result is ``(m,)`` or ``(m, k)`` with
         ``m = n_samples · n_outputs`` rows ``(i, o)`` in sample order (docs/design.md
-        §2), computed on the shards by one forward R-op pass, O(n·N·k).
+        §2), computed on the shards through the stored factors (one GEMM per layer
+        across all vectors), O(n·N·k), chunked over vectors within the memory budget.
 
         Examples
         --------
@@ -526,7 +535,7 @@ def shard_from_store(path: str, start: int, stop: int, model: MLP, loss_name: st
 
 
 def dask_backend(client=None, security=None):
-    """A :class:`~dgnh.cluster.DaskBackend` (Dask is loaded on first use, not by ``import dgnh``)."""
+    """A :class:`~dgnh.cluster.DaskBackend` (Dask loads on first use, not on ``import dgnh``)."""
     from .cluster import DaskBackend
 
     return DaskBackend(client, security)

@@ -29,7 +29,7 @@ from .validation import check_float_dtype, check_int
 
 Array = np.ndarray
 GATHER_BYTES = 16 * 2**20  # size of the reused Jacobian buffers of one block chunk
-ROP_MAX_VECTORS = 4  # GNH products with fewer vectors take the R-op route (benchmarks/scale.py)
+ROP_MAX_VECTORS = 4  # GNH products with fewer vectors take the R-op route (faster there)
 
 
 class ShardFactors:

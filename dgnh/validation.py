@@ -158,3 +158,43 @@ def check_bytes(value, name: str) -> int:
         value = amount * _BYTE_UNITS[unit]
     check_number(value, name, low=1)
     return int(value)
+
+
+def check_index_pairs(requests, name: str = "requests") -> list[tuple[Array, Array]]:
+    """``requests`` as a list of ``(rows, cols)`` pairs of 1-D arrays (values unchecked).
+
+    Each request is a pair of 1-D index sequences; a single pair passed without
+    its list (``([0, 5], [7, 8])``) is refused, since it would read as two pairs.
+
+    Examples
+    --------
+    >>> [(r.tolist(), c.tolist()) for r, c in check_index_pairs([([0, 5], [7])])]
+    [([0, 5], [7])]
+    >>> check_index_pairs(([0, 5], [7, 8]))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: requests[0] must be a pair (rows, cols) of 1-D index arrays, got rows of ...
+    """
+    if isinstance(requests, (str, bytes)) or not np.iterable(requests):
+        raise TypeError(f"{name} must be a sequence of (rows, cols) pairs, e.g. [(rows, cols)], "
+                        f"got {type(requests).__name__}")
+    pairs = []
+    for k, request in enumerate(requests):
+        expected = f"{name}[{k}] must be a pair (rows, cols) of 1-D index arrays"
+        if isinstance(request, (str, bytes)) or not np.iterable(request):
+            raise TypeError(f"{expected}, got {type(request).__name__}")
+        request = list(request)
+        if len(request) != 2:
+            raise ValueError(f"{expected}, got {len(request)} item{'s' * (len(request) != 1)}")
+        pair = []
+        for label, indices in zip(("rows", "cols"), request):
+            try:
+                indices = np.asarray(indices)
+            except ValueError:  # ragged nested lists
+                raise ValueError(f"{expected}, got ragged {label}") from None
+            if indices.ndim != 1:
+                raise ValueError(f"{expected}, got {label} of shape {indices.shape} (for one "
+                                 "block pass [(rows, cols)])")
+            pair.append(indices)
+        pairs.append((pair[0], pair[1]))
+    return pairs

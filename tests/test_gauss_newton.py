@@ -201,3 +201,47 @@ def test_batched_products_through_the_factors_against_dense(problem):
         assert max_relative_error(gn @ V[:, :k], G @ V[:, :k]) <= 1e-12
     J = gn.jacobian_matvec(np.eye(net.n_params))
     assert max_relative_error(J.T @ J / gn.n_samples, G) <= 1e-12
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda gn: gn.entries_many(([0, 5], [7, 8])), ValueError,
+     r"requests\[0\] must be a pair \(rows, cols\) of 1-D index arrays, got rows of shape \(\) "
+     r"\(for one block pass \[\(rows, cols\)\]\)"),
+    (lambda gn: gn.entries_many([([0], [1]), ([0], [1], [2])]), ValueError,
+     r"requests\[1\] must be a pair .*, got 3 items"),
+    (lambda gn: gn.entries_many([0]), TypeError, r"requests\[0\] must be a pair .*, got int"),
+    (lambda gn: gn.entries_many([([1],)]), ValueError,
+     r"requests\[0\] must be a pair .*got 1 item$"),
+    (lambda gn: gn.entries_many(7), TypeError, r"requests must be a sequence of \(rows, cols\)"),
+    (lambda gn: gn.entries_many("rc"), TypeError, r"requests must be a sequence .*got str"),
+    (lambda gn: gn.entries_many([([0, [1]], [2])]), ValueError, "got ragged rows"),
+    (lambda gn: gn.entries_many([([0], [[1, 2]])]), ValueError, r"got cols of shape \(1, 2\)"),
+    (lambda gn: gn.entries_many([([0], [26])]), IndexError, "column index 26 is out of range"),
+    (lambda gn: gn.entries([0], [1], delta=-1), ValueError, "delta must lie in the open interval"),
+    (lambda gn: gn.entries([0], [1], delta=0), ValueError, "delta must lie in the open interval"),
+    (lambda gn: gn.entries_many([([0], [1])], delta="x"), TypeError, "delta must be a number"),
+    (lambda gn: gn.entries([0], [1], seed=-3), ValueError, "seed must be a non-negative integer"),
+])
+def test_malformed_requests_are_named_in_one_line(call, exc, match):
+    gn = dgnh.GaussNewton(client="in-process", **_bad())
+    with pytest.raises(exc, match=match) as error:
+        call(gn)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("make, pairs", [
+    (lambda: [([0, 5], [7, 8])], [([0, 5], [7, 8])]),
+    (lambda: (([0, 5], [7, 8]),), [([0, 5], [7, 8])]),
+    (lambda: [(np.array([3]), np.arange(26)), ([], [2]), (range(4), (25, 0))],
+     [([3], list(range(26))), ([], [2]), ([0, 1, 2, 3], [25, 0])]),
+    (lambda: iter([([1, 1], [2])]), [([1, 1], [2])]),
+])
+def test_well_formed_requests_match_the_dense_matrix(make, pairs):
+    X = np.random.default_rng(1).normal(size=(5, 3))
+    gn = dgnh.GaussNewton(client="in-process", **_bad(X=X))
+    G = gn.dense()
+    blocks = gn.entries_many(make())
+    assert len(blocks) == len(pairs)
+    for (rows, cols), block in zip(pairs, blocks):
+        assert block.shape == (len(rows), len(cols))
+        np.testing.assert_allclose(block, G[np.ix_(rows, cols)], rtol=1e-13, atol=0)

@@ -1,0 +1,188 @@
+"""``dgnh bench scale``: large networks on this machine, float64 and float32.
+
+For each size N (a 784-h-h/4-10 tanh network, h chosen to reach N) on synthetic
+data labelled by a random teacher network (n·d ≈ ``--nd`` Jacobian rows), in
+process: time and peak memory of each phase (factors, diagonal, an exact
+``--block`` square block, GNH products with ``--vectors`` vectors), the rates
+against this machine's GEMM rate of the same shape measured in the same run,
+and float32 against float64 (factor memory, speed-up, error). A last table
+gives batched against single products on a small-layer network in
+gradient-times per vector.
+
+Peak memory is the largest block of numpy/Python memory alive during a phase
+(``tracemalloc``, besides what was alive before it); the process's maximum
+resident size is printed at the end. Figures are indicative when other work
+shares the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+import tracemalloc
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from ..gauss_newton import GaussNewton
+from ..shard_factors import ShardFactors
+from .common import best_time, gemm_rate, print_table, random_tanh_mlp
+
+N_OUT = 10
+N_IN = 784
+
+
+def hidden_for(n_params: float) -> int:
+    """Width h of a 784-h-h/4-10 network with about ``n_params`` parameters.
+
+    Examples
+    --------
+    >>> hidden_for(1e6)
+    972
+    """
+    h = np.arange(4, 100_000, 4)
+    count = (N_IN + 1) * h + (h + 1) * (h // 4) + (h // 4 + 1) * N_OUT
+    return int(h[np.argmin(np.abs(count - n_params))])
+
+
+def teacher_problem(n_params: float, n_samples: int, seed: int):
+    """``(net, X, labels)``: a random student network, Gaussian inputs, a teacher's labels."""
+    rng = np.random.default_rng(seed)
+    h = hidden_for(n_params)
+    sizes = [N_IN, h, h // 4, N_OUT]
+    X = rng.normal(size=(n_samples, N_IN))
+    teacher = random_tanh_mlp(rng, [N_IN, 64, N_OUT])
+    return random_tanh_mlp(rng, sizes), X, np.argmax(teacher.forward(X), axis=1)
+
+
+def measured(fn, repeat: int):
+    """``(result, best seconds, peak bytes)`` of ``fn()``: timed ``repeat`` times after the
+    traced run (one run when ``repeat`` is 0)."""
+    tracemalloc.start()
+    t = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - t
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    if repeat:
+        seconds = best_time(fn, repeat)
+    return result, seconds, peak
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+def run_size(n_params: float, n_samples: int, args) -> tuple[list, list]:
+    """The phase rows and the float32-vs-float64 rows of one network size."""
+    net, X, y = teacher_problem(n_params, n_samples, args.seed)
+    rng = np.random.default_rng(args.seed + 1)
+    N, M = net.n_params, n_samples * N_OUT
+    I = np.sort(rng.choice(N, args.block, replace=False))
+    J = np.sort(rng.choice(N, args.block, replace=False))
+    Vs = {k: rng.normal(size=(N, k)) for k in args.vectors}
+    rows, results, factor_bytes, times = [], {}, {}, {}
+    label = f"N={N:,}"
+    for dtype in args.dtypes:
+        gn, t, peak = measured(lambda: GaussNewton(net, X, y, loss="cross_entropy", dtype=dtype,
+                                                   client="in-process"), 0)
+        factor_bytes[dtype], times[dtype, "factors"] = gn.backend.factor_bytes, t
+        n_s = gn.shard_size
+        rows.append([label, dtype, "factors", t, peak / 2**20, "", "", ""])
+        phases = [("diagonal", lambda: gn.backend.sum(ShardFactors.diagonal), None, None)]
+        phases.append((f"block {args.block}x{args.block}", lambda: gn.entries(I, J),
+                       2.0 * args.block ** 2 * M, (args.block, args.block, M)))
+        widest = max(zip(net.layer_sizes[:-1], net.layer_sizes[1:]), key=lambda s: s[0] * s[1])
+        for k, V in Vs.items():
+            phases.append((f"product k={k}", lambda V=V: gn @ V, 4.0 * n_samples * N * k,
+                           (widest[0] + 1, widest[1] * k, min(n_s, n_samples))))
+        for name, fn, flops, shape in phases:
+            out, t, peak = measured(fn, args.repeat)
+            results[dtype, name], times[dtype, name] = out, t
+            rate = ref = ratio = ""
+            if flops:
+                rate = flops / t / 1e9
+                ref = gemm_rate(*shape, dtype=dtype)
+                ratio = rate / ref
+            rows.append([label, dtype, name, t, peak / 2**20, rate, ref, ratio])
+        gn.close()
+    compare = []
+    if set(args.dtypes) == {"float64", "float32"}:
+        memory = factor_bytes["float32"] / factor_bytes["float64"]
+        compare = [[label, name, times["float64", name] / times[dtype, name],
+                    "" if name == "factors" else _rel(results[dtype, name],
+                                                      results["float64", name]),
+                    memory if name == "factors" else ""]
+                   for dtype, name in times if dtype == "float32"]
+    return rows, compare
+
+
+def small_network_rows(seed: int) -> list:
+    """Batched vs single products, in gradient-times per vector, on a 64-128-128-10 network."""
+    rng = np.random.default_rng(seed)
+    net = random_tanh_mlp(rng, [64, 128, 128, N_OUT])
+    X = rng.normal(size=(1797, 64))
+    gn = GaussNewton(net, X, rng.integers(0, N_OUT, 1797), loss="cross_entropy",
+                     client="in-process")
+    t_grad = best_time(gn.gradient)
+    out = []
+    for k in (1, 16, 128):
+        V = rng.normal(size=(net.n_params, k))
+        out.append([net.n_params, k, best_time(lambda: gn @ V) / k / t_grad])
+    gn.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="dgnh bench scale", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1e5",
+                    help="comma-separated network sizes N (default 1e5; the issue's: 1e5,3e5,1e6)")
+    ap.add_argument("--nd", type=float, default=1e5, help="Jacobian rows n·d (default 1e5)")
+    ap.add_argument("--block", type=int, default=256, help="side of the exact block")
+    ap.add_argument("--vectors", default="1,16,64", help="vectors per product")
+    ap.add_argument("--dtypes", default="float64,float32")
+    ap.add_argument("--repeat", type=int, default=1, help="timed runs after the traced one")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="BLAS threads (default: the library's, usually one per core)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    with threadpool_limits(limits=args.threads, user_api="blas"):
+        return _run(ap, args)
+
+
+def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        sizes = [float(s) for s in args.sizes.split(",")]
+        args.vectors = [int(k) for k in args.vectors.split(",")]
+    except ValueError:
+        ap.error("--sizes and --vectors take comma-separated numbers")
+    args.dtypes = [d.strip() for d in args.dtypes.split(",")]
+    if not set(args.dtypes) <= {"float64", "float32"}:
+        ap.error("--dtypes takes float64 and/or float32")
+    n_samples = max(1, int(args.nd) // N_OUT)
+    phases, compare = [], []
+    for size in sizes:
+        rows, comp = run_size(size, n_samples, args)
+        phases += rows
+        compare += comp
+    print_table(f"Phases in process, n = {n_samples} samples (n·d = {n_samples * N_OUT}), "
+                "rates against numpy GEMM of the same shape in this run",
+                ["network", "dtype", "phase", "time s", "peak MiB", "GFLOP/s", "GEMM GFLOP/s",
+                 "ratio"], phases)
+    if compare:
+        print_table("float32 against float64", ["network", "phase", "speed-up",
+                                                 "max rel. error", "factor memory ratio"],
+                    compare)
+    print_table("Batched against single GNH products on a small-layer network",
+                ["N", "vectors", "gradient-times per vector"], small_network_rows(args.seed))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print(f"\nmaximum resident size of this process: {rss:.0f} MiB; BLAS threads: "
+          f"{args.threads or 'default'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

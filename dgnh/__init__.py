@@ -8,6 +8,9 @@ use, so ``import dgnh`` and pure-numpy work stay light.
 from importlib import import_module
 
 from .activations import ACTIVATIONS
+from .analyses import (glm_predictive, influence, log_marginal_likelihood, obs_prune,
+                       obs_saliencies, optimize_prior_precision, per_sample_gradients,
+                       per_sample_losses, self_influence)
 from .compress import compress
 from .exact_solve import DualFactorization, dual_factorize, dual_solve, solve
 from .factorization import Factorization, IndefiniteError, LowRankUpdate, ScaledIdentity
@@ -47,4 +50,6 @@ __all__ = [
     "ScaledIdentity", "SpectralDensity", "__version__", "cg", "compress", "dual_factorize",
     "dual_solve", "eigsh", "nystrom", "open", "open_dataset", "pivoted_cholesky", "save",
     "save_dataset", "sampling_plan", "solve", "spectral_density",
+    "glm_predictive", "influence", "log_marginal_likelihood", "obs_prune", "obs_saliencies",
+    "optimize_prior_precision", "per_sample_gradients", "per_sample_losses", "self_influence",
 ]

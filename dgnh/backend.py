@@ -12,12 +12,10 @@ shard per request batch:
 * ``run(func, *args)``, ``close()``, ``n_shards``, ``n_workers``, ``factor_bytes``.
 
 ``args`` is either one tuple shared by all shards or a list with one tuple per
-shard. :class:`LocalBackend` runs in this process; :mod:`dgnh.cluster` runs the
-same calls on a Dask cluster.
-
-:class:`LocalBackend` runs the calls of a batch one after the other, or on a
-thread pool (numpy and BLAS release the GIL), with BLAS limited so that threads ×
-BLAS threads stay within the cores.
+shard. :class:`LocalBackend` runs the calls of a batch in this process, one
+after the other or on a thread pool (numpy and BLAS release the GIL), with BLAS
+limited so that threads × BLAS threads stay within the cores;
+:mod:`dgnh.cluster` runs the same calls on a Dask cluster.
 """
 
 from __future__ import annotations
@@ -33,6 +31,9 @@ from .shard_factors import ShardFactors
 from .validation import check_int
 
 
+SPLIT_EVERY = 4  # partial results added by one node of the reduction tree
+
+
 def add_partials(a: Any, b: Any) -> Any:
     """Add two partial results: arrays/floats, or lists of them elementwise.
 
@@ -44,6 +45,25 @@ def add_partials(a: Any, b: Any) -> Any:
     if isinstance(a, list):
         return [add_partials(x, y) for x, y in zip(a, b)]
     return a + b
+
+
+def tree_sum(parts: Sequence[Any]) -> Any:
+    """Add partial results in shard order by the reduction tree of every backend.
+
+    Groups of ``SPLIT_EVERY`` consecutive partials are added, level by level,
+    as :class:`~dgnh.cluster.DaskBackend` does with one task per group: a sum
+    rounds the same in this process, on threads and on any cluster.
+
+    Examples
+    --------
+    >>> tree_sum([1e16, 0.0, 0.0, 0.0, 1.0, 1.0]) - 1e16  # (1e16 + 0 + 0 + 0) + (1 + 1)
+    2.0
+    """
+    parts = list(parts)
+    while len(parts) > 1:
+        parts = [reduce(add_partials, parts[i:i + SPLIT_EVERY])
+                 for i in range(0, len(parts), SPLIT_EVERY)]
+    return parts[0]
 
 
 def per_shard(args: tuple | Sequence[tuple], n_shards: int) -> list[tuple]:
@@ -145,7 +165,8 @@ class LocalBackend:
         return self._each(lambda call: func(call[0], *call[1]), calls)
 
     def sum(self, func: Callable[..., Any], args: tuple | Sequence[tuple] = ()) -> Any:
-        return reduce(add_partials, self.map(func, args))
+        """The calls of :meth:`map` added up by :func:`tree_sum`."""
+        return tree_sum(self.map(func, args))
 
     def run(self, func: Callable[..., Any], *args: Any) -> Any:
         return func(*args)

@@ -20,7 +20,8 @@
   larger than ``ARG_TASK_BYTES`` travel once, as one ``dgnh-args-…`` task.
 
 The tree depends only on the number of shards, so results are bit-identical
-for any number of workers.
+for any number of workers, and to those of :class:`~dgnh.backend.LocalBackend`
+in this process, which adds by the same tree (:func:`~dgnh.backend.tree_sum`).
 """
 
 from __future__ import annotations
@@ -50,10 +51,9 @@ from dask.utils import parse_timedelta
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 from distributed.security import Security
 
-from .backend import add_partials, per_shard, require_shards
+from .backend import SPLIT_EVERY, add_partials, per_shard, require_shards
 from .shard_factors import ShardFactors
 
-SPLIT_EVERY = 4  # partial results added by one reduction task
 ARG_TASK_BYTES = 2**20  # shared arguments above this size are sent once, as a task
 _TLS_FILES = ("tls_ca_file", "tls_client_cert", "tls_client_key")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc malloc.h
@@ -100,10 +100,10 @@ def check_client_tls(security: Security) -> None:
 
     Examples
     --------
-    >>> check_client_tls(Security(tls_ca_file="ca.pem"))
+    >>> check_client_tls(Security(tls_ca_file="ca.pem"))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: security: a TLS client needs tls_ca_file and tls_client_cert (plus tls_client_key unless the certificate file holds the key); got only tls_ca_file
+    ValueError: security: a TLS client needs tls_ca_file and ...; got only tls_ca_file
     """
     given = [name for name in _TLS_FILES if getattr(security, name, None)]
     if "tls_ca_file" not in given or "tls_client_cert" not in given:
@@ -190,24 +190,31 @@ def start_local_cluster() -> tuple[LocalCluster, Client]:
     Its worker processes re-run the ``__main__`` script (Dask starts them with
     ``spawn``), so a call from the top level of a script, outside ``if __name__ ==
     "__main__":``, is refused in one line before any process starts. The
-    workers ignore Ctrl-C: the interrupt is this process's to handle (it closes
-    the cluster), rather than a traceback in every worker.
+    workers never see a Ctrl-C (:func:`sigint_ignored`): the interrupt is this
+    process's to handle (it closes the cluster), rather than a traceback in
+    every worker; and they log errors only, not the warnings of a shutdown.
     """
     where = unguarded_main_call()
     if where is not None:
         raise RuntimeError(f"{where}: dgnh starts a local Dask cluster here, whose worker "
                            "processes re-run this script: put the script's top-level code "
                            "under `if __name__ == \"__main__\":` (or pass client=\"in-process\")")
-    with sigint_ignored():
-        cluster = LocalCluster(processes=True, dashboard_address=":0", silence_logs=logging.ERROR)
-    client = Client(cluster, set_as_default=False)
-    client.register_plugin(MallocTuning())
+    cluster = client = None
+    try:
+        with sigint_ignored():
+            cluster = LocalCluster(processes=True, dashboard_address=":0",
+                                   silence_logs=logging.ERROR)
+            client = Client(cluster, set_as_default=False)
+            client.register_plugin(MallocTuning())
+    except BaseException:
+        _shutdown(client, cluster)
+        raise
     return cluster, client
 
 
 def unguarded_main_call() -> str | None:
-    """``"file:line"`` of the statement of the ``__main__`` script this call comes
-    from, when it lies at the script's top level outside ``if __name__ ==
+    """``"<file>, line <n>"`` of the statement of the ``__main__`` script this call
+    comes from, when it lies at the script's top level outside ``if __name__ ==
     "__main__":`` (and would run again in every spawned process); else ``None``.
 
     ``None`` also without a script (interactive sessions, notebooks,
@@ -255,10 +262,12 @@ def _is_main_guard(node: ast.stmt) -> bool:
 
 @contextmanager
 def sigint_ignored():
-    """Ignore SIGINT in this process while the block runs, so that processes started
-    meanwhile inherit the ignoring (a Ctrl-C in the block itself is lost).
+    """Ignore SIGINT while the block runs, so that the processes started meanwhile
+    (the workers of a ``LocalCluster``) ignore it for good: a Ctrl-C at the
+    terminal then reaches this process only. A Ctrl-C during the block itself
+    is lost (a signal mask would not do: Dask's threads start with an empty one).
 
-    Only in the main thread, where Python handles signals; elsewhere a no-op.
+    A no-op outside the main thread, where Python cannot set signal handlers.
     """
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or previous is None:

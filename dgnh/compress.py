@@ -1,17 +1,30 @@
 """Compressed GNH operators with a measured error certificate (docs/design.md §4).
 
-Three representations, built from entries (exact or sampled) and, for the
-H-matrix's randomized skeletonization, one round of exact GNH products:
+Four representations, built from exact GNH products and entries (exact or sampled):
 
-* ``"lowrank"`` — :class:`~dgnh.lowrank.LowRank` ``UUᵀ`` by adaptive pivoted
-  Cholesky, positive semi-definite;
+* ``"lowrank"`` — :class:`~dgnh.lowrank.LowRank` ``UUᵀ``, positive
+  semi-definite: by default the adaptive randomized Nyström approximation on a
+  block Krylov space (:func:`~dgnh.lowrank.nystrom`, products, within a small
+  factor of the optimal truncated eigendecomposition of the same rank); with
+  ``lowrank_method="pivoted_cholesky"`` the adaptive pivoted Cholesky
+  (:func:`~dgnh.lowrank.pivoted_cholesky`, entries, also sampled ones);
 * ``"hmatrix"`` — :class:`~dgnh.hmatrix.HMatrix` (HSS + near field);
 * ``"hybrid"`` — :class:`~dgnh.hybrid.Hybrid`: the low-rank part plus an
   H-matrix of the remainder ``G − UUᵀ`` (entries from
   :class:`~dgnh.hybrid.RemainderSource`);
-* ``"auto"`` — builds all three and returns the smallest in memory whose
-  estimated error meets ``tol`` (else the most accurate); the candidates are
-  recorded in ``report["candidates"]``.
+* ``"dense"`` — :class:`~dgnh.dense.Dense`: ``G`` itself from exact entries
+  (``8·N²`` bytes, at most ``DENSE_MAX_BYTES``), factorized exactly by Cholesky;
+* ``"auto"`` — the smallest form in memory whose estimated error meets ``tol``
+  (:func:`choose_candidate`; else the most accurate). It builds the low rank,
+  then the H-matrix and the hybrid unless a lower bound on their memory
+  (:func:`memory_floor`) shows they cannot beat a form already meeting ``tol``;
+  the dense form, exact, is a candidate whenever it fits ``DENSE_MAX_BYTES``
+  and is built only if chosen. ``report["candidates"]`` records every form,
+  built or skipped.
+
+A result whose certified error misses ``tol``, or where ``max_rank`` cut a
+rank (``report["max_rank_binds"]``, ``report["n_capped_nodes"]``), comes with a
+``UserWarning`` giving the error, ``tol`` and what to change.
 
 The parameters are one frozen :class:`CompressOptions`. Every result carries
 the same report (:data:`REPORT_KEYS`, assembled by :func:`certified_report`),
@@ -26,30 +39,38 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
+import warnings
 from typing import Any
 
 import numpy as np
 
+from .dense import DENSE_MAX_BYTES, Dense
 from .hmatrix import METRICS, HMatrix, build_hmatrix
+from .hmatrix.tree import tree_depth
 from .hybrid import Hybrid, RemainderSource
-from .lowrank import LowRank, pivoted_cholesky
+from .lowrank import LowRank, nystrom, pivoted_cholesky
 from .operator import Operator
 from .spectral import LANCZOS_STEPS, estimate_norm, ritz_values
 from .validation import check_choice, check_fraction, check_int, check_number
 
 Array = np.ndarray
-METHODS = ("auto", "hmatrix", "lowrank", "hybrid")
+METHODS = ("auto", "hmatrix", "lowrank", "hybrid", "dense")
+LOWRANK_METHODS = ("nystrom", "pivoted_cholesky")
 INDEFINITE_PROOF = 1e-12  # a Ritz value below −this·‖G‖ proves H indefinite
 REPORT_KEYS = (
     "method", "parameters", "seed", "n_params", "timings", "entries_evaluated", "nbytes",
     "dense_nbytes", "memory_fraction", "norm_estimate", "error_estimate", "tol_met",
-    "min_eigenvalue_estimate", "indefinite", "details",
+    "min_eigenvalue_estimate", "indefinite", "max_rank_binds", "n_capped_nodes", "details",
 )
 """The top-level keys of every report :func:`compress` returns, whatever the form.
 
 Beside them each form adds its ``rank_statistics()`` (``rank`` for a low rank;
 ``rank_min``, ``rank_mean``, ``rank_max``, ``ranks_per_level`` for an H-matrix;
-those plus ``lowrank_rank`` for a hybrid) and ``"auto"`` adds ``candidates``.
+those plus ``lowrank_rank`` for a hybrid; none for the dense form) and ``"auto"``
+adds ``candidates``. ``max_rank_binds`` is True when ``max_rank`` cut a rank (the
+low rank stopped at ``max_rank`` short of ``tol``, or ``n_capped_nodes > 0``
+H-matrix nodes, of the hybrid's H-matrix part for a hybrid, whose low-rank part
+is capped by design).
 ``timings`` holds the builder's phases (always ``total``) plus ``build``,
 ``norm`` and ``certificate``; ``details`` is the builder's own report.
 """
@@ -84,6 +105,8 @@ class CompressOptions:
     metric: str = "angle"
     eps: float | None = None
     seed: int = 0
+    lowrank_method: str = "nystrom"
+    power_iterations: int = 1
 
     def __post_init__(self) -> None:
         checked = {
@@ -99,6 +122,9 @@ class CompressOptions:
             "leaf_size": check_int(self.leaf_size, "leaf_size", minimum=2),
             "neighbors": check_int(self.neighbors, "neighbors", minimum=1),
             "seed": check_int(self.seed, "seed", minimum=0),
+            "lowrank_method": check_choice(self.lowrank_method, "lowrank_method",
+                                           LOWRANK_METHODS),
+            "power_iterations": check_int(self.power_iterations, "power_iterations", minimum=0),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)  # frozen: normalise in place once
@@ -159,15 +185,33 @@ def certified_report(gn, op: Operator, method: str, options: CompressOptions, no
         "dense_nbytes": dense_nbytes, "memory_fraction": op.nbytes / dense_nbytes,
         "norm_estimate": norm_G, "error_estimate": err, "tol_met": err <= options.tol,
         "min_eigenvalue_estimate": lowest, "indefinite": lowest < -INDEFINITE_PROOF,
-        "details": details,
+        **cap_statistics(op.kind, details), "details": details,
     }
     return {**report, **op.rank_statistics()}
+
+
+def cap_statistics(kind: str, details: dict[str, Any]) -> dict[str, Any]:
+    """``{"max_rank_binds", "n_capped_nodes"}`` from a builder's report ``details``.
+
+    Examples
+    --------
+    >>> cap_statistics("lowrank", {"stop": "max_rank"})
+    {'max_rank_binds': True, 'n_capped_nodes': 0}
+    >>> cap_statistics("hybrid", {"hmatrix": {"n_capped_nodes": 3}})
+    {'max_rank_binds': True, 'n_capped_nodes': 3}
+    """
+    if kind == "hybrid":  # its low-rank part stops at max_rank by design
+        details = details.get("hmatrix", {})
+    n_capped = int(details.get("n_capped_nodes", 0))
+    return {"max_rank_binds": n_capped > 0 or details.get("stop") == "max_rank",
+            "n_capped_nodes": n_capped}
 
 
 # ------------------------------------------------------------------------ compress
 def compress(gn, method: str = "auto", tol: float = 1e-3, max_rank: int = 256,
              leaf_size: int = 256, budget: float = 0.0, neighbors: int = 32,
-             metric: str = "angle", eps: float | None = None, seed: int = 0, *,
+             metric: str = "angle", eps: float | None = None, seed: int = 0,
+             lowrank_method: str = "nystrom", power_iterations: int = 1, *,
              progress: bool | None = None) -> Operator:
     """Compress the GNH ``gn`` and certify the error with exact products.
 
@@ -175,31 +219,42 @@ def compress(gn, method: str = "auto", tol: float = 1e-3, max_rank: int = 256,
     ----------
     gn : GaussNewton
         Or any operator with ``n_params``, ``diagonal()``, ``entries_many`` and
-        exact products ``gn @ V`` (used only for the error certificate).
-    method : ``"auto"``, ``"hmatrix"``, ``"lowrank"`` or ``"hybrid"`` (see module doc).
-    tol : relative tolerance in (0, 1): of each interpolative decomposition
-        (H-matrix) and of the pivoted-Cholesky stopping rule (low rank).
+        exact products ``gn @ V``.
+    method : ``"auto"``, ``"hmatrix"``, ``"lowrank"``, ``"hybrid"`` or ``"dense"``
+        (see module doc).
+    tol : relative tolerance in (0, 1) on ``‖G − H‖₂/‖G‖₂``: the adaptive low
+        rank stops when its certificate meets it; the H-matrix aims at it; ``"auto"``
+        returns the smallest form meeting it.
     max_rank : cap on every skeleton and on the low-rank rank (>= 1).
     leaf_size : largest leaf of the cluster tree (>= 2).
     budget : near-field budget in [0, 1]; 0 gives HSS.
     neighbors : approximate nearest neighbours per parameter (>= 1).
     metric : ``"angle"`` (``1 − G_ab²/(G_aa G_bb)``) or ``"gram"``.
     eps : ``None`` for exact entries, else sampled entries with per-entry accuracy
-        ``eps`` in (0, 1) (docs/design.md §3).
+        ``eps`` in (0, 1) (docs/design.md §3; the H-matrix and pivoted Cholesky;
+        the Nyström low rank uses products and the dense form exact entries).
     seed : seeds every random choice; the same seed gives the same result.
+    lowrank_method : ``"nystrom"`` (products) or ``"pivoted_cholesky"`` (entries).
+    power_iterations : of the Nyström low rank (>= 0; its Krylov depth minus one).
     progress : progress bars (``None``: only on a terminal).
 
     Returns
     -------
-    HMatrix, LowRank or Hybrid
+    HMatrix, LowRank, Hybrid or Dense
         With ``report`` (:data:`REPORT_KEYS`): method, all parameters and the
         seed, timings per phase, entries evaluated, memory (``nbytes``,
         ``memory_fraction`` of dense), rank statistics, ``norm_estimate``
         (‖G‖₂), ``error_estimate`` (‖G − H‖₂/‖G‖₂), ``tol_met``,
         ``min_eigenvalue_estimate`` (smallest Ritz value of H over ‖G‖₂, an
-        upper bound on λ_min(H)/‖G‖₂) and ``indefinite`` (True when that
+        upper bound on λ_min(H)/‖G‖₂), ``indefinite`` (True when that
         proves a negative eigenvalue: then ``factorize(reg)`` fails for ``reg``
-        below about ``−λ_min``); ``"auto"`` adds ``candidates``.
+        below about ``−λ_min``), ``max_rank_binds`` and ``n_capped_nodes``;
+        ``"auto"`` adds ``candidates``.
+
+    Warns
+    -----
+    UserWarning
+        When the certified error misses ``tol`` or ``max_rank`` binds.
 
     Examples
     --------
@@ -211,9 +266,11 @@ def compress(gn, method: str = "auto", tol: float = 1e-3, max_rank: int = 256,
     >>> H = dgnh.compress(gn, method="hmatrix", tol=1e-6, leaf_size=32, progress=False)
     >>> H.report["error_estimate"] < 1e-5
     True
+    >>> dgnh.compress(gn, tol=1e-4, progress=False).report["method"]
+    'lowrank'
     """
     options = CompressOptions(method, tol, max_rank, leaf_size, budget, neighbors, metric,
-                              eps, seed)
+                              eps, seed, lowrank_method, power_iterations)
     for attr in ("n_params", "diagonal", "entries_many", "matvec"):
         if not hasattr(gn, attr):
             raise TypeError(f"gn must be a dgnh.GaussNewton (or provide n_params, diagonal(), "
@@ -221,45 +278,146 @@ def compress(gn, method: str = "auto", tol: float = 1e-3, max_rank: int = 256,
     t0 = time.perf_counter()
     norm_G = estimate_norm(gn.matvec, gn.n_params, seed=options.seed,
                            support=np.asarray(gn.diagonal()) > 0)
-    t_norm = time.perf_counter() - t0
-    builders = {"lowrank": _build_lowrank, "hmatrix": _build_hmatrix, "hybrid": _build_hybrid}
-    names = ["lowrank", "hmatrix", "hybrid"] if options.method == "auto" else [options.method]
-    built: dict[str, Operator] = {}
-    for name in names:
-        before = _entry_count(gn)
-        t_build = time.perf_counter()
-        op = builders[name](gn, options, built, norm_G, progress)
-        t_build = time.perf_counter() - t_build
-        reused = built["lowrank"].report["entries_evaluated"] if (
-            name == "hybrid" and "lowrank" in built) else 0  # the hybrid's low-rank part
-        op.report = certified_report(gn, op, name, options, norm_G,
-                                     {"build": t_build, "norm": t_norm},
-                                     _entry_count(gn) - before + reused)
-        built[name] = op
-    if options.method != "auto":
-        return built[options.method]
-    candidates = [{"method": m, "nbytes": op.nbytes, "error_estimate": op.report["error_estimate"],
-                   "entries_evaluated": op.report["entries_evaluated"],
-                   "time": op.report["timings"]["build"]} for m, op in built.items()]
-    chosen = built[choose_candidate(candidates, options.tol)]
-    chosen.report["candidates"] = candidates
-    return chosen
+    context = (gn, options, norm_G, time.perf_counter() - t0, progress)
+    op = (_auto(*context) if options.method == "auto"
+          else _build_certified(options.method, {}, *context))
+    _warn_if_missed(op.report, options)
+    return op
 
 
 def choose_candidate(candidates: list[dict[str, Any]], tol: float) -> str:
     """The ``"auto"`` rule: the smallest ``nbytes`` among candidates whose
     ``error_estimate`` meets ``tol``; if none does, the smallest ``error_estimate``.
+    Candidates without an ``error_estimate`` (skipped) are left out.
 
     Examples
     --------
     >>> choose_candidate([{"method": "a", "nbytes": 10, "error_estimate": 0.1},
-    ...                   {"method": "b", "nbytes": 20, "error_estimate": 0.01}], 0.05)
+    ...                   {"method": "b", "nbytes": 20, "error_estimate": 0.01},
+    ...                   {"method": "c", "nbytes": None, "error_estimate": None}], 0.05)
     'b'
     """
-    meeting = [c for c in candidates if c["error_estimate"] <= tol]
+    usable = [c for c in candidates if c.get("error_estimate") is not None]
+    meeting = [c for c in usable if c["error_estimate"] <= tol]
     best = (min(meeting, key=lambda c: c["nbytes"]) if meeting
-            else min(candidates, key=lambda c: c["error_estimate"]))
+            else min(usable, key=lambda c: c["error_estimate"]))
     return best["method"]
+
+
+def memory_floor(method: str, gn, options: CompressOptions,
+                 built: dict[str, Operator]) -> float:
+    """A lower bound on the bytes of the form ``method`` before building it.
+
+    ``8·N`` for a low rank (rank >= 1), ``8·N²`` for the dense form, the exact
+    diagonal leaf blocks for an H-matrix (``8·n²/2^depth`` for ``n`` parameters
+    with a positive diagonal in the balanced tree of ``leaf_size``), and for a
+    hybrid its low-rank part (``built["lowrank"]``) plus the leaf blocks of the
+    remainder's tree.
+
+    Examples
+    --------
+    >>> class Source:
+    ...     n_params = 100
+    ...     def diagonal(self): return np.r_[np.ones(64), np.zeros(36)]
+    >>> memory_floor("hmatrix", Source(), CompressOptions(leaf_size=16), {})
+    8192.0
+    """
+    N = int(gn.n_params)
+    if method in ("lowrank", "dense"):
+        return 8.0 * N * (1 if method == "lowrank" else N)
+    diagonal = np.asarray(gn.diagonal())
+    base = 0
+    if method == "hybrid":
+        lowrank = built["lowrank"]
+        diagonal, base = RemainderSource(gn, lowrank.U).diagonal(), lowrank.nbytes
+    n = int(np.count_nonzero(diagonal > 0))
+    return base + 8.0 * n * n / 2 ** tree_depth(n, options.leaf_size)
+
+
+def _auto(gn, options: CompressOptions, norm_G: float, t_norm: float,
+          progress: bool | None) -> Operator:
+    """``method="auto"``: build the forms that can win, return the :func:`choose_candidate`."""
+    context = (gn, options, norm_G, t_norm, progress)
+    dense_nbytes = 8 * gn.n_params**2
+    dense_fits = dense_nbytes <= DENSE_MAX_BYTES
+    best = ("dense", dense_nbytes) if dense_fits else (None, np.inf)  # smallest meeting tol
+    built: dict[str, Operator] = {}
+    candidates = []
+    for name in ("lowrank", "hmatrix", "hybrid"):
+        floor = memory_floor(name, gn, options, built)
+        if floor >= best[1]:
+            candidates.append({"method": name, "built": False, "nbytes": None,
+                               "error_estimate": None, "memory_floor": floor,
+                               "skipped": f"needs at least {floor:.0f} bytes, {best[0]} meets "
+                                          f"tol in {best[1]:.0f}"})
+            continue
+        op = built[name] = _build_certified(name, built, *context)
+        candidates.append(_candidate(op))
+        if op.report["tol_met"] and op.nbytes < best[1]:
+            best = (name, op.nbytes)
+    if dense_fits:  # exact: its error is rounding; built only if chosen
+        candidates.append({"method": "dense", "built": False, "nbytes": dense_nbytes,
+                           "error_estimate": 0.0, "memory_floor": dense_nbytes})
+    chosen = choose_candidate(candidates, options.tol)
+    if chosen == "dense":
+        built["dense"] = _build_certified("dense", built, *context)
+        candidates[-1] = _candidate(built["dense"])
+    op = built[chosen]
+    op.report["candidates"] = candidates
+    return op
+
+
+def _candidate(op: Operator) -> dict[str, Any]:
+    """The entry of a built form in ``report["candidates"]``."""
+    rep = op.report
+    return {"method": rep["method"], "built": True, "nbytes": op.nbytes,
+            "error_estimate": rep["error_estimate"], "tol_met": rep["tol_met"],
+            "max_rank_binds": rep["max_rank_binds"],
+            "entries_evaluated": rep["entries_evaluated"], "time": rep["timings"]["build"]}
+
+
+def _build_certified(name: str, built: dict[str, Operator], gn, options: CompressOptions,
+                     norm_G: float, t_norm: float, progress: bool | None) -> Operator:
+    """Build the form ``name`` and attach its :func:`certified_report`."""
+    builders = {"lowrank": _build_lowrank, "hmatrix": _build_hmatrix,
+                "hybrid": _build_hybrid, "dense": _build_dense}
+    before = _entry_count(gn)
+    t_build = time.perf_counter()
+    op = builders[name](gn, options, built, norm_G, progress)
+    t_build = time.perf_counter() - t_build
+    reused = built["lowrank"].report["entries_evaluated"] if (
+        name == "hybrid" and "lowrank" in built) else 0  # the hybrid's low-rank part
+    op.report = certified_report(gn, op, name, options, norm_G,
+                                 {"build": t_build, "norm": t_norm},
+                                 _entry_count(gn) - before + reused)
+    return op
+
+
+ADVICE = {
+    "lowrank": "raise max_rank or power_iterations, or use method='auto'",
+    "hmatrix": "raise max_rank, lower leaf_size, or use method='auto'",
+    "hybrid": "raise max_rank or use method='auto'",
+    "dense": "tol is below the rounding of the dense matrix",
+}
+
+
+def _warn_if_missed(report: dict[str, Any], options: CompressOptions) -> None:
+    """The ``UserWarning`` of a result whose error misses ``tol`` or where ``max_rank`` binds."""
+    if not report["max_rank_binds"] and report["tol_met"]:
+        return
+    what = f"compress(method={options.method!r})" + (
+        f" chose {report['method']!r}" if options.method == "auto" else "")
+    outcome = (f"certified error ‖G − H‖₂/‖G‖₂ ≈ {report['error_estimate']:.2e} "
+               f"{'meets' if report['tol_met'] else 'misses'} tol={options.tol:g}")
+    if report["max_rank_binds"]:
+        where = (f"n_capped_nodes={report['n_capped_nodes']} H-matrix nodes cut"
+                 if report["n_capped_nodes"] else f"the low rank stopped at rank "
+                                                  f"{report.get('rank')}")
+        message = (f"{what}: max_rank={options.max_rank} binds ({where}); {outcome}; raise "
+                   "max_rank for a more accurate result")
+    else:
+        message = f"{what}: {outcome}; {ADVICE[report['method']]}"
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _entry_count(gn) -> int:
@@ -269,8 +427,17 @@ def _entry_count(gn) -> int:
 
 def _build_lowrank(gn, options: CompressOptions, built: dict[str, Operator], norm_G: float,
                    progress: bool | None) -> LowRank:
-    return pivoted_cholesky(gn, tol=options.tol, max_rank=options.max_rank, eps=options.eps,
-                            seed=options.seed, progress=bool(progress))
+    if options.lowrank_method == "pivoted_cholesky":
+        return pivoted_cholesky(gn, tol=options.tol, max_rank=options.max_rank,
+                                eps=options.eps, seed=options.seed, progress=bool(progress))
+    return nystrom(gn, tol=options.tol, max_rank=options.max_rank, seed=options.seed,
+                   power_iterations=options.power_iterations, norm_estimate=norm_G,
+                   progress=bool(progress))
+
+
+def _build_dense(gn, options: CompressOptions, built: dict[str, Operator], norm_G: float,
+                 progress: bool | None) -> Dense:
+    return Dense.from_source(gn)
 
 
 def _build_hmatrix(gn, options: CompressOptions, built: dict[str, Operator], norm_G: float,

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .backend import LocalBackend, available_cores, default_shard_size, shard_bounds
+from .backend import (LocalBackend, available_cores, default_shard_size, require_shards,
+                      shard_bounds)
 from .losses import get_loss
 from .model import MLP
 from .operator import Operator, check_dense_size
@@ -290,6 +291,7 @@ class GaussNewton(Operator):
         A block too large for one batch is computed in pieces (sub-blocks, or
         ranges of a sampled block's groups) and put together here.
         """
+        require_shards(self.n_shards)  # a closed GaussNewton has no shards to split over
         entry = self.dtype.itemsize * (self.n_shards + 1)
         cap = max(1, self._budgets()[0] // entry)
         pieces = [(r,) + piece for r, sp in enumerate(specs)
@@ -428,6 +430,27 @@ class GaussNewton(Operator):
         rows = [(a * d, b * d) for a, b in shard_bounds(self.n_samples, self.shard_size)]
         out = self._vector_sum(ShardFactors.jacobian_rmatvec, Y2, 1.0, rows)
         return out[:, 0] if np.ndim(Y) == 1 else out
+
+    def sample_gradient_products(self, V) -> Array:
+        """``[∇ℓ_iᵀ V]_i``: every per-sample loss gradient times ``V`` (``(N,)`` or ``(N, k)``).
+
+        The result is ``(n_samples,)`` or ``(n_samples, k)`` in sample order, by one
+        forward R-op pass per shard (no per-sample object), O(n·N·k).
+
+        Examples
+        --------
+        >>> import numpy as np, dgnh
+        >>> rng = np.random.default_rng(0)
+        >>> net = dgnh.MLP([rng.normal(size=(2, 3))], [np.zeros(2)], ["tanh"])
+        >>> gn = dgnh.GaussNewton(net, rng.normal(size=(5, 3)), rng.normal(size=(5, 2)))
+        >>> bool(np.isclose(gn.sample_gradient_products(np.ones(8)).mean(),
+        ...                 gn.gradient().sum()))
+        True
+        """
+        V2 = _check_vectors(V, self.n_params, "V")
+        out = np.vstack(self._backend.map(ShardFactors.sample_gradient_products,
+                                          (V2, self._budgets()[1])))
+        return out[:, 0] if np.ndim(V) == 1 else out
 
     def jacobian_columns(self, params) -> Array:
         """The columns ``Ĵ[:, params]``, shape ``(m, len(params))``, rows in sample order.

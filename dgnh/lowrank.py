@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from .factorization import LowRankUpdate, ScaledIdentity, check_reg
 from .operator import Operator, check_dense_size
-from .validation import check_fraction, check_int, check_real_array
+from .spectral import estimate_norm, lanczos
+from .validation import check_fraction, check_int, check_number, check_real_array
 
 Array = np.ndarray
 RELAXATION = 0.1  # a pivot's residual diagonal is at least this fraction of the largest
@@ -308,32 +309,177 @@ def _largest_eigenvalue_bound(gram: Array, v: Array | None, current: float,
 
 
 # ----------------------------------------------------------------- Nyström
-def nystrom(op, rank: int, oversample: int = 10, seed: int = 0) -> LowRank:
-    """Randomized Nyström approximation ``G ≈ UUᵀ`` of rank ``rank`` from products.
+FIRST_BLOCK = 64  # start vectors of the first round of the adaptive Nyström (plus oversample)
+TRIM, KEEP = 0.9, 0.5  # the adaptive rank keeps the eigenvalues above TRIM·tol·‖G‖, or if
+# that misses tol, above KEEP·tol·‖G‖
 
-    Sketch ``Y = G Q`` with an orthonormalized Gaussian test matrix ``Q`` of
-    ``rank + oversample`` columns, shift ``Y_ν = Y + νQ`` (ν ≈ machine epsilon
-    times ``‖Y‖``), then ``Y_ν (QᵀY_ν)⁻¹ Y_νᵀ = V Σ² Vᵀ`` and ``U = V_r (Σ_r² − ν)₊^½``
-    (Tropp, Yurtsever, Udell, Cevher 2017, Algorithm 3). ``UUᵀ`` is positive
-    semi-definite by construction. If ``op`` has a ``diagonal()``, the test
-    matrix is zero on zero-diagonal parameters, so their rows of ``U`` are
-    exactly zero.
 
-    Costs one product with ``rank + oversample`` vectors plus O(N·(rank+oversample)²).
+class KrylovNystrom:
+    """The Nyström approximation of a PSD ``G`` on a growing block Krylov space.
+
+    Works on the ``live`` rows (positive diagonal; the rows and columns of the
+    others are zero in a PSD ``G``). :meth:`extend` adds the block Krylov space
+    ``span{S, G̃S, …, G̃^q S}`` of new start vectors ``S`` with ``G̃ = PGP`` (``P``
+    projects out the space so far), keeping the orthonormal basis ``K`` and its
+    exact image ``Y = GK`` (one product with ``S``'s width per block).
+    :meth:`eigenvalues` and :meth:`truncated` give the stable shifted Nyström approximation
+    ``Y_ν (KᵀY_ν)⁻¹ Y_νᵀ − νI`` of ``G`` on ``span K`` (Tropp, Yurtsever, Udell
+    and Cevher 2017, Algorithm 3), eigendecomposed and truncated to a rank.
+
+    Since ``span K`` holds the space of ``q`` power iterations, the result is at
+    least as accurate as Nyström with ``q`` power iterations for the same
+    products; ``G − UUᵀ`` stays positive semi-definite for every ``K`` and rank
+    (the Nyström approximation and its truncation lie below ``G``).
+
+    Examples
+    --------
+    >>> G = np.diag([4.0, 2.0, 1.0, 0.0])
+    >>> space = KrylovNystrom(lambda V: G @ V, np.diag(G) > 0)
+    >>> space.extend(np.ones((4, 1)), depth=3)
+    >>> lam, U = space.eigenvalues(), space.truncated(2)
+    >>> np.round(lam, 12).tolist(), np.round(U @ U.T, 12).diagonal().tolist()
+    ([4.0, 2.0, 1.0], [4.0, 2.0, 0.0, 0.0])
+    """
+
+    def __init__(self, apply, live: Array):
+        self.apply = apply  # (N, k) -> (N, k): exact products G @ V
+        self.live = np.asarray(live, dtype=bool)
+        n = int(self.live.sum())
+        self.K = np.zeros((n, 0))
+        self.Y = np.zeros((n, 0))
+        self.n_products = 0
+        self.seconds = 0.0  # spent in products
+        self._factor: tuple[Array, Array, Array] | None = None
+
+    @property
+    def dimension(self) -> int:
+        return self.K.shape[1]
+
+    @property
+    def full(self) -> bool:
+        """True once the space spans every live row (the approximation is then exact)."""
+        return self.dimension >= self.K.shape[0]
+
+    def _image(self, V: Array) -> Array:
+        """``G V`` on the live rows (``V`` given on the live rows)."""
+        full = np.zeros((len(self.live), V.shape[1]))
+        full[self.live] = V
+        t0 = time.perf_counter()
+        out = np.asarray(self.apply(full), dtype=np.float64)[self.live]
+        self.seconds += time.perf_counter() - t0
+        self.n_products += V.shape[1]
+        return out
+
+    def extend(self, start: Array, depth: int) -> None:
+        """Add the Krylov space of depth ``depth`` from ``start`` (``(N, b)``, live rows used)."""
+        K0 = self.K
+        S = np.asarray(start, dtype=np.float64)[self.live]
+        room = K0.shape[0] - K0.shape[1]  # dimensions left; each Krylov step adds S's width
+        S = S[:, :min(S.shape[1], max(room // depth, min(room, 1)))]
+        if S.shape[1] == 0:
+            return
+        for _ in range(2):
+            S -= K0 @ (K0.T @ S)
+        images: list[Array] = []
+
+        def deflated(V: Array) -> Array:
+            GV = self._image(V)
+            images.append(GV)
+            return GV - K0 @ (K0.T @ GV)
+
+        krylov = lanczos(deflated, S, depth)
+        self.K = np.hstack([K0, *krylov.basis])
+        self.Y = np.hstack([self.Y, *images[:len(krylov.basis)]])
+
+    def eigenvalues(self) -> Array:
+        """Eigenvalue estimates of the Nyström approximation on the space, descending.
+
+        They lie below those of ``G`` (``λ̂_i ≤ λ_i``); :meth:`truncated` gives the factor.
+        """
+        k = self.dimension
+        self._factor = None
+        if k == 0:
+            return np.zeros(0)
+        shift = np.sqrt(k) * np.finfo(np.float64).eps * np.linalg.norm(self.Y)
+        Y = self.Y + shift * self.K
+        M = self.K.T @ Y
+        w, V = scipy.linalg.eigh((M + M.T) / 2)
+        keep = w > max(w.max(), 0.0) * k * np.finfo(np.float64).eps
+        if not keep.any():
+            return np.zeros(0)
+        S = V[:, keep] / np.sqrt(w[keep])  # Y S Sᵀ Yᵀ = Y M⁺ Yᵀ
+        gram = S.T @ (Y.T @ Y) @ S
+        s2, W = scipy.linalg.eigh((gram + gram.T) / 2)
+        s2, W = np.maximum(s2[::-1], 0.0), W[:, ::-1]
+        lam = np.maximum(s2 - shift, 0.0)
+        self._factor = (Y, S @ W, np.sqrt(np.divide(lam, s2, out=np.zeros_like(lam),
+                                                    where=s2 > 0)))
+        return lam
+
+    def truncated(self, rank: int) -> Array:
+        """``U`` ``(N, ≤ rank)`` with orthogonal columns: the approximation of the last
+        :meth:`eigenvalues` call truncated to its ``rank`` largest eigenvalues (fewer
+        where the rest are zero)."""
+        U = np.zeros((len(self.live), 0))
+        if self._factor is None:
+            return U
+        Y, SW, scale = self._factor
+        r = int(min(rank, np.count_nonzero(scale > 0)))
+        U = np.zeros((len(self.live), r))
+        U[self.live] = Y @ (SW[:, :r] * scale[:r])
+        return U
+
+
+def nystrom(op, rank: int | None = None, oversample: int = 10, seed: int = 0, *,
+            power_iterations: int = 1, tol: float | None = None, max_rank: int = 256,
+            norm_estimate: float | None = None, progress: bool = False) -> LowRank:
+    """Randomized Nyström approximation ``G ≈ UUᵀ`` from exact products, of a given
+    ``rank`` or adaptive to a tolerance ``tol``.
+
+    The Nyström approximation is taken on the block Krylov space
+    ``span{Ω, GΩ, …, G^q Ω}`` of a Gaussian ``Ω`` (``q = power_iterations``;
+    :class:`KrylovNystrom`), then truncated to the wanted rank by an
+    eigendecomposition of the small core: for ``rank + oversample`` columns in
+    ``Ω`` it costs ``q + 1`` products with that many vectors plus
+    ``O(N·((q + 1)(rank + oversample))²)``. ``UUᵀ`` and ``G − UUᵀ`` are positive
+    semi-definite; parameters with a zero diagonal get zero rows.
+
+    * ``rank`` given: ``Ω`` has ``rank + oversample`` columns (``stop == "rank"``).
+    * ``tol`` given: rounds of ``FIRST_BLOCK + oversample`` new start vectors,
+      then as many as all before (at most ``max_rank + oversample`` in all),
+      each adding its Krylov space. After each round the rank is the number of
+      eigenvalue estimates above ``0.9·tol·‖G‖`` or, if that misses ``tol``, above
+      ``tol·‖G‖/2`` (at most ``max_rank``), and the
+      loop stops when the block-Lanczos estimate of ``‖G − UUᵀ‖₂``
+      (:func:`~dgnh.spectral.estimate_norm`, the certificate of
+      :func:`dgnh.compress`, same ``seed``) is ``≤ tol·‖G‖₂`` (``stop ==
+      "estimate"``), when the rank reaches ``max_rank`` without it (``"max_rank"``:
+      the cap binds), when the start vectors are used up (``"budget"``) or when the
+      space spans every live row (``"exact"``).
 
     Parameters
     ----------
-    op : a dgnh Operator (e.g. GaussNewton) of a PSD matrix.
-    rank : rank of the result, ``1 <= rank``; ``rank + oversample <= N``.
-    oversample : extra sketch columns.
-    seed : random seed.
+    op : a dgnh Operator (e.g. GaussNewton) of a PSD matrix; a ``diagonal()``
+        method, if present, marks the zero rows.
+    rank : rank of the result (``rank + oversample <= N``); give ``rank`` or ``tol``.
+    oversample : extra start vectors (>= 0).
+    seed : random seed (the test matrices and the error estimate).
+    power_iterations : ``q >= 0``; 0 is the plain one-product Nyström.
+    tol : relative tolerance in (0, 1) on ``‖G − UUᵀ‖₂/‖G‖₂``.
+    max_rank : cap on the adaptive rank (>= 1).
+    norm_estimate : ``‖G‖₂`` if known (``dgnh.compress`` passes its Lanczos
+        estimate); otherwise the largest eigenvalue estimate, a lower bound.
+    progress : show a progress bar (products so far).
 
     Returns
     -------
     LowRank
-        ``report`` holds the eigenvalue estimates ``eigenvalues`` and the first
-        discarded one ``tail_eigenvalue`` (an estimate of the error ``λ_{r+1}``),
-        and ``timings`` (``products``: the sketch, ``total``) like every builder.
+        ``report``: method, parameters, ``rank``, ``eigenvalues`` (the kept
+        estimates), ``tail_eigenvalue`` (the first discarded one, a lower bound on
+        the optimal error ``λ_{r+1}``), ``krylov_dimension``, ``n_products``,
+        ``rounds``, ``stop``, ``converged``, ``norm_estimate``,
+        ``error_estimate`` (relative; adaptive only) and ``timings``
+        (``products``, ``total``).
 
     Examples
     --------
@@ -342,47 +488,91 @@ def nystrom(op, rank: int, oversample: int = 10, seed: int = 0) -> LowRank:
     >>> lr = nystrom(A, rank=3)
     >>> bool(np.allclose(lr.to_dense(), A.to_dense()))
     True
+    >>> nystrom(A, tol=1e-6).rank
+    3
     """
     if not isinstance(op, Operator):
         raise TypeError(f"op must be a dgnh Operator, got {type(op).__name__}")
     N = op.shape[0]
-    rank = check_int(rank, "rank", minimum=1)
     oversample = check_int(oversample, "oversample", minimum=0)
-    width = rank + oversample
-    if width > N:
-        raise ValueError(f"rank + oversample = {width} exceeds the operator size N = {N}")
+    power_iterations = check_int(power_iterations, "power_iterations", minimum=0)
+    max_rank = check_int(max_rank, "max_rank", minimum=1)
+    if (rank is None) == (tol is None):
+        raise ValueError("give either rank (a fixed rank) or tol (an adaptive rank), not "
+                         f"{'both' if rank is not None else 'neither'}")
+    if rank is not None:
+        rank = check_int(rank, "rank", minimum=1)
+        if rank + oversample > N:
+            raise ValueError(f"rank + oversample = {rank + oversample} exceeds the operator "
+                             f"size N = {N}")
+    else:
+        tol = check_fraction(tol, "tol")
+    if norm_estimate is not None:
+        norm_estimate = check_number(norm_estimate, "norm_estimate", low=0)
     t_start = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    omega = rng.standard_normal((N, width))
     diagonal = getattr(op, "diagonal", None)
     live = np.ones(N, bool) if diagonal is None else np.asarray(diagonal()) > 0
-    width = min(width, int(live.sum()))
-    if width == 0:
-        return LowRank(np.zeros((N, 0)), {
-            "method": "nystrom", "rank": 0, "seed": seed,
-            "timings": {"products": 0.0, "total": time.perf_counter() - t_start}})
-    omega = omega[:, :width]
-    Q = np.zeros((N, width))
-    Q[live], _ = np.linalg.qr(omega[live])
-    t_products = time.perf_counter()
-    Y = np.asarray(op @ Q, dtype=np.float64)
-    t_products = time.perf_counter() - t_products
-    shift = np.sqrt(N) * np.finfo(np.float64).eps * np.linalg.norm(Y)
-    Y += shift * Q
-    M = Q.T @ Y
-    w, V = scipy.linalg.eigh((M + M.T) / 2)
-    keep = w > w.max() * width * np.finfo(np.float64).eps
-    B = Y @ (V[:, keep] / np.sqrt(w[keep]))
-    Ub, s, _ = scipy.linalg.svd(B, full_matrices=False)
-    lam = np.maximum(s**2 - shift, 0.0)
-    r = min(rank, len(lam))
-    U = Ub[:, :r] * np.sqrt(lam[:r])
-    U[~live] = 0.0
+    space = KrylovNystrom(op.matvec, live)
+    rng = np.random.default_rng(seed)
+    depth = power_iterations + 1
+    bar = tqdm(desc="Nyström", unit="product", disable=not progress)
+    if rank is not None:
+        space.extend(rng.standard_normal((N, rank + oversample)), depth)
+        lam = space.eigenvalues()
+        U = space.truncated(rank)
+        stop, rounds, error = "rank", 1, None
+        bar.update(space.n_products)
+    else:
+        lam, U, stop, rounds, error = _adaptive(op, space, rng, tol, max_rank, oversample,
+                                                depth, norm_estimate, seed, bar)
+    bar.close()
+    r = U.shape[1]
+    norm = norm_estimate if norm_estimate is not None else float(lam[0]) if len(lam) else 0.0
     report = {
-        "method": "nystrom", "rank": r, "oversample": oversample, "seed": seed,
-        "shift": float(shift), "eigenvalues": lam[:r].tolist(),
+        "method": "nystrom", "rank": r, "tol": tol, "max_rank": max_rank if tol else None,
+        "oversample": oversample, "power_iterations": power_iterations, "seed": seed,
+        "eigenvalues": lam[:r].tolist(),
         "tail_eigenvalue": float(lam[r]) if len(lam) > r else 0.0,
-        "n_products": int(width),
-        "timings": {"products": t_products, "total": time.perf_counter() - t_start},
+        "krylov_dimension": space.dimension, "n_products": space.n_products,
+        "rounds": rounds, "stop": stop, "converged": stop in ("rank", "estimate", "exact"),
+        "n_zero_diagonal": int(N - live.sum()), "norm_estimate": norm,
+        "error_estimate": error,
+        "timings": {"products": space.seconds, "total": time.perf_counter() - t_start},
     }
     return LowRank(U, report)
+
+
+def _adaptive(op, space: KrylovNystrom, rng, tol: float, max_rank: int, oversample: int,
+              depth: int, norm: float | None, seed: int, bar) -> tuple:
+    """The adaptive rounds of :func:`nystrom`: ``(λ, U, stop, rounds, relative error estimate)``."""
+    N = op.shape[0]
+    budget = max_rank + oversample  # start vectors in all
+    block, used, rounds = min(FIRST_BLOCK, max_rank) + oversample, 0, 0
+    while True:
+        space.extend(rng.standard_normal((N, block)), depth)
+        used, rounds = used + block, rounds + 1
+        bar.update(space.n_products - bar.n)
+        lam = space.eigenvalues()
+        scale = norm if norm is not None else float(lam[0]) if len(lam) else 0.0
+        exact = space.full or scale == 0  # then the approximation is exact: tol is met
+        ranks = [min(int(np.count_nonzero(lam > keep * tol * scale)), max_rank)
+                 for keep in (TRIM, KEEP)]
+        if exact or ranks[1] <= used - oversample or used >= budget:  # enough start vectors
+            for r in sorted(set(ranks)):  # the smaller rank first
+                U = space.truncated(r)
+                error = _relative_error(op, U, scale, seed, space.live)
+                if error <= tol:
+                    return lam, U, "exact" if exact else "estimate", rounds, error
+            if r == max_rank and (exact or used >= budget):
+                return lam, U, "max_rank", rounds, error
+            if exact or used >= budget:
+                return lam, U, "exact" if exact else "budget", rounds, error
+        block = min(used, budget - used)
+
+
+def _relative_error(op, U: Array, norm: float, seed: int, live: Array) -> float:
+    """Block-Lanczos estimate of ``‖G − UUᵀ‖₂/norm`` (the certificate of ``dgnh.compress``)."""
+    if norm <= 0:
+        return 0.0
+    return estimate_norm(lambda V: op.matvec(V) - U @ (U.T @ V), op.shape[0], seed=seed,
+                         support=live) / norm

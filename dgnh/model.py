@@ -9,6 +9,8 @@ vector is, for l = 1..L, ``W_l`` row-major then ``b_l`` — exactly
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -19,6 +21,45 @@ from .validation import check_int, check_real_array
 Array = np.ndarray
 FORMAT = "dgnh.mlp"
 FORMAT_VERSION = 1
+
+
+def read_npz(path: str | os.PathLike, what: str) -> dict[str, Array]:
+    """All arrays of the ``.npz`` file ``path``, read without pickle.
+
+    A missing, unreadable, truncated or foreign file, or one holding pickled
+    objects, is refused with one line naming ``what`` and the file.
+
+    Examples
+    --------
+    >>> read_npz("/nonexistent/net.npz", "model file")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: model file /nonexistent/net.npz does not exist
+    """
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except OSError as e:  # a directory, no permission
+        raise ValueError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    if magic != b"PK":  # every .npz is a zip archive
+        raise ValueError(f"{what} {path} is not a .npz file (MLP.save writes one)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise ValueError(f"{what} {path} holds pickled objects, which dgnh does not "
+                             "load") from None
+        raise ValueError(f"{what} {path} is damaged: {e}") from None
+    except (OSError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{what} {path} is damaged (truncated or not a .npz file): "
+                         f"{e}") from None
+    foreign = sorted(key for key, value in arrays.items() if not isinstance(value, np.ndarray))
+    if foreign:  # numpy hands out members that are not .npy files as raw bytes
+        raise ValueError(f"{what} {path} is damaged: its members {foreign} are not arrays")
+    return arrays
 
 
 class MLP:
@@ -250,33 +291,50 @@ class MLP:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MLP":
-        """Load a network written by :meth:`save`."""
+        """Load a network written by :meth:`save`.
+
+        Anything else — a missing, truncated or foreign file, pickled objects,
+        missing or extra arrays, inconsistent shapes — is refused with one line
+        naming the file.
+
+        Examples
+        --------
+        >>> import os, tempfile, numpy as np, dgnh
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     dgnh.MLP([np.ones((2, 3))], None, ["tanh"]).save(os.path.join(d, "net.npz"))
+        ...     dgnh.MLP.load(os.path.join(d, "net.npz")).layer_sizes
+        (3, 2)
+        """
+        data = read_npz(path, "model file")
+        if "format" not in data or data["format"].shape != () or str(data["format"]) != FORMAT:
+            raise ValueError(f"{path} is not a dgnh MLP file (missing format tag)")
+        missing = [k for k in ["version", "activations"] if k not in data]
+        if missing:
+            raise ValueError(f"{path} lacks {missing} (damaged dgnh MLP file)")
+        version, acts = data["version"], data["activations"]
+        if version.shape != () or version.dtype.kind not in "iu":
+            raise ValueError(f"{path}: the format version must be an integer (damaged dgnh "
+                             "MLP file)")
+        if int(version) > FORMAT_VERSION:
+            raise ValueError(f"{path} has MLP format version {int(version)}; this dgnh "
+                             f"reads up to {FORMAT_VERSION}")
+        if acts.ndim != 1 or acts.dtype.kind != "U":
+            raise ValueError(f"{path}: activations must be a list of names (damaged dgnh MLP "
+                             "file)")
+        layers = range(len(acts))
+        missing = [f"W{l}" for l in layers if f"W{l}" not in data]
+        if missing:
+            raise ValueError(f"{path} lacks the weights {missing} (damaged dgnh MLP file)")
+        extra = sorted(set(data) - {"format", "version", "activations"}
+                       - {f"{k}{l}" for k in "Wb" for l in layers})
+        if extra:
+            raise ValueError(f"{path} holds arrays {extra} beyond its {len(acts)} layers "
+                             "(damaged or not a dgnh MLP file)")
         try:
-            data = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"model file {path} does not exist") from None
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"model file {path} is not a readable .npz file: {exc}") from None
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError(f"model file {path} is not a dgnh MLP .npz file")
-        with data:
-            if "format" not in data or str(data["format"]) != FORMAT:
-                raise ValueError(f"{path} is not a dgnh MLP file (missing format tag)")
-            missing = [k for k in ["version", "activations"] if k not in data]
-            if missing:
-                raise ValueError(f"{path} lacks {missing} (damaged dgnh MLP file)")
-            if int(data["version"]) > FORMAT_VERSION:
-                raise ValueError(
-                    f"{path} has MLP format version {int(data['version'])}; this dgnh "
-                    f"reads up to {FORMAT_VERSION}"
-                )
-            acts = [str(a) for a in data["activations"]]
-            missing = [f"W{l}" for l in range(len(acts)) if f"W{l}" not in data]
-            if missing:
-                raise ValueError(f"{path} lacks the weights {missing} (damaged dgnh MLP file)")
-            weights = [data[f"W{l}"] for l in range(len(acts))]
-            biases = [data[f"b{l}"] if f"b{l}" in data else None for l in range(len(acts))]
-        return cls(weights, biases, acts)
+            return cls([data[f"W{l}"] for l in layers],
+                       [data.get(f"b{l}") for l in layers], [str(a) for a in acts])
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{path}: {e}") from None
 
     # ---------------------------------------------------------------- interop
     @classmethod

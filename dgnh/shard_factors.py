@@ -440,6 +440,31 @@ class ShardFactors:
             blocks.append(K.reshape(self.n * d, n_t * d))
         return np.hstack(blocks)
 
+    # ------------------------------------------ per-sample (dgnh.analyses)
+    def sample_losses(self) -> Array:
+        """The losses ``ℓ(f(x_i), y_i)`` of this shard's rows, shape ``(n_s,)``, float64."""
+        return self.loss.value(self.F, self.Y).astype(np.float64)
+
+    def sample_gradients(self, rows: slice) -> Array:
+        """Per-sample gradients ``∇_w ℓ_i`` of the shard rows ``rows``, shape ``(r, N)``."""
+        delta = self.loss.grad(self.F[rows], self.Y[rows]) * self.dS[-1][rows]
+        parts = [None] * len(self.W)
+        for l in range(len(self.W) - 1, -1, -1):
+            gW = delta[:, :, None] * self.A[l][rows][:, None, :]
+            gW = gW.reshape(len(delta), self.W[l].size)
+            parts[l] = [gW] if self.b[l] is None else [gW, delta]
+            if l:
+                delta = (delta @ self.W[l]) * self.dS[l - 1][rows]
+        return np.concatenate([p for layer in parts for p in layer], axis=1)
+
+    def sample_gradient_products(self, V: Array, budget: int | None = None) -> Array:
+        """``∇ℓ_iᵀ V`` for this shard's rows, shape ``(n_s, k)``: the output tangents of a
+        forward R-op pass against ``∂ℓ_i/∂f``, chunked over vectors within ``budget``."""
+        g = self.loss.grad(self.F, self.Y)
+        return self._by_vectors(
+            lambda Vc: np.einsum("kio,io->ik", self._forward_tangent(self._split(Vc))[1][-1], g),
+            V, self.n, self._rop_bytes(), budget)
+
 
 # Batched products as single 2-D GEMMs (numpy's broadcasting matmul over a batch of
 # transposed views falls back to a slow non-BLAS loop).

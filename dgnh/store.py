@@ -79,6 +79,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import zarr
 
+from .dense import Dense
 from .factorization import Factorization
 from .hmatrix import HMatrix
 from .hybrid import Hybrid
@@ -144,7 +145,7 @@ class StoredOperator(Protocol):
 
 
 STORED_KINDS: dict[str, type[StoredOperator]] = {
-    "lowrank": LowRank, "hmatrix": HMatrix, "hybrid": Hybrid}
+    "lowrank": LowRank, "hmatrix": HMatrix, "hybrid": Hybrid, "dense": Dense}
 """Every operator a result store holds, by its ``kind`` attribute."""
 
 _KIND_OF_CLASS = {cls: kind for kind, cls in STORED_KINDS.items()}

@@ -214,3 +214,30 @@ def toml_text(table: dict) -> str:
     tables = [f"[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
               for k, v in table.items() if isinstance(v, dict)]
     return "\n".join(top + tables) + "\n"
+
+
+# ------------------------------------------- held-out networks of the H-matrix contract
+def random_gnh(sizes, activation: str, loss: str, n_samples: int,
+               seed: int = 0) -> dgnh.GaussNewton:
+    """The GNH of an untrained random MLP with ``activation`` hidden layers on normal inputs.
+
+    Examples
+    --------
+    >>> random_gnh((3, 4, 2), "softplus", "mse", 5).n_params
+    26
+    """
+    net = random_mlp(list(sizes), [activation] * (len(sizes) - 2) + ["identity"], seed=seed)
+    X = np.random.default_rng(seed).normal(size=(n_samples, sizes[0]))
+    return dgnh.GaussNewton(net, X, random_targets(loss, n_samples, sizes[-1], seed), loss=loss)
+
+
+HMATRIX_CASES: dict[str, Callable[[], dgnh.GaussNewton]] = {  # N ≈ 1.2k–1.6k
+    "tanh_trained": lambda: digits_gnh("classifier", (20,), 400, max_iter=15),
+    "relu_trained": lambda: digits_gnh("classifier", (16,), 400, activation="relu", max_iter=20),
+    "softplus_untrained": lambda: random_gnh((14, 36, 24, 7), "softplus", "cross_entropy", 250,
+                                             seed=11),
+    "regression21": lambda: random_gnh((10, 30, 24, 21), "tanh", "mse", 150, seed=12),
+    "autoencoder": lambda: digits_gnh("autoencoder", (10,), 250, max_iter=20),
+}
+"""Networks the H-matrix's tolerance split was NOT tuned on (trained and untrained
+classifiers, a regression with 21 outputs, a BCE autoencoder)."""

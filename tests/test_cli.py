@@ -372,3 +372,27 @@ def test_eig_writes_the_eigenvectors_and_their_residuals(result, capsys):
     assert "eigenvectors " in capsys.readouterr().err
     assert main(["eig", result["path"], "-k", "2", "-o", vectors, "--overwrite"]) == 0
     assert np.load(vectors).shape == (dense.shape[0], 2)
+
+
+def test_ctrl_c_during_run_prints_one_line(tmp_path):
+    """Ctrl-C at the terminal (SIGINT to the whole process group: `dgnh run` and the worker
+    processes of its local cluster) while the job compresses: one line, exit code 130."""
+    write_problem(tmp_path, (10, 40, 6), 2000, seed=1, chunk_rows=500)
+    job = tmp_path / "job.toml"
+    job.write_text(toml_text({**JOB, "shard_size": 500, "compress": {
+        "method": "hybrid", "tol": 1e-6, "max_rank": 64, "leaf_size": 16}}))
+    run = subprocess.Popen([sys.executable, "-m", "dgnh.cli", "run", str(job), "--quiet"],
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        for _ in range(2):  # the "load" line, then "factors": shards live on the cluster
+            line = run.stdout.readline()
+        assert line.startswith("factors") and "4 shards on a local cluster" in line, line
+        os.killpg(run.pid, signal.SIGINT)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert (run.returncode, err) == (130, "dgnh: interrupted\n"), err[-3000:]
+    assert not out.startswith("compress"), "the job ended before the interrupt"

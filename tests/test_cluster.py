@@ -228,17 +228,21 @@ def test_tasks_per_batch_are_O_shards(local2, n_blocks):
 
 
 # ----------------------------------------------------- default local cluster
-def test_default_client_starts_and_closes_a_local_cluster():
+def test_default_client_starts_and_closes_a_local_cluster(tmp_path):
+    """With client=None a dataset store of several shards goes to a local cluster (arrays
+    stay in this process on threads: tests/test_backend.py)."""
     net, X, Y = make_problem("mse", n_samples=40)
+    path = tmp_path / "data.zarr"
+    dgnh.save_dataset(path, X, Y, chunk_rows=10)
     reference = dgnh.GaussNewton(net, X, Y, shard_size=10, client="in-process")
-    with dgnh.GaussNewton(net, X, Y, shard_size=10) as gn:
+    with dgnh.GaussNewton(net, path, shard_size=10) as gn:
         backend = gn.backend
         assert backend.n_workers == nprocesses_nthreads()[0]
         plugins = backend.client.run(lambda dask_worker: sorted(dask_worker.plugins))
         assert all(MallocTuning.name in p for p in plugins.values())
         assert max_relative_error(gn.dense(), reference.dense()) <= 1e-12
     assert backend.client.status == "closed"
-    single = dgnh.GaussNewton(net, X, Y)  # one shard: no cluster
+    single = dgnh.GaussNewton(net, path)  # one shard: no cluster
     assert isinstance(single.backend, LocalBackend)
     assert max_relative_error(single.dense(), reference.dense()) <= 1e-12
 
@@ -365,3 +369,144 @@ def test_worker_killed_mid_batch_recomputes_shards(cli2, tmp_path, source):
         assert rebuilt, "no shard was recomputed"
         # later batches use the rebuilt shards
         assert max_relative_error(gn.diagonal(), reference.diagonal()) <= 1e-12
+
+
+# ------------------------------------------------ scripts without a main guard
+STORE_SCRIPT = """\
+import numpy as np
+import dgnh
+
+net = dgnh.MLP.load("model.npz")
+{call}
+"""
+UNGUARDED = "gn = dgnh.GaussNewton(net, 'data.zarr', shard_size={shard_size})"
+GUARDED = """\
+def main():
+    with dgnh.GaussNewton(net, "data.zarr", shard_size={shard_size}) as gn:
+        print(type(gn.backend).__name__, gn.n_shards)
+        np.save("dense.npy", gn.dense())
+
+
+if __name__ == "__main__":
+    main()"""
+
+
+@pytest.fixture
+def store_script(tmp_path):
+    """Write ``model.npz``, ``data.zarr`` (5 shards) and a script; returns a runner."""
+    net, X, Y = make_problem("mse")
+    net.save(tmp_path / "model.npz")
+    dgnh.save_dataset(tmp_path / "data.zarr", X, Y, chunk_rows=SHARD_SIZE)
+
+    def run(call):
+        (tmp_path / "script.py").write_text(
+            STORE_SCRIPT.format(call=call.format(shard_size=SHARD_SIZE)))
+        return subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+    return run, net, X, Y, tmp_path
+
+
+def test_unguarded_script_with_a_store_is_refused_in_one_line(store_script):
+    """A dataset store with client=None starts worker processes, which re-run the script:
+    from the script's top level without a guard that is refused before any process starts."""
+    run, *_, tmp_path = store_script
+    out = run(UNGUARDED)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == (f"RuntimeError: {tmp_path / 'script.py'}, line 5: dgnh starts a local Dask "
+                    "cluster here, whose worker processes re-run this script: put the script's "
+                    "top-level code under `if __name__ == \"__main__\":` (or pass "
+                    "client=\"in-process\")")
+    assert "Nanny" not in out.stderr and out.stderr.count("Traceback") == 1
+
+
+def test_guarded_script_with_a_store_runs_on_a_local_cluster(store_script):
+    run, net, X, Y, tmp_path = store_script
+    out = run(GUARDED)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["DaskBackend", str(N_SHARDS)]
+    reference = dgnh.GaussNewton(net, X, Y, client="in-process")
+    assert max_relative_error(np.load(tmp_path / "dense.npy"), reference.dense()) <= 1e-12
+
+
+# ----------------------------------------------------- TLS credentials, refusals
+def write_tls_files(security, directory):
+    files = {}
+    for name in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        files[name] = str(directory / f"{name}.pem")
+        Path(files[name]).write_text(getattr(security, name))
+    return files
+
+
+@pytest.mark.parametrize("keys, match", [
+    (["tls_ca_file"], r"a TLS client needs tls_ca_file and tls_client_cert .*; got only "
+                      r"tls_ca_file$"),
+    (["tls_client_cert", "tls_client_key"], "got only tls_client_cert, tls_client_key$"),
+    (["tls_ca_file", "tls_client_cert"], r"cannot load the TLS files \['tls_ca_file', "
+                                         r"'tls_client_cert'\]"),
+    (["tls_ca_file", "garbage cert", "tls_client_key"], "cannot load the TLS files"),
+])
+def test_incomplete_tls_credentials_are_named(tmp_path, keys, match):
+    files = write_tls_files(Security.temporary(), tmp_path)
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    creds = {("tls_client_cert" if k == "garbage cert" else k):
+             (str(tmp_path / "garbage.pem") if k == "garbage cert" else files[k]) for k in keys}
+    net, X, Y = make_problem("mse")
+    with pytest.raises(ValueError, match=match) as error:
+        dgnh.GaussNewton(net, X, Y, client="tls://127.0.0.1:1", security=creds)
+    assert str(error.value).startswith("security: ") and "\n" not in str(error.value)
+
+
+CA_ONLY_SCRIPT = """\
+import sys
+import numpy as np
+import dgnh
+
+net = dgnh.MLP([np.ones((2, 3))], None, ["tanh"])
+try:
+    dgnh.GaussNewton(net, np.ones((4, 3)), np.ones((4, 2)), client=sys.argv[1],
+                     security={{"tls_ca_file": {ca!r}}})
+except ValueError as e:
+    print(e)
+"""
+
+
+def test_tls_with_only_a_ca_file_fails_at_once_and_exits(tls1, tmp_path):
+    """Dask alone fails with a message about ``ssl_context`` and stalls 60 s at exit."""
+    address, security = tls1
+    files = write_tls_files(security, tmp_path)
+    (tmp_path / "ca_only.py").write_text(CA_ONLY_SCRIPT.format(ca=files["tls_ca_file"]))
+    out = subprocess.run([sys.executable, "ca_only.py", address], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=40)
+    assert out.returncode == 0 and out.stderr == "", out.stderr[-3000:]
+    assert out.stdout.startswith("security: a TLS client needs tls_ca_file and tls_client_cert")
+
+
+@pytest.mark.parametrize("how", ["other CA", "plain tcp"])
+def test_a_quick_refusal_says_so(tls1, how):
+    """A refusal that took no time is not reported as a timeout."""
+    address, _ = tls1
+    net, X, Y = make_problem("mse")
+    client, security = {"other CA": (address, Security.temporary()),
+                        "plain tcp": (address.replace("tls://", "tcp://"), None)}[how]
+    with pytest.raises(ConnectionError, match=r"cannot connect to the Dask scheduler at "
+                                              r"\S+: refused after \d+\.\d s") as error:
+        dgnh.GaussNewton(net, X, Y, shard_size=SHARD_SIZE, client=client, security=security)
+    assert "within" not in str(error.value)
+
+
+@pytest.mark.parametrize("client", ["in-process", None])
+def test_in_process_results_are_bit_identical_to_the_cluster(local2, client):
+    """LocalBackend (one thread, or a thread pool) adds the shards' partial sums by the
+    cluster's reduction tree: the same bits as on a cluster."""
+    net, X, Y = make_problem("binary_cross_entropy")
+    V = np.random.default_rng(3).normal(size=(net.n_params, 4))
+    with dgnh.GaussNewton(net, X, Y, loss="binary_cross_entropy", shard_size=13,
+                          client=local2) as remote:
+        assert remote.n_shards == 7
+        expected = all_results(remote, V)
+    local = dgnh.GaussNewton(net, X, Y, loss="binary_cross_entropy", shard_size=13, client=client)
+    for name, got in all_results(local, V).items():
+        want = expected[name]
+        assert all(np.array_equal(g, w) for g, w in zip(got, want)) \
+            if isinstance(want, list) else np.array_equal(got, want), name

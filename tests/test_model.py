@@ -101,3 +101,93 @@ def test_activation_values_match_pytorch_defaults(name, z, value, slope):
     act = get_activation(name)
     assert act.f(np.array([z]))[0] == pytest.approx(value, rel=1e-12, abs=1e-15)
     assert act.df(np.array([z]))[0] == pytest.approx(slope, rel=1e-12, abs=1e-15)
+
+
+def _saved_arrays(tmp_path):
+    net = random_mlp([3, 4, 2], ["tanh", "identity"], biases=[True, False])
+    net.save(tmp_path / "good.npz")
+    with np.load(tmp_path / "good.npz") as data:
+        return (tmp_path / "good.npz").read_bytes(), dict(data)
+
+
+def _write(path, content):
+    """``content``: bytes, or a dict of arrays for ``np.savez``, or a zip member table."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, dict):
+        np.savez(path, **content)
+    else:
+        import zipfile
+
+        with zipfile.ZipFile(path, "w") as z:
+            for name, data in content:
+                z.writestr(name, data)
+
+
+# name -> (content from (good bytes, good arrays), exception, message)
+DAMAGED_MODEL_FILES = {
+    "truncated": (lambda raw, a: raw[:len(raw) // 2], ValueError,
+                  r"is damaged \(truncated or not a .npz file\)"),
+    "random": (lambda raw, a: bytes(np.random.default_rng(0).integers(0, 256, 3000,
+                                                                      dtype=np.uint8)),
+               ValueError, "is not a .npz file"),
+    "empty": (lambda raw, a: b"", ValueError, "is not a .npz file"),
+    "text": (lambda raw, a: b"W0 = [[1, 2]]\n", ValueError, "is not a .npz file"),
+    "npy": (lambda raw, a: b"\x93NUMPY" + raw[6:], ValueError, "is not a .npz file"),
+    "extra weight": (lambda raw, a: {**a, "W2": np.ones((2, 2))}, ValueError,
+                     r"holds arrays \['W2'\] beyond its 2 layers"),
+    "extra bias": (lambda raw, a: {**a, "b7": np.ones(2)}, ValueError,
+                   r"holds arrays \['b7'\] beyond its 2 layers"),
+    "stray array": (lambda raw, a: {**a, "notes": np.ones(1)}, ValueError,
+                    r"holds arrays \['notes'\]"),
+    "pickled activations": (lambda raw, a: {**a, "activations": np.array(["tanh", None])},
+                            ValueError, "holds pickled objects, which dgnh does not load"),
+    "version not an integer": (lambda raw, a: {**a, "version": np.array("one")}, ValueError,
+                               "the format version must be an integer"),
+    "activations 2-d": (lambda raw, a: {**a, "activations": np.array([["tanh"], ["tanh"]])},
+                        ValueError, "activations must be a list of names"),
+    "no layers": (lambda raw, a: {"format": a["format"], "version": a["version"],
+                                  "activations": np.array([], dtype=str)},
+                  ValueError, "an MLP needs at least one layer"),
+    "shapes do not chain": (lambda raw, a: {**a, "W1": np.ones((2, 5))}, ValueError,
+                            "do not match the 4 outputs of layer 1"),
+    "member not .npy": (lambda raw, a: [("format.npy", b"garbage")], ValueError,
+                        r"its members \['format'\] are not arrays"),
+    "zip without format": (lambda raw, a: {"W0": a["W0"]}, ValueError, "missing format tag"),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGED_MODEL_FILES)
+def test_damaged_model_files_are_refused_in_one_line_naming_the_file(tmp_path, name):
+    make, exc, match = DAMAGED_MODEL_FILES[name]
+    path = tmp_path / "net.npz"
+    _write(path, make(*_saved_arrays(tmp_path)))
+    with pytest.raises(exc, match=match) as error:
+        dgnh.MLP.load(path)
+    message = str(error.value)
+    assert str(path) in message and "\n" not in message and "allow_pickle" not in message
+
+
+def test_model_paths_that_are_not_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"model file {tmp_path / 'no.npz'} does not"):
+        dgnh.MLP.load(tmp_path / "no.npz")
+    with pytest.raises(ValueError, match=f"model file {tmp_path} cannot be read"):
+        dgnh.MLP.load(tmp_path)
+
+
+def test_corrupted_bytes_never_load_a_different_network(tmp_path):
+    """Single bit flips anywhere: a clear error naming the file, or the original network."""
+    raw, _ = _saved_arrays(tmp_path)
+    original = dgnh.MLP.load(tmp_path / "good.npz").parameters()
+    rng = np.random.default_rng(3)
+    path = tmp_path / "flipped.npz"
+    for _ in range(300):
+        flipped = bytearray(raw)
+        flipped[rng.integers(len(raw))] ^= 1 << int(rng.integers(8))
+        path.write_bytes(bytes(flipped))
+        try:
+            net = dgnh.MLP.load(path)
+        except (ValueError, TypeError) as e:
+            assert str(path) in str(e) and "\n" not in str(e)
+        else:
+            np.testing.assert_array_equal(net.parameters(), original)

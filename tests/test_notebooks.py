@@ -2,7 +2,8 @@
 
 Each notebook runs in a fresh ``python3`` kernel of the current environment (checked in the
 kernel) with a temporary working directory; the notebooks write their own files under
-``tempfile.mkdtemp()`` only.
+``tempfile.mkdtemp()`` only, which the kernel resolves in a temporary ``TMPDIR`` of the test
+(so no ``dgnh-quickstart-*`` or ``dgnh-cluster-*`` folder is left in the system's /tmp).
 
 After changing a notebook (or an API it shows), refresh the committed outputs with::
 
@@ -38,13 +39,14 @@ def code_cells(nb) -> list:
     return [c for c in nb.cells if c.cell_type == "code"]
 
 
-def execute(nb, cwd: str | os.PathLike) -> None:
+def execute(nb, cwd: str | os.PathLike, tmpdir: str | os.PathLike) -> None:
     """Run ``nb`` in place in a ``python3`` kernel started in ``cwd``; raises on a cell error.
 
-    The kernel, and the Dask workers it starts, import this checkout's dgnh.
+    The kernel, and the Dask workers it starts, import this checkout's dgnh and make their
+    temporary files under ``tmpdir`` (``TMPDIR``).
     """
     paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "TMPDIR": str(tmpdir)}
     client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
                                      resources={"metadata": {"path": str(cwd)}})
     client.execute(env=env)
@@ -76,11 +78,14 @@ def test_notebook_executes(name, tmp_path):
     nb = read(name)
     nb.cells.insert(0, nbformat.v4.new_code_cell(
         f"import sys\nassert sys.prefix == {sys.prefix!r}, sys.prefix  # this environment"))
-    execute(nb, tmp_path)
+    cwd, tmpdir = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmpdir.mkdir()
+    execute(nb, cwd, tmpdir)
     cells = code_cells(nb)
     assert all(c.execution_count is not None for c in cells)
     assert [o for c in cells for o in c.outputs if o.output_type == "error"] == []
-    assert list(tmp_path.iterdir()) == [], "notebooks must write only under their temp dir"
+    assert list(cwd.iterdir()) == [], "notebooks must write only under their temp dir"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -112,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         if name not in NOTEBOOKS:
             raise SystemExit(f"unknown notebook {name!r}: choose from {', '.join(NOTEBOOKS)}")
         nb = read(name)
-        with tempfile.TemporaryDirectory() as cwd:
-            execute(nb, cwd)
+        with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryDirectory() as tmpdir:
+            execute(nb, cwd, tmpdir)
         tidy(nb)
         nbformat.write(nb, NOTEBOOK_DIR / f"{name}.ipynb")
         print(f"executed and saved notebooks/{name}.ipynb")

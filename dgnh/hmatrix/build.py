@@ -290,7 +290,8 @@ def _skeletonize_level(tree: ClusterTree, states: list[NodeState], nodes: Array,
                                                         below)
     while True:
         for a in nodes:
-            states[a].skeletonize(_candidates(tree, states, a), plan.threshold, plan.max_rank)
+            states[a].skeletonize(_candidates(tree, states, a), plan.threshold * sketch.scale,
+                                  plan.max_rank)
         full = [a for a in nodes if plan.saturated(states[a], len(states[a].inputs), sketch.width,
                                                    len(tree.perm))]
         if not full or sketch.growths > MAX_GROWTHS:
@@ -345,15 +346,17 @@ def near_field_corrections(hss: HMatrix, near_pairs: Array,
     return [G_ab - hss.hss_block(a, b) for (a, b), G_ab in zip(near_pairs, exact_blocks)]
 
 
-def psd_shift(h: HMatrix, norm: float, seed: int = 0) -> tuple[float, int]:
+def psd_shift(h: HMatrix, norm: float, guess: float, seed: int = 0) -> tuple[float, int]:
     """The smallest ``σ ≥ 0`` (to ``PSD_PRECISION``) with ``H_hss + σI`` positive semi-definite.
 
     The test is the HSS Cholesky (:class:`~dgnh.hmatrix.HSSFactorization`,
     exact for ``H_hss``) at ``reg = PSD_REG·norm``: it succeeds exactly when
-    ``λ_min(H_hss) + σ > −reg``. A Lanczos estimate of ``λ_min`` (never below
-    it) starts the bracket, which doubles until the factorization succeeds and
-    is then bisected. ``σ ≤ −λ_min(H_hss) ≤ ‖G − H_hss‖₂``. Returns ``σ`` and
-    the number of factorizations.
+    ``σ > σ* = −λ_min(H_hss) − reg``. From ``σ = max(guess, −θ_min)`` (``θ_min``
+    a Lanczos estimate of ``λ_min``) the bracket grows 4× until the
+    factorization ``F`` succeeds; the largest Ritz value ``θ`` of ``F``
+    (Lanczos on the inverse, O(N·r) per product) gives the lower bound
+    ``σ − 1/θ ≤ σ*``, tried first with ``PSD_PRECISION`` to spare, then
+    bisected. ``σ* ≤ ‖G − H_hss‖₂``. Returns ``σ`` and the number of factorizations.
 
     Examples
     --------
@@ -361,40 +364,46 @@ def psd_shift(h: HMatrix, norm: float, seed: int = 0) -> tuple[float, int]:
     ...             [2, 1, 2], [[], [0], [1]], [None, np.eye(1), np.eye(1)],
     ...             [np.array([[2.0]]), None, None], [np.eye(1), np.eye(1)],
     ...             np.zeros((0, 2)), [])
-    >>> sigma, _ = psd_shift(h, 3.0)  # λ_min([[1, 2], [2, 1]]) = −1
-    >>> bool(abs(sigma - 1.0) <= 0.05)
+    >>> sigma, _ = psd_shift(h, 3.0, 0.1)  # λ_min([[1, 2], [2, 1]]) = −1
+    >>> bool(1.0 <= sigma <= 1.0 + PSD_PRECISION)
     True
     """
     hss = h.without_near_field()
     reg = PSD_REG * norm
-    count = 0
+    tried: list[HSSFactorization | None] = []
 
     def definite(sigma: float) -> bool:
-        nonlocal count
-        count += 1
         try:
-            HSSFactorization(hss.with_shift(sigma), reg)
+            tried.append(HSSFactorization(hss.with_shift(sigma), reg))
         except IndefiniteError:
-            return False
-        return True
+            tried.append(None)
+        return tried[-1] is not None
 
     if norm <= 0 or len(hss.perm) == 0 or definite(0.0):
-        return 0.0, count
-    lowest = float(ritz_values(hss.matvec, hss.shape[0], seed=seed, steps=20).min())
-    low, high = 0.0, max(-lowest, reg)
+        return 0.0, len(tried)
+    support = np.zeros(hss.shape[0], dtype=bool)
+    support[hss.perm] = True
+    low = 0.0
+    high = max(guess, -float(ritz_values(hss.matvec, hss.shape[0], seed=seed,
+                                         support=support).min()), reg)
     while not definite(high):
-        low, high = high, 2.0 * high
+        low, high = high, 4.0 * high
+    theta = float(ritz_values(tried[-1].matvec, hss.shape[0], seed=seed, steps=20,
+                              support=support).max())
+    low = max(low, high - 1.0 / theta) if theta > 0 else low
+    if high - low > PSD_PRECISION * high and definite(low * (1.0 + PSD_PRECISION)):
+        high = low * (1.0 + PSD_PRECISION)
     while high - low > PSD_PRECISION * high:
         middle = 0.5 * (low + high)
         low, high = (low, middle) if definite(middle) else (middle, high)
-    return high, count
+    return high, len(tried)
 
 
 def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int = 256,
                   budget: float = 0.0, neighbors: int = 32, metric: str = "angle",
                   eps: float | None = None, seed: int = 0, n_trees: int = 4,
                   max_near: int = 32, oversampling: int | None = None,
-                  power_iterations: int = 1, norm_estimate: float | None = None,
+                  power_iterations: int = 0, norm_estimate: float | None = None,
                   progress: bool | None = None) -> HMatrix:
     """Build a positive semi-definite :class:`~dgnh.hmatrix.HMatrix` of the symmetric PSD
     matrix behind ``source``, aiming at ``‖G − H‖₂ ≤ tol·‖G‖₂``.
@@ -469,7 +478,7 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
                   [s.interpolation for s in states], [s.coupling for s in states],
                   tree.leaf_blocks, tree.near_pairs[:0], [])
     with rounds.timed("psd_shift"):
-        shift, n_factorizations = psd_shift(hss, norm, seed)
+        shift, n_factorizations = psd_shift(hss, norm, plan.threshold, seed)
         hss = hss.with_shift(shift)
     with rounds.timed("near_blocks"):
         h = hss.with_near_field(tree.near_pairs,

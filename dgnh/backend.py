@@ -27,8 +27,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .losses import get_loss
+from .model import MLP
 from .shard_factors import ShardFactors
-from .validation import check_int
+from .validation import check_int, is_integer
+
+Array = np.ndarray
 
 
 SPLIT_EVERY = 4  # partial results added by one node of the reduction tree
@@ -208,3 +212,40 @@ def default_shard_size(model, dtype) -> int:
     sizes = model.layer_sizes
     per_row = sizes[-1] * sum(sizes[1:]) + 3 * sum(s + 1 for s in sizes[:-1]) + sum(sizes[1:])
     return max(1, (128 * 2**20) // (per_row * np.dtype(dtype).itemsize))
+
+
+def shard_from_arrays(X: Array, Y: Array, model: MLP, loss_name: str, dtype,
+                      index: int) -> ShardFactors:
+    """The factors of one shard from its validated rows (runs where the shard lives)."""
+    return ShardFactors(model, X, Y, get_loss(loss_name), dtype, index=index)
+
+
+
+def shard_from_store(path: str, start: int, stop: int, model: MLP, loss_name: str, dtype,
+                     index: int) -> ShardFactors:
+    """The factors of one shard from rows ``start:stop`` of a dataset store."""
+    from .dataset import open_dataset
+
+    X, Y = open_dataset(path).read(start, stop)
+    try:
+        X = model.check_inputs(X)
+        Y = get_loss(loss_name).check_targets(Y, stop - start, model.n_outputs, dtype)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"dataset {path}, rows {start}:{stop}: {e}") from None
+    return shard_from_arrays(X, Y, model, loss_name, dtype, index)
+
+
+
+def check_shard_size(shard_size) -> int:
+    """``shard_size`` as a positive ``int``.
+
+    Examples
+    --------
+    >>> check_shard_size(np.int64(100))
+    100
+    """
+    if not is_integer(shard_size):
+        raise TypeError(f"shard_size must be a positive integer, got {shard_size!r}")
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size}")
+    return int(shard_size)

@@ -15,16 +15,17 @@ from typing import Sequence
 
 import numpy as np
 
-from .backend import (LocalBackend, available_cores, default_shard_size, require_shards,
-                      shard_bounds)
+from .backend import (LocalBackend, available_cores, check_shard_size,
+                      default_shard_size, require_shards, shard_bounds, shard_from_arrays,
+                      shard_from_store)
 from .losses import get_loss
 from .model import MLP
 from .operator import Operator, check_dense_size
 from .protocols import Backend
 from .sampling import check_eps_delta, plan
 from .config import memory_budget as configured_budget
-from .shard_factors import (ShardFactors, batch_pieces, request_shape, split_request,
-                            vector_chunk)
+from .batching import batch_pieces, request_shape, split_request, vector_chunk
+from .shard_factors import ShardFactors
 from .validation import (check_bytes, check_float_dtype, check_fraction, check_index_pairs,
                          check_real_array, is_integer)
 
@@ -537,48 +538,6 @@ class HessianOperator(Operator):
         return self.gn._hessian_matmat(V)
 
 
-def shard_from_arrays(X: Array, Y: Array, model: MLP, loss_name: str, dtype,
-                      index: int) -> ShardFactors:
-    """The factors of one shard from its validated rows (runs where the shard lives)."""
-    return ShardFactors(model, X, Y, get_loss(loss_name), dtype, index=index)
-
-
-def shard_from_store(path: str, start: int, stop: int, model: MLP, loss_name: str, dtype,
-                     index: int) -> ShardFactors:
-    """The factors of one shard from rows ``start:stop`` of a dataset store."""
-    from .dataset import open_dataset
-
-    X, Y = open_dataset(path).read(start, stop)
-    try:
-        X = model.check_inputs(X)
-        Y = get_loss(loss_name).check_targets(Y, stop - start, model.n_outputs, dtype)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"dataset {path}, rows {start}:{stop}: {e}") from None
-    return shard_from_arrays(X, Y, model, loss_name, dtype, index)
-
-
-def dask_backend(client=None, security=None):
-    """A :class:`~dgnh.cluster.DaskBackend` (Dask loads on first use, not on ``import dgnh``)."""
-    from .cluster import DaskBackend
-
-    return DaskBackend(client, security)
-
-
-def check_shard_size(shard_size) -> int:
-    """``shard_size`` as a positive ``int``.
-
-    Examples
-    --------
-    >>> check_shard_size(np.int64(100))
-    100
-    """
-    if not is_integer(shard_size):
-        raise TypeError(f"shard_size must be a positive integer, got {shard_size!r}")
-    if shard_size <= 0:
-        raise ValueError(f"shard_size must be a positive integer, got {shard_size}")
-    return int(shard_size)
-
-
 def _mixture_coefficients(total_sq_norms: Array) -> Array:
     """c_a = 1/(k' · n G_aa) over the k' nonzero columns, 0 for zero columns."""
     nz = total_sq_norms > 0
@@ -593,3 +552,10 @@ def _check_vectors(V, n_rows: int, name: str) -> Array:
     if V.shape[0] != n_rows:
         raise ValueError(f"{name} must have {n_rows} rows, got shape {V.shape}")
     return V[:, None] if V.ndim == 1 else V
+
+
+def dask_backend(client=None, security=None):
+    """A :class:`~dgnh.cluster.DaskBackend` (Dask loads on first use, not on ``import dgnh``)."""
+    from .cluster import DaskBackend
+
+    return DaskBackend(client, security)

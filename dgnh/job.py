@@ -70,7 +70,8 @@ from .compress import CompressOptions, compress
 from .dataset import open_dataset
 from .exact_solve import solve as exact_solve
 from .factorization import IndefiniteError, check_reg
-from .gauss_newton import GaussNewton, check_shard_size
+from .backend import check_shard_size
+from .gauss_newton import GaussNewton
 from .losses import get_loss
 from .model import MLP
 from .operator import Operator

@@ -15,7 +15,7 @@ from cases import toml_text, write_problem
 
 import dgnh
 from dgnh import store
-from dgnh.compress import compress
+from dgnh.compress import CompressOptions, compress
 from dgnh.checkpoint import CheckpointedGaussNewton, JobStore
 from dgnh.job import (JobError, fingerprint, load_job, load_model, parse_job, run_job,
                       solve_result)
@@ -107,9 +107,10 @@ def test_parse_resolves_paths_and_defaults(problem):
     job = parse_job(base_job(), base_dir=str(problem["dir"]))
     assert job.model == os.path.join(problem["dir"], "model.npz")
     assert job.output == os.path.join(problem["dir"], "out.zarr")
-    assert job.compress == {"method": "hybrid", "tol": 1e-5, "max_rank": 12, "leaf_size": 8,
-                            "budget": 0.0, "neighbors": 32, "metric": "angle", "eps": None,
-                            "seed": 0}
+    given = {"method": "hybrid", "tol": 1e-5, "max_rank": 12, "leaf_size": 8}
+    defaults = {"budget": 0.0, "neighbors": 32, "metric": "angle", "eps": None, "seed": 0}
+    assert {k: job.compress[k] for k in {**given, **defaults}} == {**given, **defaults}
+    assert job.compress == CompressOptions(**given).as_dict()  # every other option at its default
     assert job.factorize == {"relative_reg": 0.05} and job.scheduler is None
 
 

@@ -10,7 +10,8 @@ import pytest
 import dgnh
 import dgnh.config
 from cases import dense_reference, max_relative_error, random_mlp, random_targets
-from dgnh.shard_factors import ROP_MAX_VECTORS, split_request, vector_chunk
+from dgnh.batching import split_request, vector_chunk
+from dgnh.shard_factors import ROP_MAX_VECTORS
 
 HUGE, TINY = 2**40, 1  # a budget nothing needs to chunk for, and one that chunks everything
 

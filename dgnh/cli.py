@@ -19,6 +19,8 @@ BENCHMARKS = {
     "distributed": "batches of blocks and matvecs on 1 and 2 workers vs in-process",
     "compress": "H-matrix / low-rank / hybrid vs truncated eigendecomposition, K-FAC, dense",
     "solve": "factorization + solve and CG vs dense Cholesky and the dual route",
+    "analyses": "Laplace evidence, influence, OBS saliencies at N = 1e4..1e6 (laplace-torch "
+                "full needs 8·N² bytes)",
     "scale": "large networks (N up to 1e6): time, peak memory, GEMM ratios, float32 vs float64",
 }
 
@@ -34,6 +36,20 @@ def _run(args: argparse.Namespace) -> int:
     result = run_job(load_job(args.job), scheduler=args.scheduler, overwrite=args.overwrite,
                      progress=False if args.quiet else None)
     print(f"result: {result['job']['output']} (dgnh info / plot / solve / eig it)")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .analyses_job import run_analyses
+
+    a = run_analyses(args.job, scheduler=args.scheduler, overwrite=args.overwrite)
+    lap = a["laplace"]
+    print(f"log evidence {lap['log_marginal_likelihood']:.10g} ± {lap['error_bound']:.3g} "
+          f"(route {lap['route']}), prior precision {lap['prior_precision']}")
+    for key in ("influence", "self_influence", "saliencies"):
+        if key in a:
+            print(f"{key}: route {a[key]['route']}, damping {a[key]['damping']:.4g}")
+    print("stored under analyses/ in the job's result store (dgnh.analyses_job.read_analyses)")
     return 0
 
 
@@ -145,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing output store")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_run)
+
+    a = sub.add_parser("analyze", help="run a job file's [analyses]: Laplace evidence, "
+                                       "influence, OBS saliencies (after dgnh run)",
+                       description="Read the [analyses] table of a job file (see "
+                                   "dgnh.analyses_job) and store the results under analyses/ "
+                                   "in the job's result store.")
+    a.add_argument("job", metavar="JOB.toml")
+    a.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address")
+    a.add_argument("--overwrite", action="store_true", help="replace stored analyses")
+    a.set_defaults(func=_analyze)
 
     i = sub.add_parser("info", help="summarize a result store")
     i.add_argument("path", metavar="PATH")

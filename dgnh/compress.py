@@ -447,7 +447,7 @@ def _build_hmatrix(gn, options: CompressOptions, built: dict[str, Operator], nor
                          tol=options.tol if tol is None else tol, max_rank=options.max_rank,
                          leaf_size=options.leaf_size, budget=options.budget,
                          neighbors=options.neighbors, metric=options.metric, eps=options.eps,
-                         seed=options.seed, progress=progress)
+                         seed=options.seed, progress=progress, norm_estimate=None if source else norm_G)
 
 
 def _build_hybrid(gn, options: CompressOptions, built: dict[str, Operator], norm_G: float,

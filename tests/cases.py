@@ -241,3 +241,22 @@ HMATRIX_CASES: dict[str, Callable[[], dgnh.GaussNewton]] = {  # N ≈ 1.2k–1.6
 }
 """Networks the H-matrix's tolerance split was NOT tuned on (trained and untrained
 classifiers, a regression with 21 outputs, a BCE autoencoder)."""
+
+
+# ------------------------------------------------ held-out networks (compression)
+def relu_regression_gnh(seed: int = 23) -> dgnh.GaussNewton:
+    """A random 12-40-24 ReLU regression network (mean squared error, 24 outputs) on 300
+    normal rows: N = 1 504, a flat GNH spectrum."""
+    net = random_mlp([12, 40, 24], ["relu", "identity"], seed=seed)
+    rng = np.random.default_rng(seed)
+    return dgnh.GaussNewton(net, rng.normal(size=(300, 12)), rng.normal(size=(300, 24)))
+
+
+HELD_OUT_CASES: dict[str, Callable[[], dgnh.GaussNewton]] = {
+    # networks of N ≈ 1–1.7k never used to tune the compression (dense references are cheap)
+    "untrained_classifier": lambda: dgnh.GaussNewton(
+        *random_problem((16, 36, 24, 7), "cross_entropy", 240, seed=21), loss="cross_entropy"),
+    "relu_regression": relu_regression_gnh,
+    "trained_autoencoder": lambda: digits_gnh("autoencoder", (8,), 200, max_iter=150),
+    "trained_classifier": lambda: digits_gnh("classifier", (16,), 400, max_iter=150),
+}

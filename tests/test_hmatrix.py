@@ -12,11 +12,12 @@ import warnings
 
 import numpy as np
 import pytest
+from cases import HMATRIX_CASES
 
 from dgnh.factorization import IndefiniteError
 from dgnh.hmatrix import (HMatrix, build_hmatrix, entry_distances, interpolative_decomposition,
-                          merge_neighbors, split_node)
-from dgnh.hmatrix import select_near_pairs as _near_pairs
+                          merge_neighbors, select_near_pairs, split_node)
+from dgnh.hmatrix.build import LEVEL_SAFETY, PSD_PRECISION, PSD_REG, psd_shift
 
 
 LEAF_SIZES = {"classifier": 64, "autoencoder": 64, "dead_relu": 48, "rank54": 64}
@@ -70,7 +71,7 @@ def assembled(h: HMatrix) -> np.ndarray:
             ub = c2 if ua == c1 else c1
             B = h.couplings[lca] if ua == c1 else h.couplings[lca].T
             Ht[sa:ea, sb:eb] = basis(a, ua).T @ B @ basis(b, ub)
-    for (a, b), C in zip(h.near_pairs, h._near_blocks):
+    for (a, b), C in zip(h.near_pairs, h.near_blocks):
         sa, ea, sb, eb = h.node_start[a], h.node_stop[a], h.node_start[b], h.node_stop[b]
         Ht[sa:ea, sb:eb] += C
         Ht[sb:eb, sa:ea] += C.T
@@ -147,7 +148,7 @@ def test_near_pairs_respect_the_cap(per_leaf):
     rng = np.random.default_rng(per_leaf)
     leaf_start = np.arange(0, 81, 10)
     nbr = rng.integers(-1, 80, size=(80, 6))
-    pairs = _near_pairs(nbr, leaf_start, per_leaf)
+    pairs = select_near_pairs(nbr, leaf_start, per_leaf)
     count = np.bincount(np.array(pairs, dtype=int).ravel(), minlength=8)
     assert count.max(initial=0) <= per_leaf
     assert all(a < b for a, b in pairs)
@@ -232,7 +233,7 @@ def test_same_seed_same_result_and_one_round_per_level(problems):
     b = build(gn, leaf, tol=1e-3, max_rank=100, seed=5)
     depth = a.report["depth"]
     assert src.rounds == 2 * depth + 1 == a.report["entry_rounds"]
-    assert src.products == 1  # 110 sketch columns in one product call
+    assert src.products == 1  # 125 Gaussian sketch columns in one product call
     for key, value in a.to_arrays().items():
         assert np.array_equal(value, b.to_arrays()[key]), key
 
@@ -281,6 +282,7 @@ def test_factorization_against_dense(problems, name, tol, max_rank, reg_rel):
 def test_indefinite_approximation_is_detected(problems):
     gn, G, norm, leaf = problems("classifier")
     h = build(gn, leaf, tol=1e-2, max_rank=256)
+    h = h.with_shift(-h.report["psd_shift"])  # without the build's PSD compensation
     lowest = np.linalg.eigvalsh(h.to_dense())[0]
     assert lowest < -1e-6 * norm  # a compressed GNH is indefinite here
     with pytest.raises(IndefiniteError, match="not positive definite"):
@@ -311,3 +313,186 @@ def test_factorize_rejects_bad_reg(problems, reg):
     h = build(gn, leaf, tol=1e-3, max_rank=64)
     with pytest.raises(ValueError, match="reg must be"):
         h.factorize(reg)
+
+
+# ------------------------------------- the contract on held-out networks (issue 11)
+# HMATRIX_CASES (cases.py) were not used to tune LEVEL_SAFETY or the sketch; max_rank
+# far above N never binds, so the error must follow tol.
+CONTRACT_TOLS = (1e-2, 1e-4, 1e-6)
+CONTRACT_LEAVES = (48, 96)
+UNCAPPED = 1 << 16
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    """name -> (gn, dense G, ‖G‖₂) of ``cases.HMATRIX_CASES``, built on first use."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            gn = HMATRIX_CASES[name]()
+            G = gn.dense()
+            cache[name] = (gn, G, float(np.linalg.norm(G, 2)))
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="module")
+def contract_build(held_out):
+    """(name, tol, leaf) -> the H-matrix with an unbinding max_rank, built once."""
+    cache = {}
+
+    def get(name, tol, leaf):
+        if (name, tol, leaf) not in cache:
+            gn, _, _ = held_out(name)
+            cache[name, tol, leaf] = build(gn, leaf, tol=tol, max_rank=UNCAPPED)
+        return cache[name, tol, leaf]
+    return get
+
+
+@pytest.mark.parametrize("leaf", CONTRACT_LEAVES)
+@pytest.mark.parametrize("tol", CONTRACT_TOLS)
+@pytest.mark.parametrize("name", sorted(HMATRIX_CASES))
+def test_error_follows_tol_and_h_is_psd(held_out, contract_build, name, tol, leaf):
+    gn, G, norm = held_out(name)
+    h = contract_build(name, tol, leaf)
+    report = h.report
+    assert report["n_capped_nodes"] == 0 and report["depth"] >= 3
+    H = h.to_dense()
+    assert np.linalg.norm(G - H, 2) <= 3 * tol * norm
+    assert np.linalg.eigvalsh(H)[0] >= -1e-12 * norm
+    # the compensation σ is at most −λ_min of the skeletonized matrix, so ≤ its error
+    before = h.with_shift(-report["psd_shift"]).to_dense()
+    assert report["psd_shift"] <= (1 + PSD_PRECISION) * np.linalg.norm(G - before, 2) + 1e-12 * norm
+    assert 0.5 * norm <= report["norm_estimate"] <= norm * (1 + 1e-12)  # a lower bound
+
+
+@pytest.mark.parametrize("reg_rel", [1e-3, 1e-6])
+@pytest.mark.parametrize("tol", CONTRACT_TOLS)
+@pytest.mark.parametrize("name", sorted(HMATRIX_CASES))
+def test_factorization_is_exact_for_h_plus_reg(held_out, contract_build, name, tol, reg_rel):
+    gn, G, norm = held_out(name)
+    h = contract_build(name, tol, CONTRACT_LEAVES[0])
+    reg = reg_rel * norm
+    A = h.to_dense() + reg * np.eye(len(G))
+    f = h.factorize(reg)
+    B = np.random.default_rng(2).normal(size=(len(G), 3))
+    X = np.linalg.solve(A, B)
+    assert np.linalg.norm(f.solve(B) - X) <= 1e-8 * np.linalg.norm(X)
+    sign, logdet = np.linalg.slogdet(A)
+    assert sign > 0 and abs(f.logdet() - logdet) <= 1e-8 * abs(logdet)
+    inv_diag = np.diag(np.linalg.inv(A))
+    assert np.max(np.abs(f.inverse_diagonal() - inv_diag) / inv_diag) <= 1e-8
+
+
+def test_sketch_grows_where_ranks_fill_it(held_out, contract_build):
+    """Ranks beyond the first sketch rank (256) at tol 1e-6: the sketch widened."""
+    report = contract_build("tanh_trained", 1e-6, 48).report
+    assert report["rank_max"] > 256 and report["sketch_growths"] >= 1
+    assert report["sketch_columns"] > 256 + 64
+    assert report["product_rounds"] == report["sketch_growths"] + 1  # Gaussian: 1 per round
+    assert report["power_iterations"] == 0
+
+
+@pytest.mark.parametrize("name, max_rank, tol", [("tanh_trained", 24, 1e-4),
+                                                 ("autoencoder", 40, 1e-6)])
+def test_capped_nodes_are_counted_and_h_stays_psd(held_out, name, max_rank, tol):
+    gn, G, norm = held_out(name)
+    h = build(gn, 48, tol=tol, max_rank=max_rank)
+    report = h.report
+    assert report["rank_max"] == max_rank and report["n_capped_nodes"] > 0
+    assert report["n_capped_nodes"] <= int(np.sum(h.ranks == max_rank))
+    assert np.linalg.eigvalsh(h.to_dense())[0] >= -1e-12 * norm
+    uncapped = build(gn, 48, tol=tol, max_rank=UNCAPPED)
+    assert uncapped.report["n_capped_nodes"] == 0
+
+
+@pytest.mark.parametrize("power_iterations", [1, 2])
+def test_power_iterations_batch_their_products(held_out, power_iterations):
+    gn, G, norm = held_out("relu_trained")
+
+    class Counting:  # the real GNH, counting its product calls and columns
+        def __init__(self, inner):
+            self.inner, self.n_params, self.calls, self.columns = inner, inner.n_params, 0, 0
+
+        def diagonal(self):
+            return self.inner.diagonal()
+
+        def entries_many(self, requests, eps=None, seed=0):
+            return self.inner.entries_many(requests, eps=eps, seed=seed)
+
+        def matvec(self, V):
+            self.calls += 1
+            self.columns += V.shape[1]
+            return self.inner.matvec(V)
+
+    src = Counting(gn)
+    h = build(src, 96, tol=1e-2, max_rank=100, power_iterations=power_iterations)
+    report = h.report
+    assert report["sketch_growths"] == 0 and report["sketch_columns"] == 125
+    assert report["product_rounds"] == power_iterations + 1
+    assert src.calls == report["product_rounds"] and src.columns == report["product_columns"]
+    assert src.columns == 125 * (power_iterations + 1)
+    assert np.linalg.eigvalsh(h.to_dense())[0] >= -1e-12 * norm
+
+
+def test_norm_estimate_sets_the_threshold(held_out):
+    gn, G, norm = held_out("softplus_untrained")
+    h = build(gn, 96, tol=1e-3, max_rank=200, norm_estimate=norm)
+    report = h.report
+    assert report["norm_estimate"] == norm
+    assert report["threshold"] == pytest.approx(1e-3 * norm / (LEVEL_SAFETY
+                                                                 * np.sqrt(report["depth"])))
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    ({"power_iterations": -1}, ValueError, "power_iterations"),
+    ({"power_iterations": 1.5}, TypeError, "power_iterations"),
+    ({"oversampling": -2}, ValueError, "oversampling"),
+    ({"norm_estimate": -1.0}, ValueError, "norm_estimate"),
+    ({"norm_estimate": float("nan")}, ValueError, "norm_estimate")])
+def test_bad_sketch_parameters_are_named(held_out, kw, error, match):
+    gn, G, norm = held_out("relu_trained")
+    with pytest.raises(error, match=match):
+        build(gn, 96, tol=1e-2, **kw)
+
+
+def test_psd_shift_is_the_smallest_that_factorizes(problems):
+    gn, G, norm, leaf = problems("classifier")
+    h = build(gn, leaf, tol=1e-2, max_rank=256)
+    before = h.with_shift(-h.report["psd_shift"])
+    lowest = np.linalg.eigvalsh(before.to_dense())[0]
+    sigma, count = psd_shift(before, norm, guess=1e-6 * norm)
+    assert -lowest - 1.01 * PSD_REG * norm <= sigma <= (1 + PSD_PRECISION) * -lowest
+    assert count <= 8
+    with pytest.raises(IndefiniteError):
+        before.with_shift(0.9 * -lowest).factorize(PSD_REG * norm)
+    assert psd_shift(before.with_shift(sigma), norm, guess=1e-6 * norm) == (0.0, 1)
+
+
+def test_shift_survives_storage_and_every_reg_factorizes(problems):
+    gn, G, norm, leaf = problems("autoencoder")
+    h = build(gn, leaf, tol=1e-3, max_rank=256)
+    assert h.report["psd_shift"] > 0
+    back = HMatrix.from_arrays(h.to_arrays(), json.loads(json.dumps(h.attrs())))
+    assert np.array_equal(back.to_dense(), h.to_dense())
+    assert back.report["psd_shift"] == h.report["psd_shift"]
+    for reg_rel in (1e-3, 1e-6, 1e-9, 1e-11):
+        back.factorize(reg_rel * norm)
+
+
+@pytest.mark.parametrize("threshold, expect", [(0.5, 4), (1e-3, 13), (0.0, 20)])
+def test_interpolative_decomposition_absolute_threshold(threshold, expect):
+    """Singular values 2^-k: the rank is about the number above the absolute threshold."""
+    rng = np.random.default_rng(4)
+    U, _ = np.linalg.qr(rng.normal(size=(60, 20)))
+    V, _ = np.linalg.qr(rng.normal(size=(40, 20)))
+    s = 8.0 * 2.0 ** -np.arange(20, dtype=float)
+    A = (U * s) @ V.T
+    skel, T = interpolative_decomposition(A, 0.0, 50, threshold=threshold)
+    assert abs(len(skel) - expect) <= 2
+    assert np.linalg.norm(A - A[:, skel] @ T, 2) <= 30 * max(threshold, 1e-13)
+
+
+def test_hmatrix_names_its_stored_kind():
+    assert HMatrix.kind == "hmatrix"

@@ -388,8 +388,12 @@ def psd_shift(h: HMatrix, norm: float, guess: float, seed: int = 0) -> tuple[flo
                                          support=support).min()), reg)
     while not definite(high):
         low, high = high, 4.0 * high
-    theta = float(ritz_values(tried[-1].matvec, hss.shape[0], seed=seed, steps=20,
-                              support=support).max())
+    inverse = tried[-1]  # restricted to the tree: outside it the inverse is 1/reg
+
+    def apply(V: Array) -> Array:
+        return inverse.matvec(V * support[:, None]) * support[:, None]
+
+    theta = float(ritz_values(apply, hss.shape[0], seed=seed, steps=20, support=support).max())
     low = max(low, high - 1.0 / theta) if theta > 0 else low
     if high - low > PSD_PRECISION * high and definite(low * (1.0 + PSD_PRECISION)):
         high = low * (1.0 + PSD_PRECISION)

@@ -24,6 +24,7 @@ import numpy as np
 
 Array = np.ndarray
 PRODUCT_CHUNK = 128  # columns per product call (bounded memory)
+OVERSAMPLING_FRACTION = 0.25  # default oversampling: this fraction of the target rank, >= 10
 
 
 def oversampling_for(rank: int) -> int:
@@ -34,7 +35,7 @@ def oversampling_for(rank: int) -> int:
     >>> oversampling_for(16), oversampling_for(256)
     (10, 64)
     """
-    return max(10, -(-int(rank) // 4))
+    return max(10, int(np.ceil(OVERSAMPLING_FRACTION * rank)))
 
 
 class Sketch:

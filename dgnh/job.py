@@ -82,7 +82,7 @@ from .version import __version__
 Array = np.ndarray
 MODEL_SUFFIXES = (".npz", ".onnx", ".pt", ".pth")
 _TOP_KEYS = ("model", "data", "loss", "output", "dtype", "shard_size", "compress",
-             "factorize", "cluster")
+             "factorize", "cluster", "analyses")  # [analyses]: read by `dgnh analyze`
 _CLUSTER_KEYS = ("scheduler", "tls_ca_file", "tls_client_cert", "tls_client_key")
 _FACTORIZE_KEYS = ("reg", "relative_reg")
 

@@ -28,7 +28,7 @@ def hidden_for(n_params: float) -> int:
     Examples
     --------
     >>> hidden_for(1e5)
-    274
+    280
     """
     # N = 64h + h + h² + h + 10h + 10 = h² + 76h + 10
     return max(1, int(round((-76 + np.sqrt(76**2 - 4 * (10 - n_params))) / 2)))

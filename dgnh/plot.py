@@ -27,6 +27,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from . import store
 from .zarr_io import check_new_output
+from .dense import Dense
 from .hybrid import Hybrid
 from .lowrank import LowRank
 from .operator import Operator
@@ -50,6 +51,8 @@ def _blocks(op: Operator) -> tuple[list[tuple[int, int, int, int, str, int]], in
     if isinstance(op, LowRank):
         live = int(np.count_nonzero(np.any(op.U != 0, axis=1)))
         return [(0, 0, live, live, "far", op.rank)], live
+    if isinstance(op, Dense):
+        return [(0, 0, op.shape[0], op.shape[0], "leaf", op.shape[0])], op.shape[0]
     h = op.hmatrix if isinstance(op, Hybrid) else op
     start, size = h.node_start, h.node_stop - h.node_start
     out = []
@@ -68,7 +71,7 @@ def _blocks(op: Operator) -> tuple[list[tuple[int, int, int, int, str, int]], in
 
 
 def plot_structure(op: Operator, ax: Axes) -> Axes:
-    """Draw the block structure of a LowRank, HMatrix or Hybrid on ``ax``.
+    """Draw the block structure of a LowRank, HMatrix, Hybrid or Dense operator on ``ax``.
 
     The axes are tree positions (the H-matrix permutation; for a low rank, the
     parameters with nonzero rows first); parameters outside the tree (zero
@@ -81,6 +84,7 @@ def plot_structure(op: Operator, ax: Axes) -> Axes:
     >>> from matplotlib.figure import Figure
     >>> ax = Figure().add_subplot()
     >>> _ = plot_structure(LowRank(np.eye(6, 2)), ax)
+    >>> _ = plot_structure(Dense(np.eye(4)), ax)
     """
     store.kind_of(op)
     blocks, n_tree = _blocks(op)
@@ -104,6 +108,8 @@ def plot_structure(op: Operator, ax: Axes) -> Axes:
     ax.set_aspect("equal")
     if isinstance(op, LowRank):
         title = f"global low rank U Uᵀ, rank {op.rank}"
+    elif isinstance(op, Dense):
+        title = "dense G (the smallest form meeting tol)"
     elif isinstance(op, Hybrid):
         title = f"hybrid: U Uᵀ (rank {op.lowrank.rank}) + H-matrix"
     else:

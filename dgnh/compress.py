@@ -311,8 +311,8 @@ def memory_floor(method: str, gn, options: CompressOptions,
     ``8·N`` for a low rank (rank >= 1), ``8·N²`` for the dense form, the exact
     diagonal leaf blocks for an H-matrix (``8·n²/2^depth`` for ``n`` parameters
     with a positive diagonal in the balanced tree of ``leaf_size``), and for a
-    hybrid its low-rank part (``built["lowrank"]``) plus the leaf blocks of the
-    remainder's tree.
+    hybrid its low-rank part (``built["lowrank"]``, else rank 1) plus the leaf
+    blocks of the remainder's tree.
 
     Examples
     --------
@@ -328,8 +328,9 @@ def memory_floor(method: str, gn, options: CompressOptions,
     diagonal = np.asarray(gn.diagonal())
     base = 0
     if method == "hybrid":
-        lowrank = built["lowrank"]
-        diagonal, base = RemainderSource(gn, lowrank.U).diagonal(), lowrank.nbytes
+        lowrank = built.get("lowrank")
+        diagonal, base = ((RemainderSource(gn, lowrank.U).diagonal(), lowrank.nbytes)
+                          if lowrank is not None else (diagonal, 8 * N))
     n = int(np.count_nonzero(diagonal > 0))
     return base + 8.0 * n * n / 2 ** tree_depth(n, options.leaf_size)
 
@@ -410,9 +411,9 @@ def _warn_if_missed(report: dict[str, Any], options: CompressOptions) -> None:
     outcome = (f"certified error ‖G − H‖₂/‖G‖₂ ≈ {report['error_estimate']:.2e} "
                f"{'meets' if report['tol_met'] else 'misses'} tol={options.tol:g}")
     if report["max_rank_binds"]:
-        where = (f"n_capped_nodes={report['n_capped_nodes']} H-matrix nodes cut"
-                 if report["n_capped_nodes"] else f"the low rank stopped at rank "
-                                                  f"{report.get('rank')}")
+        where = f"n_capped_nodes={report['n_capped_nodes']}" + (
+            " H-matrix nodes cut" if report["n_capped_nodes"]
+            else f"; the low rank stopped at rank {report.get('rank')}")
         message = (f"{what}: max_rank={options.max_rank} binds ({where}); {outcome}; raise "
                    "max_rank for a more accurate result")
     else:

@@ -21,9 +21,6 @@ Array = np.ndarray
 REMAINDER_ZERO = 1e-12  # remainder diagonal below this fraction of G_aa counts as zero
 
 
-
-
-
 class RemainderSource:
     """Entry source for ``G − UUᵀ`` (the remainder of a low-rank part).
 
@@ -72,7 +69,6 @@ class RemainderSource:
         blocks = self.source.entries_many(requests, eps=eps, delta=delta, seed=seed)
         return [np.asarray(B, dtype=np.float64) - self.U[np.asarray(r, dtype=np.int64)]
                 @ self.U[np.asarray(c, dtype=np.int64)].T for B, (r, c) in zip(blocks, requests)]
-
 
 
 class Hybrid(Operator):
@@ -136,7 +132,7 @@ class Hybrid(Operator):
         >>> net = dgnh.MLP([rng.normal(size=(6, 3)), rng.normal(size=(2, 6))],
         ...                [np.zeros(6), np.zeros(2)], ["tanh", "identity"])
         >>> gn = dgnh.GaussNewton(net, rng.normal(size=(8, 3)), rng.normal(size=(8, 2)))
-        >>> op = dgnh.compress(gn, method="hybrid", max_rank=2, leaf_size=8, progress=False)
+        >>> op = dgnh.compress(gn, method="hybrid", max_rank=8, leaf_size=8, progress=False)
         >>> back = Hybrid.from_arrays(op.to_arrays(), op.attrs())
         >>> v = rng.normal(size=gn.n_params)
         >>> bool(np.array_equal(back @ v, op @ v))

@@ -8,9 +8,16 @@ Two constructions (docs/design.md §4):
   largest residual diagonal entries in *one* ``entries_many`` batch, then
   eliminates them one by one in order of their current residual diagonal,
   skipping candidates that earlier pivots of the round made redundant.
-* :func:`nystrom` — randomized Nyström from exact products ``op @ V``
-  (the numerically stable, shifted version of Tropp, Yurtsever, Udell and
-  Cevher, 2017).
+* :func:`nystrom` — randomized Nyström from exact products ``op @ V`` (the
+  numerically stable, shifted version of Tropp, Yurtsever, Udell and Cevher,
+  2017) on a block Krylov space ``span{Ω, GΩ, …, G^q Ω}`` (:class:`KrylovNystrom`),
+  truncated to the wanted rank by an eigendecomposition of the small core; of a
+  fixed rank, or adaptive: the space grows until the block-Lanczos certificate
+  of ``‖G − UUᵀ‖₂`` meets ``tol`` or the rank reaches ``max_rank``. With one
+  power iteration (two products per start vector) it came within 1.3× of the
+  optimal rank-r error (the truncated eigendecomposition, λ_{r+1}) on digits and
+  random GNHs, where pivoted Cholesky and the one-product Nyström were 1.5–8×
+  off; it is what ``dgnh.compress`` uses for ``method="lowrank"``.
 
 Both give ``UUᵀ`` with ``G − UUᵀ`` positive semi-definite for exact input, so
 ``UUᵀ`` is never indefinite. Parameters whose diagonal ``G_aa`` is 0 (dead ReLU
@@ -557,16 +564,17 @@ def _adaptive(op, space: KrylovNystrom, rng, tol: float, max_rank: int, oversamp
         exact = space.full or scale == 0  # then the approximation is exact: tol is met
         ranks = [min(int(np.count_nonzero(lam > keep * tol * scale)), max_rank)
                  for keep in (TRIM, KEEP)]
-        if exact or ranks[1] <= used - oversample or used >= budget:  # enough start vectors
-            for r in sorted(set(ranks)):  # the smaller rank first
-                U = space.truncated(r)
-                error = _relative_error(op, U, scale, seed, space.live)
-                if error <= tol:
-                    return lam, U, "exact" if exact else "estimate", rounds, error
-            if r == max_rank and (exact or used >= budget):
-                return lam, U, "max_rank", rounds, error
-            if exact or used >= budget:
-                return lam, U, "exact" if exact else "budget", rounds, error
+        last = exact or used >= budget
+        for r in sorted(set(ranks)):  # the smaller rank first, if start vectors cover it
+            if not (last or r <= used - oversample):
+                break
+            U = space.truncated(r)
+            error = _relative_error(op, U, scale, seed, space.live)
+            if error <= tol:
+                return lam, U, "exact" if exact else "estimate", rounds, error
+        if last:
+            stop = "max_rank" if r == max_rank else "exact" if exact else "budget"
+            return lam, U, stop, rounds, error
         block = min(used, budget - used)
 
 

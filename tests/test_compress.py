@@ -253,3 +253,143 @@ def test_benchmark_prints_its_table(capsys):
     assert bench_main(["--quick", "--tols", "1e-2", "--methods", "hmatrix", "lowrank"]) == 0
     out = capsys.readouterr().out
     assert "K-FAC" in out and "dense" in out and "true err" in out
+
+
+# ------------------------------------------- auto against every form, warnings (issue 11)
+import re  # noqa: E402
+import warnings  # noqa: E402
+
+from cases import HELD_OUT_CASES  # noqa: E402
+from dgnh.compress import CompressOptions, _warn_if_missed, memory_floor  # noqa: E402
+from dgnh.dense import Dense  # noqa: E402
+
+FORMS = ["lowrank", "hmatrix", "hybrid", "dense"]
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    """name -> (gn, dense G, eigenvalues descending) of ``cases.HELD_OUT_CASES``, cached."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            gn = HELD_OUT_CASES[name]()
+            G = gn.dense()
+            cache[name] = (gn, G, np.linalg.eigvalsh(G)[::-1])
+        return cache[name]
+    yield get
+    for gn, _, _ in cache.values():
+        gn.close()
+
+
+def quiet_compress(gn, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return compress(gn, progress=False, **kw)
+
+
+@pytest.mark.parametrize("name, tol, max_rank", [
+    ("trained_classifier", 1e-3, None), ("trained_autoencoder", 1e-4, 256),
+    ("relu_regression", 1e-2, 256)])
+def test_auto_picks_the_smallest_form_meeting_tol(held_out, name, tol, max_rank):
+    """Against each form's true error and nbytes: auto's pick meets tol and nothing that
+    meets it is smaller; unless max_rank cuts the low rank, the pick uses at most 1.5× the
+    memory of the optimal truncated eigendecomposition reaching the same true error."""
+    gn, G, lam = held_out(name)
+    norm, N = lam[0], gn.n_params
+    kw = dict(tol=tol, max_rank=max_rank or N, leaf_size=128, seed=0)
+    forms = {m: quiet_compress(gn, method=m, **kw) for m in FORMS}
+    true = {m: true_error(op, G, norm) for m, op in forms.items()}
+    auto = quiet_compress(gn, method="auto", **kw)
+    pick = auto.report["method"]
+    assert np.array_equal(auto.to_dense(), forms[pick].to_dense())
+    assert true[pick] <= 1.05 * tol
+    for m, op in forms.items():
+        if true[m] <= 0.95 * tol:
+            assert auto.nbytes <= op.nbytes, (pick, m, true)
+    if not forms["lowrank"].report["max_rank_binds"]:
+        optimal_rank = int(np.count_nonzero(lam > true[pick] * norm))
+        assert auto.nbytes <= 1.5 * 8 * N * optimal_rank
+    options = CompressOptions(**kw)  # the memory floors that let auto skip forms are bounds
+    for m, op in forms.items():
+        assert memory_floor(m, gn, options, {"lowrank": forms["lowrank"]}) <= op.nbytes
+    for c in auto.report["candidates"]:
+        if not c["built"] and c["method"] != "dense":
+            assert c["memory_floor"] >= auto.nbytes
+
+
+def test_auto_falls_back_to_the_exact_dense_form(problems):
+    gn, G, norm = problems("classifier")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # tol met: no warning
+        op = compress(gn, method="auto", tol=1e-9, max_rank=3, leaf_size=64, progress=False)
+    assert isinstance(op, Dense) and op.report["method"] == "dense"
+    assert np.allclose(op.to_dense(), G, rtol=0, atol=1e-14 * norm)
+    cands = {c["method"]: c for c in op.report["candidates"]}
+    assert cands["dense"]["built"] and cands["dense"]["tol_met"]
+    assert cands["lowrank"]["max_rank_binds"] and not cands["lowrank"]["tol_met"]
+
+
+@pytest.mark.parametrize("kw, binds", [
+    ({"method": "lowrank", "tol": 1e-3}, False),
+    ({"method": "lowrank", "tol": 1e-6, "max_rank": 10}, True),
+    ({"method": "lowrank", "tol": 1e-6, "max_rank": 10, "lowrank_method": "pivoted_cholesky"},
+     True),
+    ({"method": "hmatrix", "tol": 1e-6, "max_rank": 4, "leaf_size": 32}, True),
+    ({"method": "hmatrix", "tol": 1e-3, "leaf_size": 64}, False),
+    ({"method": "hybrid", "tol": 1e-6, "max_rank": 6, "leaf_size": 32}, True),
+    ({"method": "dense", "tol": 1e-3}, False),
+    ({"method": "auto", "tol": 1e-4, "max_rank": 8}, False),
+])
+def test_warning_exactly_when_tol_is_missed_or_the_cap_binds(problems, kw, binds):
+    gn, G, norm = problems("classifier")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        op = compress(gn, progress=False, **kw)
+    rep = op.report
+    assert rep["max_rank_binds"] == binds
+    assert (rep["n_capped_nodes"] > 0) == (binds and rep["method"] in ("hmatrix", "hybrid"))
+    mine = [w for w in caught if issubclass(w.category, UserWarning)
+            and str(w.message).startswith("compress(")]
+    assert len(mine) == (1 if binds or not rep["tol_met"] else 0)
+    if mine:
+        text = str(mine[0].message)
+        assert f"{rep['error_estimate']:.2e}" in text and f"tol={kw['tol']:g}" in text
+        assert mine[0].filename == __file__  # attributed to the caller
+    if binds:
+        assert f"max_rank={kw['max_rank']}" in text
+        assert f"n_capped_nodes={rep['n_capped_nodes']}" in text
+
+
+@pytest.mark.parametrize("report, expected", [
+    ({"method": "lowrank", "tol_met": True, "max_rank_binds": False, "n_capped_nodes": 0}, None),
+    ({"method": "hmatrix", "tol_met": False, "max_rank_binds": False, "n_capped_nodes": 0},
+     r"certified error .* ≈ 2.00e-03 misses tol=0.001; raise max_rank, lower leaf_size"),
+    ({"method": "hmatrix", "tol_met": True, "max_rank_binds": True, "n_capped_nodes": 7},
+     r"max_rank=50 binds \(n_capped_nodes=7 H-matrix nodes cut\); .* meets tol=0.001"),
+    ({"method": "lowrank", "tol_met": False, "max_rank_binds": True, "n_capped_nodes": 0,
+      "rank": 50}, r"max_rank=50 binds \(n_capped_nodes=0; the low rank stopped at rank 50\)"),
+])
+def test_warning_messages(report, expected):
+    options = CompressOptions(method="auto", tol=1e-3, max_rank=50)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _warn_if_missed({**report, "error_estimate": 2e-3}, options)
+    if expected is None:
+        assert not caught
+    else:
+        assert len(caught) == 1 and caught[0].category is UserWarning
+        assert f"compress(method='auto') chose {report['method']!r}" in str(caught[0].message)
+        assert re.search(expected, str(caught[0].message))
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    ({"lowrank_method": "svd"}, ValueError, "unknown lowrank_method 'svd'"),
+    ({"power_iterations": -1}, ValueError, "power_iterations must be an integer >= 0"),
+    ({"power_iterations": 1.5}, TypeError, "power_iterations must be an integer"),
+    ({"method": "dense-ish"}, ValueError, "unknown method 'dense-ish'"),
+])
+def test_new_options_are_validated(problems, kw, error, match):
+    gn, G, norm = problems("classifier")
+    with pytest.raises(error, match=match):
+        compress(gn, **kw)

@@ -233,7 +233,7 @@ def test_same_seed_same_result_and_one_round_per_level(problems):
     b = build(gn, leaf, tol=1e-3, max_rank=100, seed=5)
     depth = a.report["depth"]
     assert src.rounds == 2 * depth + 1 == a.report["entry_rounds"]
-    assert src.products == 1  # 125 Gaussian sketch columns in one product call
+    assert src.products == 2  # 150 Gaussian columns, then 150 power-iterated ones
     for key, value in a.to_arrays().items():
         assert np.array_equal(value, b.to_arrays()[key]), key
 
@@ -389,9 +389,10 @@ def test_sketch_grows_where_ranks_fill_it(held_out, contract_build):
     """Ranks beyond the first sketch rank (256) at tol 1e-6: the sketch widened."""
     report = contract_build("tanh_trained", 1e-6, 48).report
     assert report["rank_max"] > 256 and report["sketch_growths"] >= 1
-    assert report["sketch_columns"] > 256 + 64
-    assert report["product_rounds"] == report["sketch_growths"] + 1  # Gaussian: 1 per round
-    assert report["power_iterations"] == 0
+    assert report["gaussian_columns"] > 256 + 128
+    assert report["power_iterations"] == 1  # the default: 2 product rounds per width
+    assert report["product_rounds"] == 2 * (report["sketch_growths"] + 1)
+    assert report["sketch_columns"] == 2 * report["gaussian_columns"]
 
 
 @pytest.mark.parametrize("name, max_rank, tol", [("tanh_trained", 24, 1e-4),
@@ -407,7 +408,7 @@ def test_capped_nodes_are_counted_and_h_stays_psd(held_out, name, max_rank, tol)
     assert uncapped.report["n_capped_nodes"] == 0
 
 
-@pytest.mark.parametrize("power_iterations", [1, 2])
+@pytest.mark.parametrize("power_iterations", [0, 1, 2])
 def test_power_iterations_batch_their_products(held_out, power_iterations):
     gn, G, norm = held_out("relu_trained")
 
@@ -429,10 +430,11 @@ def test_power_iterations_batch_their_products(held_out, power_iterations):
     src = Counting(gn)
     h = build(src, 96, tol=1e-2, max_rank=100, power_iterations=power_iterations)
     report = h.report
-    assert report["sketch_growths"] == 0 and report["sketch_columns"] == 125
+    assert report["sketch_growths"] == 0 and report["gaussian_columns"] == 150
+    assert report["sketch_columns"] == (300 if power_iterations else 150)
     assert report["product_rounds"] == power_iterations + 1
     assert src.calls == report["product_rounds"] and src.columns == report["product_columns"]
-    assert src.columns == 125 * (power_iterations + 1)
+    assert src.columns == 150 * (power_iterations + 1)
     assert np.linalg.eigvalsh(h.to_dense())[0] >= -1e-12 * norm
 
 

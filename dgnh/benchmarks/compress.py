@@ -13,8 +13,8 @@ true ``‖G − H‖₂/‖G‖₂`` against the dense G and the certificate's e
 memory (MiB and relative to dense), ``mem/opt`` = memory over that of the optimal
 truncated eigendecomposition reaching the same true error (``8·N·r`` for the
 smallest such rank ``r``; below 1 the form beats it), ``λ_min(H)/‖G‖₂``, the
-build time over the time of one exact GNH product with 256 vectors measured in the
-same run (``t/t256``), whether ``max_rank`` binds (``cap``: ``rank`` for a low
+wall time of the ``compress`` call (build and certificate) over that of one exact
+GNH product with 256 vectors measured in the same run (``t/t256``), whether ``max_rank`` binds (``cap``: ``rank`` for a low
 rank, else the number of capped H-matrix nodes), and what ``method="auto"``
 picks (``*``; its own row gives its total time). Block-diagonal K-FAC is
 listed once per network for scale.

@@ -34,28 +34,36 @@ from .tree import ClusterTree, cluster_tree, grow_trees, tree_depth
 Array = np.ndarray
 INITIAL_RANK = 256  # first sketch rank (below max_rank the sketch grows where needed)
 MAX_GROWTHS = 4  # widening rounds of the sketch
-LEVEL_SAFETY = 4.0  # τ = tol·‖G‖ / (LEVEL_SAFETY·√depth): the global tolerance split by level
+LEVEL_SAFETY = 5.0  # τ = tol·‖G‖/(LEVEL_SAFETY·√depth): the global tolerance per level
 PSD_REG = 1e-12  # PSD: H + (σ + PSD_REG·‖G‖)·I must have a Cholesky factorization
 PSD_PRECISION = 0.05  # relative precision of the bisection for σ
 
 
 # ------------------------------------------------------------------ per-node numerics
-def _pivoted_id(block: Array, tol: float, max_rank: int,
-                threshold: float) -> tuple[Array, Array, int]:
-    """:func:`interpolative_decomposition` and the rank the thresholds want (before the cap)."""
-    m, n = block.shape
-    if m == 0 or n == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, n)), 0
-    R, piv = scipy.linalg.qr(block, mode="r", pivoting=True, check_finite=False)
+def _pivoted_qr(block: Array) -> tuple[Array, Array]:
+    """``R`` and the column pivots of a pivoted QR (empty for an empty block)."""
+    if block.size == 0:
+        return np.zeros((0, block.shape[1])), np.arange(block.shape[1])
+    return scipy.linalg.qr(block, mode="r", pivoting=True, check_finite=False)
+
+
+def _rank(R: Array, tol: float, threshold: float) -> int:
+    """Leading pivots with ``|R_kk| > max(tol·|R_00|, threshold)``."""
     diag = np.abs(np.diag(R))
+    if diag.size == 0:
+        return 0
     small = diag <= max(tol * diag[0], threshold)
-    wanted = int(np.argmax(small)) if small.any() else len(diag)
-    k = min(wanted, max_rank)
+    return int(np.argmax(small)) if small.any() else len(diag)
+
+
+def _interpolation(R: Array, piv: Array, k: int) -> tuple[Array, Array]:
+    """Skeleton (the first ``k`` pivots) and ``T`` with ``block ≈ block[:, skel] @ T``."""
+    n = len(piv)
     T = np.zeros((k, n))
     T[:, piv[:k]] = np.eye(k)
-    if k < n:
+    if 0 < k < n:
         T[:, piv[k:]] = scipy.linalg.solve_triangular(R[:k, :k], R[:k, k:], check_finite=False)
-    return piv[:k].astype(np.int64), T, wanted
+    return piv[:k].astype(np.int64), T
 
 
 def interpolative_decomposition(block: Array, tol: float, max_rank: int,
@@ -80,12 +88,12 @@ def interpolative_decomposition(block: Array, tol: float, max_rank: int,
     >>> interpolative_decomposition(A, 0.0, 5, threshold=10.0)[0].tolist()  # |R_00| < 10
     []
     """
-    skel, T, _ = _pivoted_id(block, tol, max_rank, threshold)
-    return skel, T
+    R, piv = _pivoted_qr(block)
+    return _interpolation(R, piv, min(_rank(R, tol, threshold), max_rank))
 
 
 def leaf_sketch(Y_leaf: Array, D: Array, omega_leaf: Array) -> Array:
-    """``Ω[out]ᵀ G[out, α]`` of a leaf from ``Y[α] = (GΩ)[α]``: ``(Y[α] − G[α, α] Ω[α])ᵀ``.
+    """``Ω[out]ᵀ G[out, α]`` of a leaf from ``Y[α] = (GΩ)[α]``: ``(Y[α] − G[α,α]Ω[α])ᵀ``.
 
     Examples
     --------
@@ -202,10 +210,23 @@ class NodeState:
     test_coefficients: Array | None = None
     wanted: int = 0
 
-    def skeletonize(self, candidates: Array, threshold: float, max_rank: int) -> None:
-        """Skeleton and interpolation from :attr:`sketch` over ``candidates``."""
-        self.local_skeleton, self.interpolation, self.wanted = _pivoted_id(
-            self.sketch, 0.0, max_rank, threshold)
+    def skeletonize(self, candidates: Array, threshold: float, max_rank: int,
+                    gaussian: Array) -> None:
+        """Skeleton and interpolation from :attr:`sketch` over ``candidates``.
+
+        The rows of the Gaussian columns (``gaussian``, a mask) set the rank
+        (:attr:`wanted`: pivots above ``threshold``), capped at ``max_rank``;
+        with power-iterated rows the skeleton comes from all rows, the Gaussian
+        ones scaled to unit typical norm.
+        """
+        R, piv = _pivoted_qr(self.sketch[gaussian])
+        self.wanted = _rank(R, 0.0, threshold)
+        if not gaussian.all():
+            rows = np.vstack([self.sketch[gaussian] / np.sqrt(gaussian.sum()),
+                              self.sketch[~gaussian]])
+            R, piv = _pivoted_qr(rows)
+        self.local_skeleton, self.interpolation = _interpolation(R, piv,
+                                                                 min(self.wanted, max_rank))
         self.skeleton = candidates[self.local_skeleton]
         self.test_coefficients = self.interpolation @ self.inputs
 
@@ -291,13 +312,15 @@ def _skeletonize_level(tree: ClusterTree, states: list[NodeState], nodes: Array,
     while True:
         for a in nodes:
             states[a].skeletonize(_candidates(tree, states, a), plan.threshold * sketch.scale,
-                                  plan.max_rank)
-        full = [a for a in nodes if plan.saturated(states[a], len(states[a].inputs), sketch.width,
-                                                   len(tree.perm))]
-        if not full or sketch.growths > MAX_GROWTHS:
+                                  plan.max_rank, sketch.gaussian)
+        if sketch.growths > MAX_GROWTHS or not any(
+                plan.saturated(states[a], len(states[a].inputs), sketch.gaussian_width,
+                               len(tree.perm)) for a in nodes):
             break
         plan.rank = min(2 * plan.rank, plan.max_rank)
-        new = sketch.grow(plan.columns(plan.rank) - sketch.width)
+        new = sketch.grow(plan.columns(plan.rank) - sketch.gaussian_width)
+        if new.start == new.stop:
+            break
         rows = _rows_for_columns(tree, states, tree.node_level[nodes[0]], sketch.omega[:, new],
                                  sketch.Y[:, new])
         for a in nodes:
@@ -351,12 +374,14 @@ def psd_shift(h: HMatrix, norm: float, guess: float, seed: int = 0) -> tuple[flo
 
     The test is the HSS Cholesky (:class:`~dgnh.hmatrix.HSSFactorization`,
     exact for ``H_hss``) at ``reg = PSD_REG·norm``: it succeeds exactly when
-    ``σ > σ* = −λ_min(H_hss) − reg``. From ``σ = max(guess, −θ_min)`` (``θ_min``
-    a Lanczos estimate of ``λ_min``) the bracket grows 4× until the
-    factorization ``F`` succeeds; the largest Ritz value ``θ`` of ``F``
-    (Lanczos on the inverse, O(N·r) per product) gives the lower bound
-    ``σ − 1/θ ≤ σ*``, tried first with ``PSD_PRECISION`` to spare, then
-    bisected. ``σ* ≤ ‖G − H_hss‖₂``. Returns ``σ`` and the number of factorizations.
+    ``σ > σ* = −λ_min(H_hss) − reg``. The smallest Ritz value ``θ_min ≥ λ_min``
+    of ``H_hss`` (Lanczos, O(N·r) per product) either proves ``σ* > 0`` or
+    ``σ = 0`` is tried. From ``σ = max(guess, −2θ_min)`` the bracket grows 4×
+    until the factorization ``F`` succeeds; the largest Ritz value ``θ`` of
+    ``F`` (Lanczos on the inverse) gives the lower bound ``σ − 1/θ ≤ σ*``,
+    tried first with ``PSD_PRECISION`` to spare, then bisected. Typically two
+    factorizations. ``σ* ≤ ‖G − H_hss‖₂``. Returns ``σ`` and the number of
+    factorizations.
 
     Examples
     --------
@@ -365,49 +390,54 @@ def psd_shift(h: HMatrix, norm: float, guess: float, seed: int = 0) -> tuple[flo
     ...             [np.array([[2.0]]), None, None], [np.eye(1), np.eye(1)],
     ...             np.zeros((0, 2)), [])
     >>> sigma, _ = psd_shift(h, 3.0, 0.1)  # λ_min([[1, 2], [2, 1]]) = −1
-    >>> bool(1.0 <= sigma <= 1.0 + PSD_PRECISION)
+    >>> bool(abs(sigma - 1.0) <= 0.06)
     True
     """
     hss = h.without_near_field()
     reg = PSD_REG * norm
-    tried: list[HSSFactorization | None] = []
+    count = 0
 
-    def definite(sigma: float) -> bool:
+    def factorization(sigma: float) -> HSSFactorization | None:
+        nonlocal count
+        count += 1
         try:
-            tried.append(HSSFactorization(hss.with_shift(sigma), reg))
+            return HSSFactorization(hss.with_shift(sigma), reg)
         except IndefiniteError:
-            tried.append(None)
-        return tried[-1] is not None
+            return None
 
-    if norm <= 0 or len(hss.perm) == 0 or definite(0.0):
-        return 0.0, len(tried)
+    if norm <= 0 or len(hss.perm) == 0:
+        return 0.0, 0
     support = np.zeros(hss.shape[0], dtype=bool)
     support[hss.perm] = True
-    low = 0.0
-    high = max(guess, -float(ritz_values(hss.matvec, hss.shape[0], seed=seed,
-                                         support=support).min()), reg)
-    while not definite(high):
+    block = min(4, len(hss.perm))  # Lanczos block size
+    lowest = float(ritz_values(hss.matvec, hss.shape[0], seed=seed, block_size=block,
+                               support=support).min())  # ≥ λ_min
+    if lowest >= -reg and factorization(0.0) is not None:  # else σ* > 0 is proven
+        return 0.0, count
+    low, high = 0.0, max(guess, -2.0 * lowest, reg)
+    while (inverse := factorization(high)) is None:
         low, high = high, 4.0 * high
-    inverse = tried[-1]  # restricted to the tree: outside it the inverse is 1/reg
 
-    def apply(V: Array) -> Array:
+    def apply(V: Array) -> Array:  # on the tree's parameters (outside, the inverse is 1/reg)
         return inverse.matvec(V * support[:, None]) * support[:, None]
 
-    theta = float(ritz_values(apply, hss.shape[0], seed=seed, steps=20, support=support).max())
+    theta = float(ritz_values(apply, hss.shape[0], seed=seed, block_size=block, steps=20,
+                              support=support).max())
     low = max(low, high - 1.0 / theta) if theta > 0 else low
-    if high - low > PSD_PRECISION * high and definite(low * (1.0 + PSD_PRECISION)):
+    if (high - low > PSD_PRECISION * high
+            and factorization(low * (1.0 + PSD_PRECISION)) is not None):
         high = low * (1.0 + PSD_PRECISION)
     while high - low > PSD_PRECISION * high:
         middle = 0.5 * (low + high)
-        low, high = (low, middle) if definite(middle) else (middle, high)
-    return high, len(tried)
+        low, high = (low, middle) if factorization(middle) is not None else (middle, high)
+    return high, count
 
 
 def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int = 256,
                   budget: float = 0.0, neighbors: int = 32, metric: str = "angle",
                   eps: float | None = None, seed: int = 0, n_trees: int = 4,
                   max_near: int = 32, oversampling: int | None = None,
-                  power_iterations: int = 0, norm_estimate: float | None = None,
+                  power_iterations: int = 1, norm_estimate: float | None = None,
                   progress: bool | None = None) -> HMatrix:
     """Build a positive semi-definite :class:`~dgnh.hmatrix.HMatrix` of the symmetric PSD
     matrix behind ``source``, aiming at ``‖G − H‖₂ ≤ tol·‖G‖₂``.
@@ -431,9 +461,12 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
     seed : seeds every random choice (and the entry sampler).
     n_trees : randomized trees for the neighbour search (the first is the cluster tree).
     max_near : absolute cap on the near leaves of one leaf.
-    oversampling : sketch columns beyond the target rank (``None``: ``max(10, rank/4)``).
-    power_iterations : subspace iterations ``Ω ← orth(GΩ)`` on the test matrix (>= 0).
-    norm_estimate : ``‖G‖₂`` if known (e.g. from Lanczos); ``None``: ``‖GΩ‖₂`` from the sketch.
+    oversampling : sketch columns beyond the target rank (``None``: ``max(10, rank/2)``).
+    power_iterations : ``q``: with ``q ≥ 1`` the skeletons come from Gaussian and
+        power-iterated sketch rows ``orth(G^q Ω₀)`` (:mod:`~dgnh.hmatrix.sketch`), the
+        ranks from the Gaussian ones; ``q + 1`` product rounds per sketch width (>= 0).
+    norm_estimate : ``‖G‖₂`` if known (e.g. from Lanczos); ``None``: a lower bound from
+        the sketch (:meth:`~dgnh.hmatrix.sketch.Sketch.norm_estimate`).
     progress : show a progress bar per tree level (``None``: only on a terminal).
 
     Examples
@@ -482,7 +515,8 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
                   [s.interpolation for s in states], [s.coupling for s in states],
                   tree.leaf_blocks, tree.near_pairs[:0], [])
     with rounds.timed("psd_shift"):
-        shift, n_factorizations = psd_shift(hss, norm, plan.threshold, seed)
+        guess = max(tol * norm, sketch.error_guess(hss.matvec))
+        shift, n_factorizations = psd_shift(hss, norm, guess, seed)
         hss = hss.with_shift(shift)
     with rounds.timed("near_blocks"):
         h = hss.with_near_field(tree.near_pairs,
@@ -498,6 +532,7 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
         "n_leaves": len(tree.leaf_start) - 1 if len(active) else 0,
         "n_near_pairs": len(tree.near_pairs), "entry_rounds": rounds.rounds,
         "entries_requested": rounds.entries, "sketch_columns": sketch.width,
+        "gaussian_columns": sketch.gaussian_width,
         "power_iterations": power_iterations, "product_rounds": sketch.product_rounds,
         "product_columns": sketch.product_columns, "sketch_growths": max(sketch.growths - 1, 0),
         "norm_estimate": norm, "threshold": plan.threshold,

@@ -117,10 +117,11 @@ def test_layout_is_self_describing_with_plain_zarr(saved, gn, dense):
         off = a["skeleton_offsets"]
         return a["skeleton_params"][off[node]:off[node + 1]]
 
-    for i, node in enumerate(a["leaf_nodes"]):  # exact diagonal blocks of G in tree order
+    shift = group.attrs["report"]["details"]["psd_shift"]  # the PSD compensation σ·I, recorded
+    for i, node in enumerate(a["leaf_nodes"]):  # exact diagonal blocks of G + σI in tree order
         idx = perm[a["node_start"][node]:a["node_stop"][node]]
-        np.testing.assert_allclose(block("leaf", i), dense[np.ix_(idx, idx)], rtol=1e-12,
-                                   atol=1e-15)
+        np.testing.assert_allclose(block("leaf", i), dense[np.ix_(idx, idx)] + shift * np.eye(
+            len(idx)), rtol=1e-12, atol=1e-15)
     for i, node in enumerate(a["coupling_nodes"]):  # G[skeleton(child 1), skeleton(child 2)]
         c1, c2 = a["node_children"][node]
         np.testing.assert_allclose(block("coupling", i),

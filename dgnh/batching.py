@@ -40,6 +40,7 @@ def split_request(specs: list[tuple], cap: int, entry_bytes: int = 8) -> list[tu
 
     Examples
     --------
+    >>> import numpy as np
     >>> loc = tuple(np.zeros(4, dtype=int) for _ in range(3))
     >>> [w for w, _, _ in split_request([("exact", loc, loc)], 8)]
     [(slice(0, 4, None), slice(0, 2, None)), (slice(0, 4, None), slice(2, 4, None))]
@@ -76,6 +77,7 @@ def request_shape(spec: tuple) -> tuple[int, ...]:
 
     Examples
     --------
+    >>> import numpy as np
     >>> loc = tuple(np.zeros(3, dtype=int) for _ in range(3))
     >>> request_shape(("exact", loc, loc))
     (3, 3)

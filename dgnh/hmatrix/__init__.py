@@ -10,7 +10,8 @@ as a :class:`~dgnh.gauss_newton.GaussNewton` — into an :class:`HMatrix`:
    node is split at the median of ``d(·, p) − d(·, q)`` for the farthest pair
    ``p, q`` among a few sampled columns, with the Gram-angle distance
    ``1 − G_ab²/(G_aa G_bb)`` (a zero entry is *far*) or the Gram distance
-   ``G_aa + G_bb − 2G_ab``.
+   ``G_aa + G_bb − 2G_ab``. One round of sampled columns splits two levels
+   (a round costs about one pass over the Jacobian).
 3. With a near field (``budget > 0``), neighbours from ``n_trees`` randomized
    trees vote for the leaf pairs stored as exact near-field corrections
    (at most ``budget·(n_leaves − 1)`` and ``max_near`` per leaf); ``budget = 0`` is HSS.
@@ -56,10 +57,11 @@ from .build import build_hmatrix, interpolative_decomposition, leaf_sketch, pare
 from .factorization import HSSFactorization
 from .operator import FORMAT, FORMAT_VERSION, HMatrix
 from .tree import (METRICS, entry_distances, leaf_neighbors, merge_neighbors, select_near_pairs,
-                   split_node)
+                   split_levels, split_node)
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "METRICS", "HMatrix", "HSSFactorization", "build_hmatrix",
     "entry_distances", "interpolative_decomposition", "leaf_neighbors", "leaf_sketch",
-    "merge_neighbors", "parent_sketch", "psd_shift", "select_near_pairs", "split_node",
+    "merge_neighbors", "parent_sketch", "psd_shift", "select_near_pairs", "split_levels",
+    "split_node",
 ]

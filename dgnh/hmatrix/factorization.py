@@ -147,9 +147,8 @@ class HSSFactorization(Factorization):
             k = len(local)
             E = h.interpolations[a][:, order[k:]]
             Dp = D[np.ix_(order, order)]
-            R = np.vstack([-E, np.eye(len(order) - k)])  # Z⁻¹ restricted to the redundant part
-            DR = Dp @ R
-            M_rr = R.T @ DR
+            DR = Dp[:, k:] - Dp[:, :k] @ E  # D̂ Z⁻¹ on the redundant part, Z⁻¹ = [−E; I]
+            M_rr = DR[k:] - E.T @ DR[:k]
             L = _cholesky((M_rr + M_rr.T) / 2, a, "the redundant block")
             K = (scipy.linalg.solve_triangular(L, DR[:k].T, lower=True, check_finite=False)
                  if L.size else np.zeros((0, k)))

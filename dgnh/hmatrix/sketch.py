@@ -184,5 +184,5 @@ class Sketch:
         keep = lam > 1e-12 * max(lam[-1], 0.0)
         if not keep.any():
             return 0.0
-        C = self.Y @ (V[:, keep] / np.sqrt(lam[keep]))  # GΩ B^{-1/2}, B = ΩᵀGΩ
-        return float(np.linalg.norm(C, 2) ** 2)
+        W = V[:, keep] / np.sqrt(lam[keep])  # ‖GΩW‖₂² with W = B^{-1/2}, B = ΩᵀGΩ
+        return float(np.linalg.eigvalsh(W.T @ (self.Y.T @ self.Y) @ W)[-1])

@@ -24,7 +24,8 @@ import numpy as np
 Array = np.ndarray
 Fetch = Callable[[list[tuple[Array, Array]], str], list[Array]]
 METRICS = ("angle", "gram")
-PIVOT_SAMPLES = 8  # sampled columns per node for the split pivots (16: no more accurate)
+PIVOT_SAMPLES = 16  # sampled columns per node and round, for the split pivots
+LEVELS_PER_ROUND = 2  # tree levels split from one round of sampled columns
 
 
 # ------------------------------------------------------------------ per-node numerics
@@ -46,6 +47,49 @@ def entry_distances(block: Array, diag_rows: Array, diag_cols: Array, metric: st
     return np.maximum(diag_rows[:, None] + diag_cols[None, :] - 2.0 * block, 0.0)
 
 
+def _farthest_pair(dist: Array, samples: Array, cols: Array) -> tuple[int, int]:
+    """The farthest pair among the sampled columns ``cols`` of ``dist`` (rows ``samples[cols]``)."""
+    among = dist[np.ix_(samples[cols], cols)]
+    i, j = np.unravel_index(np.argmax(among), among.shape)
+    return int(cols[i]), int(cols[j])
+
+
+def _halve(dist: Array, members: Array, p: int, q: int) -> tuple[Array, Array]:
+    """``members`` split at the median of ``d(·, p) − d(·, q)`` (the smaller half left),
+    each half in the order of ``members``."""
+    order = np.argsort(dist[members, p] - dist[members, q], kind="stable")
+    left = np.zeros(len(members), dtype=bool)
+    left[order[: len(members) // 2]] = True
+    return members[left], members[~left]
+
+
+def split_levels(block: Array, diag: Array, samples: Array, metric: str,
+                 levels: int) -> list[Array]:
+    """``levels`` successive median splits of a node from ONE block ``G[S, S[samples]]``.
+
+    Every part is halved along its farthest pair among the sampled columns that
+    lie inside it (among all of them when fewer than two do). Returns the
+    ``2**levels`` parts (positions into ``S``), left to right.
+
+    Examples
+    --------
+    >>> G = np.diag([1.0, 1.0, 1.0, 1.0]) + np.kron(np.eye(2), np.ones((2, 2)))
+    >>> [P.tolist() for P in split_levels(G, np.diag(G), np.arange(4), "angle", 2)]
+    [[0], [1], [2], [3]]
+    """
+    dist = entry_distances(block, diag, diag[samples], metric)
+    parts = [np.arange(len(diag))]
+    for _ in range(levels):
+        halves = []
+        for P in parts:
+            cols = np.flatnonzero(np.isin(samples, P))
+            p, q = _farthest_pair(dist, samples, cols if len(cols) >= 2
+                                  else np.arange(len(samples)))
+            halves += _halve(dist, P, p, q)
+        parts = halves
+    return parts
+
+
 def split_node(block: Array, diag: Array, samples: Array, metric: str) -> Array:
     """Median split of a node from the entries ``block = G[S, S[samples]]``.
 
@@ -59,12 +103,8 @@ def split_node(block: Array, diag: Array, samples: Array, metric: str) -> Array:
     >>> split_node(G, np.diag(G), np.arange(4), "angle").tolist()
     [True, True, False, False]
     """
-    dist = entry_distances(block, diag, diag[samples], metric)
-    among = np.maximum(dist[samples], dist[samples].T)  # symmetric: rounding cannot swap p, q
-    p, q = np.unravel_index(np.argmax(among), among.shape)
-    order = np.argsort(dist[:, p] - dist[:, q], kind="stable")
     left = np.zeros(len(diag), dtype=bool)
-    left[order[: len(diag) // 2]] = True
+    left[split_levels(block, diag, samples, metric, 1)[0]] = True
     return left
 
 
@@ -239,15 +279,30 @@ def tree_depth(n_active: int, leaf_size: int) -> int:
     return int(np.ceil(np.log2(n_active / leaf_size))) if n_active > leaf_size else 0
 
 
+def tree_rounds(depth: int) -> int:
+    """Entry rounds of :func:`grow_trees` for a tree of ``depth`` levels.
+
+    Examples
+    --------
+    >>> tree_rounds(7), tree_rounds(0)
+    (4, 0)
+    """
+    return -(-depth // LEVELS_PER_ROUND)
+
+
 def grow_trees(active: Array, diag: Array, depth: int, n_trees: int, metric: str, seed: int,
                fetch: Fetch) -> list[list[Array]]:
-    """The leaves of ``n_trees`` randomized balanced trees, one entry round per level.
+    """The leaves of ``n_trees`` randomized balanced trees, ``LEVELS_PER_ROUND`` levels per
+    entry round.
 
     ``active`` are the parameters in the trees and ``diag`` their (positive)
-    diagonal. Every node of every tree is split by :func:`split_node` on
-    ``PIVOT_SAMPLES`` random columns; the first tree is the cluster tree, the
-    others only serve the neighbour search. Returns per tree its ``2**depth``
-    leaves as positions into ``active``, left to right.
+    diagonal. Every node of every tree gets ``PIVOT_SAMPLES`` random columns,
+    from which :func:`split_levels` splits it and its descendants down the
+    next ``LEVELS_PER_ROUND`` levels (one round fetches the columns of every
+    node for all trees: the cost of a round is about one pass over the
+    Jacobian, whatever the number of columns). The first tree is the cluster
+    tree, the others only serve the neighbour search. Returns per tree its
+    ``2**depth`` leaves as positions into ``active``, left to right.
 
     Examples
     --------
@@ -257,7 +312,8 @@ def grow_trees(active: Array, diag: Array, depth: int, n_trees: int, metric: str
     [[0, 1], [2, 3]]
     """
     trees = [[np.arange(len(active))] for _ in range(n_trees)]  # trees[t]: its current level
-    for level in range(depth):
+    for level in range(0, depth, LEVELS_PER_ROUND):
+        levels = min(LEVELS_PER_ROUND, depth - level)
         requests, meta = [], []
         for t, nodes in enumerate(trees):
             rng = np.random.default_rng([seed, 1, t, level])
@@ -266,9 +322,8 @@ def grow_trees(active: Array, diag: Array, depth: int, n_trees: int, metric: str
                 requests.append((active[S], active[S[samples]]))
                 meta.append((t, S, samples))
         split: list[list[Array]] = [[] for _ in trees]
-        for (t, S, samples), block in zip(meta, fetch(requests, f"tree level {level + 1}")):
-            left = split_node(block, diag[S], samples, metric)
-            split[t] += [S[left], S[~left]]
+        for (t, S, samples), block in zip(meta, fetch(requests, f"tree level {level + levels}")):
+            split[t] += [S[P] for P in split_levels(block, diag[S], samples, metric, levels)]
         trees = split
     return trees
 

@@ -5,7 +5,7 @@ The job file of ``dgnh run`` (see :mod:`dgnh.job`) gains one optional table::
     [analyses]
     prior_precision = 1.0      # Laplace prior: a scalar or one value per layer (the start
     optimize_prior = true      #   of the search when optimize_prior, else the value used)
-    route = "auto"             # log-determinant route: auto | dual | compressed | slq
+    route = "auto"             # log-determinant route: auto | dual | primal | compressed | slq
     damping = 1e-3             # optional: λ of G + λI for the influence analyses and OBS;
                                #   default p/n (the Laplace posterior's, scalar prior)
     queries = "queries.npz"    # optional: arrays X (inputs) and Y (targets) of query points
@@ -33,11 +33,19 @@ import zarr
 
 from . import analyses as an
 from . import store
+from .analyses.posterior import LAPLACE_ROUTES
 from .job import JobError, job_gauss_newton, parse_job
 from .packing import jsonable
 from .validation import check_choice, check_number
-from .zarr_io import (check_new_output, open_group, read_array, remove_path, staging_path,
-                      swap_in, write_array)
+from .zarr_io import (
+    check_new_output,
+    open_group,
+    read_array,
+    remove_path,
+    staging_path,
+    swap_in,
+    write_array,
+)
 
 KEYS = ("prior_precision", "optimize_prior", "route", "damping", "queries", "self_influence",
         "saliencies")
@@ -87,7 +95,7 @@ def check_options(table: dict[str, Any], base_dir: str = ".", source: str = "job
         prior = np.atleast_1d(np.asarray(opts["prior_precision"], dtype=np.float64))
         for value in prior:
             check_number(value, "prior_precision", low=0, low_open=True)
-        check_choice(opts["route"], "route", ("auto", "dual", "compressed", "slq"))
+        check_choice(opts["route"], "route", LAPLACE_ROUTES)
         if opts["damping"] is not None:
             check_number(opts["damping"], "damping", low=0, low_open=True)
         for key in ("optimize_prior", "self_influence", "saliencies"):

@@ -110,12 +110,19 @@ def prior_values(ref, kind):
     return kind, np.full(ref.N, kind)
 
 
+def smaller_side(ref):
+    """The exact route "auto" takes: the smaller of n·d (dual) and N (primal)."""
+    return "dual" if ref.gn.n_jacobian_rows <= ref.N else "primal"
+
+
+@pytest.mark.parametrize("route", ["auto", "dual", "primal"])
 @pytest.mark.parametrize("kind", PRIORS)
-def test_log_marginal_likelihood_dual(ref, kind):
+def test_log_marginal_likelihood_exact(ref, kind, route):
     prior, D = prior_values(ref, kind)
     sigma = 0.7 if ref.loss == "mse" else 1.0
-    res = log_marginal_likelihood(ref.gn, prior, sigma=sigma)
-    assert res.route == "dual" and res.error_bound == 0.0
+    res = log_marginal_likelihood(ref.gn, prior, sigma=sigma, route=route)
+    assert res.route == (smaller_side(ref) if route == "auto" else route)
+    assert res.error_bound == 0.0
     assert abs(res.log_marginal_likelihood - ref.log_evidence(D, sigma)) < 1e-6 * max(
         1, abs(ref.log_evidence(D, sigma)))
     A = ref.n * ref.G / sigma**2 + np.diag(D)
@@ -139,7 +146,7 @@ def test_log_marginal_likelihood_slq_confidence_over_seeds(ref):
 
 def test_optimize_scalar_prior(ref):
     best = optimize_prior_precision(ref.gn, 1.0)
-    assert best.optimized and best.route == "dual"
+    assert best.optimized and best.route == smaller_side(ref)
     D = np.ones(ref.N)
     if ref.loss != "mse":  # dense derivative in log p: ½N − ½p tr((nG + pI)⁻¹) − ½p‖w‖²
         def slope(t):
@@ -208,7 +215,7 @@ def test_glm_predictive_cg_route_and_monte_carlo():
 
 
 # -------------------------------------------------------------------------- influence
-@pytest.mark.parametrize("route", ["dual", "cg"])
+@pytest.mark.parametrize("route", ["dual", "primal", "cg"])
 def test_influence(ref, route):
     q = random_problem(ref.net.layer_sizes, ref.loss, 3, seed=7)
     Xq, Yq = q[1], q[2]
@@ -221,27 +228,27 @@ def test_influence(ref, route):
     assert np.all(np.abs(res.scores - exact) <= res.error_bound[:, None] + 1e-6 * abs(exact).max())
 
 
-@pytest.mark.parametrize("route", ["dual", "compressed"])
+@pytest.mark.parametrize("route", ["dual", "primal", "compressed"])
 def test_self_influence(ref, route):
     res = self_influence(ref.gn, damping=0.05, route=route, tol=1e-6)
     exact = np.einsum("in,nm,im->i", ref.grads, ref.inverse(0.05), ref.grads) / ref.n
     assert res.route == route
     assert np.all(np.abs(res.values - exact) <= res.error_bound + 1e-6 * exact.max())
-    if route == "dual":
+    if route != "compressed":
         assert rel(res.values, exact) < 1e-6
 
 
 # ---------------------------------------------------------------------------- pruning
-@pytest.mark.parametrize("route", ["dual", "compressed"])
+@pytest.mark.parametrize("route", ["dual", "primal", "compressed"])
 def test_obs_saliencies(ref, route):
     res = obs_saliencies(ref.gn, damping=0.05, route=route, tol=1e-6)
     diag = np.diag(ref.inverse(0.05))
     assert np.all(np.abs(res.inverse_diagonal - diag) <= res.error_bound + 1e-6 * diag.max())
-    if route == "dual":
+    if route != "compressed":
         assert rel(res.saliency, ref.w**2 / (2 * diag)) < 1e-6
 
 
-@pytest.mark.parametrize("route", ["dual", "cg"])
+@pytest.mark.parametrize("route", ["dual", "primal", "cg"])
 def test_obs_prune(ref, route):
     S = np.array([1, 4, ref.N - 1])
     res = obs_prune(ref.gn, S, damping=0.05, route=route)
@@ -259,7 +266,8 @@ BAD = [
     (lambda gn: log_marginal_likelihood(gn, [1.0, -2.0]), ValueError, "prior_precision"),
     (lambda gn: log_marginal_likelihood(gn, [1.0, 2.0, 3.0]), ValueError, "one per layer"),
     (lambda gn: log_marginal_likelihood(gn, 1.0, sigma=2.0), ValueError, "sigma applies"),
-    (lambda gn: log_marginal_likelihood(gn, [1.0, 1.0], route="slq"), ValueError, "route"),
+    (lambda gn: log_marginal_likelihood(gn, [1.0, 1.0], route="compressed", method="hmatrix"),
+     ValueError, "per-layer prior needs a low rank or dense form"),
     (lambda gn: glm_predictive(log_marginal_likelihood(gn), gn, np.ones((2, 5))), ValueError,
      "X_new must have shape"),
     (lambda gn: influence(gn, np.ones((2, 3)), [0, 1], damping=0.0), ValueError, "damping"),
@@ -327,3 +335,134 @@ def test_equal_to_laplace_torch_full(likelihood, loss, d):
     pred = glm_predictive(best, gn, X_new)
     assert rel(pred.covariance, f_var.numpy()) < 1e-8
     gn.close()
+
+
+# ------------------------------------- exact route on the smaller side, within the budget
+AUTO_CASES = [  # (n_samples, budget in dense matrices of each side, laplace, influence)
+    (40, None, "primal", "primal"),  # N = 32 < n·d = 80: the primal side
+    (40, ("primal", 4), "primal", "primal"),
+    (40, ("primal", 2), "compressed", "cg"),  # the dual side (larger) does not fit either
+    (10, None, "dual", "dual"),  # n·d = 20 < N = 32: the dual side
+    (10, ("dual", 4), "dual", "dual"),
+    (10, ("dual", 1), "compressed", "cg"),
+]
+
+
+@pytest.mark.parametrize("n, budget, laplace_route, influence_route", AUTO_CASES)
+def test_auto_takes_the_exact_side_that_fits_the_budget(n, budget, laplace_route,
+                                                        influence_route):
+    net, X, Y = random_problem((3, 5, 2), "mse", n)
+    if budget is not None:
+        side = net.n_params if budget[0] == "primal" else 2 * n
+        budget = budget[1] * 8 * side * side
+    with dgnh.GaussNewton(net, X, Y, client="in-process", memory_budget=budget) as gn:
+        res = log_marginal_likelihood(gn, 0.5, tol=1e-3)
+        assert res.route == laplace_route
+        assert influence(gn, X[:2], Y[:2], damping=0.1).route == influence_route
+        if laplace_route == "compressed":
+            for route in ("dual", "primal"):
+                with pytest.raises(ValueError, match="above the memory budget") as info:
+                    obs_saliencies(gn, 0.1, route=route)
+                assert "\n" not in str(info.value)
+        else:
+            assert res.error_bound == 0.0
+
+
+# ---------------------------------------------- grouped priors and forms on every route
+@pytest.mark.parametrize("method", ["lowrank", "dense", "hmatrix", "hybrid"])
+def test_compressed_forms_scalar_prior_within_bound(ref, method):
+    exact = ref.log_evidence(np.full(ref.N, 0.5))
+    res = log_marginal_likelihood(ref.gn, 0.5, route="compressed", method=method, tol=1e-4)
+    assert res.route == "compressed" and np.isfinite(res.error_bound)
+    assert abs(res.log_marginal_likelihood - exact) <= res.error_bound + 1e-7 * abs(exact)
+    if method == "dense":
+        assert abs(res.log_marginal_likelihood - exact) < 1e-8 * abs(exact)
+
+
+@pytest.mark.parametrize("kind", ["layer", "tensor"])
+@pytest.mark.parametrize("method", ["lowrank", "dense"])
+def test_compressed_grouped_prior_within_bound(ref, method, kind):
+    prior, D = prior_values(ref, kind)
+    res = log_marginal_likelihood(ref.gn, prior, route="compressed", method=method, tol=1e-3)
+    exact = ref.log_evidence(D)
+    assert abs(res.log_marginal_likelihood - exact) <= res.error_bound + 1e-7 * abs(exact)
+    if method == "lowrank":  # one-sided: the low rank H ≼ G underestimates log det
+        assert res.log_marginal_likelihood >= exact - 1e-7 * abs(exact)
+
+
+def test_grouped_slq_confidence_over_seeds(ref):
+    prior, D = prior_values(ref, "layer")
+    exact = ref.log_evidence(D)
+    hits = [abs(r.log_marginal_likelihood - exact) <= r.error_bound + 1e-8
+            for r in (log_marginal_likelihood(ref.gn, prior, route="slq", n_vectors=8,
+                                              n_steps=8, seed=s) for s in range(40))]
+    assert np.mean(hits) >= 0.8  # a 95% interval, from 8 probes per group
+
+
+def test_optimize_grouped_prior_on_every_route(ref):
+    exact = optimize_prior_precision(ref.gn, np.ones(2), route="dual")
+    sizes = np.diff(ref.net.layer_offsets)
+    best = ref.log_evidence(np.repeat(exact.prior_precision, sizes), exact.sigma)
+    for route, kw, tol in (("primal", {}, 1e-6), ("compressed", {"method": "dense"}, 1e-6),
+                           ("compressed", {"tol": 1e-8}, 1e-3), ("slq", {"n_steps": 40}, 2e-2)):
+        res = optimize_prior_precision(ref.gn, np.ones(2), route=route, **kw)
+        found = ref.log_evidence(np.repeat(res.prior_precision, sizes), res.sigma)
+        assert res.route == route and res.optimized
+        assert best - found <= tol * abs(best)  # the dense evidence at its optimum
+        if route == "primal":
+            assert np.allclose(np.log(res.prior_precision), np.log(exact.prior_precision),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("route", ["primal", "slq"])
+def test_glm_predictive_grouped_prior_exact_and_cg(ref, route):
+    prior, D = prior_values(ref, "tensor")
+    sigma = 0.7 if ref.loss == "mse" else 1.0
+    res = log_marginal_likelihood(ref.gn, prior, sigma=sigma, route=route, n_steps=4)
+    X_new = np.random.default_rng(6).normal(size=(3, ref.net.n_inputs))
+    pred = glm_predictive(res, ref.gn, X_new)
+    Js = fd_jacobians(ref.net, X_new)
+    Sigma = np.linalg.inv(ref.n * ref.G / sigma**2 + np.diag(D))
+    assert pred.route == ("primal" if route == "primal" else "cg")
+    assert rel(pred.covariance, np.einsum("ion,nm,ipm->iop", Js, Sigma, Js)) < 1e-6
+
+
+MORE_BAD = [  # (call on gn, error, message)
+    (lambda gn: log_marginal_likelihood(gn, np.nan), ValueError, "prior_precision contains NaN"),
+    (lambda gn: log_marginal_likelihood(gn, np.ones(5)), ValueError, "4 \\(one per weight"),
+    (lambda gn: optimize_prior_precision(gn, -1.0), ValueError, "must be positive"),
+    (lambda gn: influence(gn, np.ones((2, 4)), [0, 1], 0.1), ValueError,
+     "X_query must have shape"),
+    (lambda gn: influence(gn, np.full((2, 3), np.nan), [0, 1], 0.1), ValueError,
+     "X_query contains NaN"),
+    (lambda gn: glm_predictive(log_marginal_likelihood(gn), gn, np.full((2, 3), np.inf)),
+     ValueError, "X_new contains NaN"),
+    (lambda gn: dgnh.GaussNewton(gn.model, np.ones((4, 5)), [0, 1, 2, 0]), ValueError,
+     "X must have shape"),  # a model the data does not fit
+    (lambda gn: dgnh.GaussNewton(gn.model, np.ones((4, 3)), [0, 1, 5, 0],
+                                 loss="cross_entropy"), ValueError, "class labels must lie"),
+    (lambda gn: log_marginal_likelihood(gn, 1.0, route="compressed", method="qr"), ValueError,
+     "method"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", MORE_BAD)
+def test_more_bad_inputs_one_clear_line(call, error, message):
+    test_bad_inputs_one_clear_line(call, error, message)
+
+
+def test_readme_section_runs():
+    """The README's "From a trained PyTorch model ..." example runs as written."""
+    pytest.importorskip("torch")
+    import pathlib
+    import re
+    import subprocess
+    import sys
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    title = "## From a trained PyTorch model to its Laplace evidence, influence and pruning\n"
+    assert text.count(title) == 1
+    code = re.findall(r"```python\n(.*?)```", text.split(title)[1], re.DOTALL)[0]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("primal ")  # N = 115 < n·d = 600: the exact primal side

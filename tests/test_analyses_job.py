@@ -67,6 +67,7 @@ def dense_reference(problem, p: float, lam: float, Xq, Yq) -> dict:
     {"queries": "queries.npz"},                                   # defaults, prior optimised
     {"prior_precision": 2.5, "optimize_prior": False, "damping": 0.01, "route": "dual",
      "queries": "queries.npz"},
+    {"prior_precision": 0.7, "optimize_prior": False, "route": "primal", "queries": "queries.npz"},
 ])
 def test_stored_analyses_match_dense_reference(problem, job_dir, analyses):
     path = write_job(job_dir, analyses)
@@ -79,7 +80,9 @@ def test_stored_analyses_match_dense_reference(problem, job_dir, analyses):
     lam = analyses.get("damping", p / N_SAMPLES)
     q = np.load(job_dir / "queries.npz")
     ref = dense_reference(problem, p, lam, q["X"], q["Y"])
-    assert lap["route"] == "dual" and lap["optimized"] == analyses.get("optimize_prior", True)
+    # N = 51 < n·d = 180: "auto" takes the exact primal side
+    assert lap["route"] == analyses.get("route", "primal")
+    assert lap["optimized"] == analyses.get("optimize_prior", True)
     if lap["optimized"]:
         assert p != 1.0
     np.testing.assert_allclose(lap["log_marginal_likelihood"], ref["lml"], rtol=1e-10)
@@ -95,7 +98,7 @@ def test_stored_analyses_match_dense_reference(problem, job_dir, analyses):
 def test_existing_analyses_kept_unless_overwrite(job_dir, capsys):
     path = write_job(job_dir, {"self_influence": False})
     assert main(["analyze", path]) == 0
-    assert "route dual" in capsys.readouterr().out
+    assert "route primal" in capsys.readouterr().out
     assert main(["analyze", path]) == 1
     assert "already exists" in capsys.readouterr().err
     write_job(job_dir, {"saliencies": False})

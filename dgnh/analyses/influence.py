@@ -17,6 +17,8 @@ from collections.abc import Callable
 import numpy as np
 
 from ..compress import compress
+from ..config import memory_budget
+from ..dense import Dense
 from ..exact_solve import dual_factorize, solve
 from ..gauss_newton import GaussNewton
 from ..validation import check_fraction
@@ -35,8 +37,8 @@ Array = np.ndarray
 class InverseRoute:
     """``B ↦ (G + λI)⁻¹B`` by a route, with the bound on its operator error.
 
-    ``error`` bounds ``‖(G + λI)⁻¹ − approx‖₂``: 0 for ``"dual"`` (exact up to
-    rounding), ``E/λ²`` for ``"compressed"`` with ``E`` the compression's estimated
+    ``error`` bounds ``‖(G + λI)⁻¹ − approx‖₂``: 0 for ``"dual"`` and ``"primal"``
+    (exact up to rounding), ``E/λ²`` for ``"compressed"`` with ``E`` the compression's estimated
     ``‖G − H‖₂``; ``"cg"`` reports per solve (``rtol/λ`` relative to ``‖b‖``).
     """
 
@@ -48,13 +50,17 @@ class InverseRoute:
 
 
 def inverse_route(gn: GaussNewton, damping, route: str = "auto", tol: float = 1e-6,
-                  rtol: float = 1e-10, allowed=("auto", "dual", "cg", "compressed"),
+                  rtol: float = 1e-10, allowed=("auto", "dual", "primal", "cg", "compressed"),
                   seed: int = 0) -> InverseRoute:
-    """The solves with ``G + damping·I`` by ``route`` (``"auto"``: dual when it fits)."""
+    """The solves with ``G + damping·I`` by ``route`` (``"auto"``: the exact route on the
+    smaller side, ``"dual"`` through the ``n·d × n·d`` dual or ``"primal"`` by Cholesky of
+    the dense ``N × N`` matrix, when it fits the memory budget; see
+    :func:`~dgnh.analyses.samples.choose_route`)."""
     lam = check_damping(damping)
     route = choose_route(check_gn(gn), route, allowed)
-    if route == "dual":
-        fac = dual_factorize(gn, lam)
+    if route in ("dual", "primal"):
+        fac = (dual_factorize(gn, lam) if route == "dual" else
+               Dense(gn.dense(max_bytes=memory_budget(gn.memory_budget))).factorize(lam))
         return InverseRoute(fac.solve, route, lam, 0.0, fac.inverse_diagonal)
     if route == "compressed":
         op = compress(gn, tol=check_fraction(tol, "tol"), seed=seed, progress=False)
@@ -71,7 +77,7 @@ class InfluenceResult:
     """Influence scores ``scores[q, i] = −∇ℓ_qᵀ (G + λI)⁻¹ ∇ℓ_i / n``.
 
     ``error_bound[q]`` bounds ``|scores[q, i] − exact|`` over all ``i``: 0 on the exact
-    dual route; ``rtol·‖∇ℓ_q‖·max_i‖∇ℓ_i‖/(nλ)`` after CG to relative residual ``rtol``.
+    routes (``"dual"``, ``"primal"``); ``rtol·‖∇ℓ_q‖·max_i‖∇ℓ_i‖/(nλ)`` after CG to relative residual ``rtol``.
     """
 
     scores: Array
@@ -84,9 +90,10 @@ def influence(gn: GaussNewton, X_query, Y_query, damping: float, route: str = "a
               rtol: float = 1e-10) -> InfluenceResult:
     """Influence of every training point of ``gn`` on the loss at each query point.
 
-    One solve per query (``route``: ``"dual"`` exact Woodbury, ``"cg"`` preconditioned
-    CG on exact GNH products, ``"auto"`` the dual route when it fits the memory
-    budget), then per-sample gradient products through the factors.
+    One solve per query (``route``: ``"dual"`` exact Woodbury on the ``n·d`` side,
+    ``"primal"`` exact Cholesky on the ``N`` side, ``"cg"`` preconditioned CG on exact
+    GNH products, ``"auto"`` the exact route on the smaller side when it fits the memory
+    budget, else CG), then per-sample gradient products through the factors.
 
     Examples
     --------
@@ -97,9 +104,10 @@ def influence(gn: GaussNewton, X_query, Y_query, damping: float, route: str = "a
     >>> gn = dgnh.GaussNewton(net, rng.normal(size=(30, 3)), rng.normal(size=(30, 2)))
     >>> res = influence(gn, rng.normal(size=(2, 3)), rng.normal(size=(2, 2)), damping=0.1)
     >>> res.scores.shape, res.route
-    ((2, 30), 'dual')
+    ((2, 30), 'primal')
     """
-    inverse = inverse_route(gn, damping, route, rtol=rtol, allowed=("auto", "dual", "cg"))
+    inverse = inverse_route(gn, damping, route, rtol=rtol,
+                            allowed=("auto", "dual", "primal", "cg"))
     with query_gn(gn, X_query, Y_query) as q:
         gq = per_sample_gradients(q).rows(0, q.n_samples)
     Z = inverse.solve(gq.T)
@@ -114,7 +122,7 @@ def influence(gn: GaussNewton, X_query, Y_query, damping: float, route: str = "a
 @dataclasses.dataclass
 class SelfInfluenceResult:
     """``values[i] = ∇ℓ_iᵀ (G + λI)⁻¹ ∇ℓ_i / n``; ``error_bound[i]`` bounds its error
-    (0 on the dual route; ``‖∇ℓ_i‖²·E/(nλ²)`` on the compressed one, ``E`` the
+    (0 on the exact routes; ``‖∇ℓ_i‖²·E/(nλ²)`` on the compressed one, ``E`` the
     compression's estimated ``‖G − H‖₂``)."""
 
     values: Array
@@ -127,8 +135,9 @@ def self_influence(gn: GaussNewton, damping: float, route: str = "auto", tol: fl
                    seed: int = 0) -> SelfInfluenceResult:
     """Self-influence of every training point through one factorization of ``G + λI``.
 
-    ``route``: ``"dual"`` (exact), ``"compressed"`` (:func:`dgnh.compress` to ``tol``,
-    then its factorization) or ``"auto"`` (dual when it fits the memory budget).
+    ``route``: ``"dual"`` or ``"primal"`` (exact), ``"compressed"`` (:func:`dgnh.compress`
+    to ``tol``, then its factorization) or ``"auto"`` (the exact route on the smaller side
+    when it fits the memory budget, else compressed).
 
     Examples
     --------
@@ -141,8 +150,8 @@ def self_influence(gn: GaussNewton, damping: float, route: str = "auto", tol: fl
     >>> res.values.shape, bool(np.all(res.values >= 0))
     ((30,), True)
     """
-    inverse = inverse_route(gn, damping, route, tol=tol, allowed=("auto", "dual", "compressed"),
-                            seed=seed)
+    inverse = inverse_route(gn, damping, route, tol=tol,
+                            allowed=("auto", "dual", "primal", "compressed"), seed=seed)
     values, norms2 = np.empty(gn.n_samples), np.empty(gn.n_samples)
     for a, b, g in per_sample_gradients(gn).chunks():
         values[a:b] = np.einsum("ij,ji->i", g, inverse.solve(g.T)) / gn.n_samples

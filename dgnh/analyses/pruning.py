@@ -25,8 +25,8 @@ Array = np.ndarray
 class Saliencies:
     """OBS saliencies ``w_q²/(2[H⁻¹]_qq)`` with the inverse diagonal they come from.
 
-    ``error_bound`` bounds ``|inverse_diagonal − exact|`` entrywise: 0 on the dual
-    route, ``E/λ²`` on the compressed one (``E`` the estimated ``‖G − H‖₂``).
+    ``error_bound`` bounds ``|inverse_diagonal − exact|`` entrywise: 0 on the exact
+    routes, ``E/λ²`` on the compressed one (``E`` the estimated ``‖G − H‖₂``).
     """
 
     saliency: Array
@@ -40,8 +40,9 @@ def obs_saliencies(gn: GaussNewton, damping: float, route: str = "auto", tol: fl
                    seed: int = 0) -> Saliencies:
     """The OBS saliency of every weight, from the diagonal of ``(G + λI)⁻¹``.
 
-    ``route``: ``"dual"`` (exact, ``O(m²·N)``), ``"compressed"`` (:func:`dgnh.compress`
-    to ``tol``, then the factorization's inverse diagonal) or ``"auto"``.
+    ``route``: ``"dual"`` (exact, ``O(m²·N)``), ``"primal"`` (exact, ``O(N³)``),
+    ``"compressed"`` (:func:`dgnh.compress` to ``tol``, then the factorization's inverse
+    diagonal) or ``"auto"`` (the exact route on the smaller side that fits, else compressed).
 
     Examples
     --------
@@ -56,7 +57,7 @@ def obs_saliencies(gn: GaussNewton, damping: float, route: str = "auto", tol: fl
     True
     """
     inverse = inverse_route(check_gn(gn), damping, route, tol=tol,
-                            allowed=("auto", "dual", "compressed"), seed=seed)
+                            allowed=("auto", "dual", "primal", "compressed"), seed=seed)
     diag = np.asarray(inverse.inverse_diagonal(), dtype=np.float64)
     w = gn.model.parameters()
     return Saliencies(w**2 / (2 * diag), diag, inverse.damping, inverse.route, inverse.error)
@@ -83,8 +84,9 @@ def obs_prune(gn: GaussNewton, prune, damping: float, route: str = "auto",
               rtol: float = 1e-10) -> PruneResult:
     """Prune the weights ``prune`` (indices) together, compensating the others (OBS).
 
-    The columns ``H⁻¹E_S`` come from ``|S|`` solves (``route``: ``"dual"`` exact,
-    ``"cg"`` to ``rtol``, ``"auto"`` dual when it fits the memory budget).
+    The columns ``H⁻¹E_S`` come from ``|S|`` solves (``route``: ``"dual"`` or ``"primal"``
+    exact, ``"cg"`` to ``rtol``, ``"auto"`` the exact route on the smaller side when it
+    fits the memory budget, else CG).
 
     Examples
     --------
@@ -99,7 +101,7 @@ def obs_prune(gn: GaussNewton, prune, damping: float, route: str = "auto",
     """
     S = np.unique(gn.model.check_indices(prune, "prune index"))
     inverse = inverse_route(check_gn(gn), damping, route, rtol=rtol,
-                            allowed=("auto", "dual", "cg"))
+                            allowed=("auto", "dual", "primal", "cg"))
     E = np.zeros((gn.n_params, len(S)))
     E[S, np.arange(len(S))] = 1.0
     cols = np.asarray(inverse.solve(E), dtype=np.float64)  # H⁻¹ E_S

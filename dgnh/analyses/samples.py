@@ -110,22 +110,50 @@ def per_sample_gradients(gn: GaussNewton) -> SampleGradients:
     return SampleGradients(gn)
 
 
-ROUTES = ("auto", "dual", "compressed", "cg")
+ROUTES = ("auto", "dual", "primal", "compressed", "cg")
+EXACT_ROUTES = ("dual", "primal")
 
 
-def dual_fits(gn: GaussNewton, copies: int = 3) -> bool:
-    """Whether ``copies`` dense ``m × m`` matrices (``m = n·d``) fit the memory budget."""
-    m = gn.n_jacobian_rows
-    return copies * 8 * m * m <= memory_budget(gn.memory_budget)
+def exact_sides(gn: GaussNewton, dual_copies: int = 3, primal_copies: int = 4) -> list[tuple]:
+    """``(route, side, bytes)`` of the exact routes, the smaller side first: ``"dual"``
+    factorizes ``dual_copies`` dense ``m × m`` matrices (``m = n·d``), ``"primal"``
+    ``primal_copies`` dense ``N × N`` ones."""
+    m, N = gn.n_jacobian_rows, gn.n_params
+    sides = [("dual", m, dual_copies * 8 * m * m), ("primal", N, primal_copies * 8 * N * N)]
+    return sorted(sides, key=lambda side: (side[1], side[0] == "primal"))
 
 
-def choose_route(gn: GaussNewton, route: str, allowed=ROUTES) -> str:
-    """``route``, with ``"auto"`` resolved: ``"dual"`` when the dual matrices fit the memory
-    budget, else the first other of ``allowed``."""
+def choose_route(gn: GaussNewton, route: str, allowed=ROUTES, dual_copies: int = 3,
+                 primal_copies: int = 4) -> str:
+    """``route``, with ``"auto"`` resolved: the exact route on the smaller side (``"dual"``
+    when ``n·d ≤ N``, else ``"primal"``) when its matrices fit the memory budget, else the
+    other exact side if it fits, else the first inexact route of ``allowed``. An exact
+    ``route`` that does not fit is refused in one line.
+
+    Examples
+    --------
+    >>> import numpy as np, dgnh
+    >>> net = dgnh.MLP([np.ones((2, 3))], [None], ["tanh"])
+    >>> gn = dgnh.GaussNewton(net, np.ones((10, 3)), np.zeros((10, 2)))
+    >>> choose_route(gn, "auto")  # N = 6 < n·d = 20
+    'primal'
+    """
     route = check_choice(route, "route", allowed)
-    if route != "auto":
+    if route not in ("auto",) + EXACT_ROUTES:
         return route
-    return "dual" if dual_fits(gn) else next(r for r in allowed if r not in ("auto", "dual"))
+    budget = memory_budget(gn.memory_budget)
+    sides = exact_sides(gn, dual_copies, primal_copies)
+    if route == "auto":
+        fitting = [r for r, _, need in sides if need <= budget and r in allowed]
+        return fitting[0] if fitting else next(r for r in allowed if r not in
+                                               ("auto",) + EXACT_ROUTES)
+    _, side, need = next(s for s in sides if s[0] == route)
+    if need > budget:
+        others = "', '".join(r for r in allowed if r not in ("auto", route))
+        raise ValueError(f"route='{route}' needs {need:,} bytes (dense {side} × {side} "
+                         f"matrices) above the memory budget of {budget:,}: raise "
+                         f"gn.memory_budget or choose route='{others}'")
+    return route
 
 
 def check_damping(damping) -> float:

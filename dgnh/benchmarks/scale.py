@@ -9,6 +9,17 @@ and float32 against float64 (factor memory, speed-up, error). A last table
 gives batched against single products on a small-layer network in
 gradient-times per vector.
 
+With ``--rank r`` (float64): the certified low rank of ``dgnh.compress`` (its
+time over one r-vector product of the same run), its factorization at
+``λ = --reg·‖G‖₂`` and the analyses from it, each against an independent
+reference on the exact products with the bound the certified error
+``e = ‖G − G̃‖₂`` implies (:func:`verification_rows`): the top eigenvalues
+against block Lanczos (Weyl: ``0 ≤ λ_i(G) − λ_i(G̃) ≤ e``, ``G − G̃`` PSD), the
+log-determinant of ``G + λI`` against stochastic Lanczos quadrature with its
+95% interval (``0 ≤ log det(G+λI) − log det(G̃+λI) ≤ tr(G − G̃)/λ``) and
+inverse-diagonal entries against PCG solves with unit vectors to rtol 1e-10
+(``0 ≤ [(G̃+λI)⁻¹ − (G+λI)⁻¹]_jj ≤ e/λ²``).
+
 Peak memory is the largest block of numpy/Python memory alive during a phase
 (``tracemalloc``, besides what was alive before it); the process's maximum
 resident size is printed at the end. Figures are indicative when other work
@@ -21,12 +32,16 @@ import argparse
 import resource
 import time
 import tracemalloc
+import warnings
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from ..compress import compress
+from ..exact_solve import solve
 from ..gauss_newton import GaussNewton
 from ..shard_factors import ShardFactors
+from ..spectral import eigsh, spectral_density
 from .common import best_time, gemm_rate, print_table, random_tanh_mlp
 
 N_OUT = 10
@@ -75,15 +90,16 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
-def run_size(n_params: float, n_samples: int, args) -> tuple[list, list]:
-    """The phase rows and the float32-vs-float64 rows of one network size."""
+def run_size(n_params: float, n_samples: int, args) -> tuple[list, list, list]:
+    """The phase rows, the float32-vs-float64 rows and the verification rows (with
+    ``--rank``) of one network size."""
     net, X, y = teacher_problem(n_params, n_samples, args.seed)
     rng = np.random.default_rng(args.seed + 1)
     N, M = net.n_params, n_samples * N_OUT
     I = np.sort(rng.choice(N, args.block, replace=False))
     J = np.sort(rng.choice(N, args.block, replace=False))
     Vs = {k: rng.normal(size=(N, k)) for k in args.vectors}
-    rows, results, factor_bytes, times = [], {}, {}, {}
+    rows, results, factor_bytes, times, checks = [], {}, {}, {}, []
     label = f"N={N:,}"
     for dtype in args.dtypes:
         gn, t, peak = measured(lambda: GaussNewton(net, X, y, loss="cross_entropy", dtype=dtype,
@@ -107,6 +123,8 @@ def run_size(n_params: float, n_samples: int, args) -> tuple[list, list]:
                 ref = gemm_rate(*shape, dtype=dtype)
                 ratio = rate / ref
             rows.append([label, dtype, name, t, peak / 2**20, rate, ref, ratio])
+        if args.rank and dtype == "float64":
+            checks = verification_rows(gn, label, args, rng)
         gn.close()
     compare = []
     if set(args.dtypes) == {"float64", "float32"}:
@@ -116,7 +134,71 @@ def run_size(n_params: float, n_samples: int, args) -> tuple[list, list]:
                                                       results["float64", name]),
                     memory if name == "factors" else ""]
                    for dtype, name in times if dtype == "float32"]
-    return rows, compare
+    return rows, compare, checks
+
+
+def slq_logdet(gn: GaussNewton, reg: float, n_vectors: int, n_steps: int,
+               seed: int) -> tuple[float, float]:
+    """``log det(G + reg·I)`` by stochastic Lanczos quadrature on the exact products, and
+    the half-width of its 95% confidence interval (over the Rademacher probes)."""
+    sd = spectral_density(gn, n_vectors=n_vectors, n_steps=n_steps, seed=seed)
+    per_probe = gn.n_params * np.sum(sd.weights * np.log(np.maximum(sd.nodes, 0.0) + reg),
+                                     axis=1)
+    return float(per_probe.mean()), float(1.96 * per_probe.std(ddof=1) / np.sqrt(n_vectors))
+
+
+def verification_rows(gn: GaussNewton, label: str, args, rng: np.random.Generator) -> list:
+    """Low rank, factorization and analyses at one size, each checked against its reference.
+
+    Rows: ``[network, quantity, time s, peak MiB, time / r-product, value, reference,
+    |difference|, allowed, ok]``; ``allowed`` is the bound the certified error implies
+    (plus the reference's own uncertainty) and ``ok`` whether the difference is within it.
+    """
+    N, r = gn.n_params, args.rank
+    V = rng.normal(size=(N, r))
+    _, t_r, _ = measured(lambda: gn @ V, 0)
+    del V
+    with warnings.catch_warnings():  # max_rank binds by design: the rank is fixed
+        warnings.simplefilter("ignore", UserWarning)
+        H, t, peak = measured(lambda: compress(gn, method="lowrank", tol=args.tol, max_rank=r,
+                                               progress=False), 0)
+    rep = H.report
+    norm, e = rep["norm_estimate"], rep["error_estimate"] * rep["norm_estimate"]
+    rows = [[label, f"low rank r={H.rank} (certified)", t, peak / 2**20, t / t_r,
+             rep["error_estimate"], "", "", "", ""],
+            [label, "  of which certificate", rep["timings"]["certificate"], "",
+             rep["timings"]["certificate"] / t_r, "", "", "", "", ""]]
+    k = min(args.eigenvalues, H.rank, N - 1)
+    (ref, _), t, _ = measured(lambda: eigsh(gn, k, tol=1e-10, seed=args.seed), 0)
+    approx = np.linalg.eigvalsh(H.U.T @ H.U)[::-1][:k]
+    gap = np.sort(ref)[::-1] - approx
+    rows.append([label, f"top {k} eigenvalues (vs Lanczos)", t, "", t / t_r, approx[0],
+                 float(np.sort(ref)[-1]), float(np.abs(gap).max()), e,
+                 bool(gap.min() >= -1e-8 * norm and gap.max() <= e * (1 + 1e-6))])
+    lam = args.reg * norm
+    F, t, peak = measured(lambda: H.factorize(lam), 0)
+    rows.append([label, f"factorize at λ={args.reg:g}‖G‖", t, peak / 2**20, t / t_r,
+                 "", "", "", "", ""])
+    logdet, t, _ = measured(F.logdet, 0)
+    (ref, half), t_ref, _ = measured(lambda: slq_logdet(gn, lam, args.probes, args.steps,
+                                                        args.seed), 0)
+    trace_gap = float(np.sum(gn.diagonal()) - np.sum(H.U * H.U))
+    diff = ref - logdet
+    rows.append([label, "logdet(G+λI) (vs SLQ ± 95%)", t, "", t_ref / t_r, logdet, ref,
+                 abs(diff), trace_gap / lam + half,
+                 bool(-half <= diff <= trace_gap / lam + half)])
+    inv, t, peak = measured(F.inverse_diagonal, 0)
+    cols = np.sort(rng.choice(N, args.checks, replace=False))
+    E = np.zeros((N, len(cols)))
+    E[cols, np.arange(len(cols))] = 1.0
+    res, t_ref, _ = measured(lambda: solve(gn, E, reg=lam, rtol=1e-10, preconditioner=H), 0)
+    exact = res.x[cols, np.arange(len(cols))]
+    gaps = inv[cols] - exact
+    rows.append([label, f"inverse diagonal, {len(cols)} entries (vs PCG)", t, peak / 2**20,
+                 t_ref / t_r, float(inv[cols].mean()), float(exact.mean()),
+                 float(np.abs(gaps).max()), e / lam**2,
+                 bool(gaps.min() >= -1e-9 * exact.max() and gaps.max() <= e / lam**2)])
+    return rows
 
 
 def small_network_rows(seed: int) -> list:
@@ -147,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="timed runs after the traced one")
     ap.add_argument("--threads", type=int, default=None,
                     help="BLAS threads (default: the library's, usually one per core)")
+    ap.add_argument("--rank", type=int, default=0,
+                    help="rank of the certified low rank and the verified analyses (0: skip)")
+    ap.add_argument("--tol", type=float, default=1e-6, help="tol of that compress call")
+    ap.add_argument("--reg", type=float, default=1e-2, help="λ relative to ‖G‖₂")
+    ap.add_argument("--eigenvalues", type=int, default=20)
+    ap.add_argument("--probes", type=int, default=16, help="SLQ probes")
+    ap.add_argument("--steps", type=int, default=40, help="SLQ Lanczos steps")
+    ap.add_argument("--checks", type=int, default=10, help="inverse-diagonal entries checked")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     with threadpool_limits(limits=args.threads, user_api="blas"):
@@ -163,11 +253,12 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not set(args.dtypes) <= {"float64", "float32"}:
         ap.error("--dtypes takes float64 and/or float32")
     n_samples = max(1, int(args.nd) // N_OUT)
-    phases, compare = [], []
+    phases, compare, checks = [], [], []
     for size in sizes:
-        rows, comp = run_size(size, n_samples, args)
+        rows, comp, check = run_size(size, n_samples, args)
         phases += rows
         compare += comp
+        checks += check
     print_table(f"Phases in process, n = {n_samples} samples (n·d = {n_samples * N_OUT}), "
                 "rates against numpy GEMM of the same shape in this run",
                 ["network", "dtype", "phase", "time s", "peak MiB", "GFLOP/s", "GEMM GFLOP/s",
@@ -176,6 +267,11 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print_table("float32 against float64", ["network", "phase", "speed-up",
                                                  "max rel. error", "factor memory ratio"],
                     compare)
+    if checks:
+        print_table(f"Certified low rank (tol {args.tol:g}) and the analyses from it, float64; "
+                    "'allowed' is the bound its certified error implies",
+                    ["network", "quantity", "time s", "peak MiB", "t / r-product", "value",
+                     "reference", "|diff|", "allowed", "ok"], checks)
     print_table("Batched against single GNH products on a small-layer network",
                 ["N", "vectors", "gradient-times per vector"], small_network_rows(args.seed))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .factorization import LowRankUpdate, ScaledIdentity, check_reg
 from .operator import Operator, check_dense_size
-from .spectral import estimate_norm, lanczos
+from .spectral import BREAKDOWN, estimate_norm
 from .validation import check_fraction, check_int, check_number, check_real_array
 
 Array = np.ndarray
@@ -338,34 +338,53 @@ class KrylovNystrom:
     products; ``G − UUᵀ`` stays positive semi-definite for every ``K`` and rank
     (the Nyström approximation and its truncation lie below ``G``).
 
+    Memory: ``K`` and ``Y`` are allocated once for ``capacity`` columns and
+    filled in place (``2·N·capacity`` floats); nothing else of size ``N × capacity``
+    is formed (``Y_ν = Y + νK`` enters only through small Gram matrices, and
+    :meth:`truncated` works in row chunks).
+
     Examples
     --------
     >>> G = np.diag([4.0, 2.0, 1.0, 0.0])
-    >>> space = KrylovNystrom(lambda V: G @ V, np.diag(G) > 0)
+    >>> space = KrylovNystrom(lambda V: G @ V, np.diag(G) > 0, capacity=3)
     >>> space.extend(np.ones((4, 1)), depth=3)
     >>> lam, U = space.eigenvalues(), space.truncated(2)
     >>> np.round(lam, 12).tolist(), np.round(U @ U.T, 12).diagonal().tolist()
     ([4.0, 2.0, 1.0], [4.0, 2.0, 0.0, 0.0])
     """
 
-    def __init__(self, apply, live: Array):
+    ROW_CHUNK = 1 << 16  # rows per GEMM of :meth:`truncated`
+
+    def __init__(self, apply, live: Array, capacity: int):
         self.apply = apply  # (N, k) -> (N, k): exact products G @ V
         self.live = np.asarray(live, dtype=bool)
         n = int(self.live.sum())
-        self.K = np.zeros((n, 0))
-        self.Y = np.zeros((n, 0))
+        capacity = min(int(capacity), n)
+        self._K = np.zeros((n, capacity))
+        self._Y = np.zeros((n, capacity))
+        self._dim = 0
         self.n_products = 0
         self.seconds = 0.0  # spent in products
-        self._factor: tuple[Array, Array, Array] | None = None
+        self._factor: tuple[Array, Array, float] | None = None
+
+    @property
+    def K(self) -> Array:
+        """The orthonormal basis (live rows), a view."""
+        return self._K[:, :self._dim]
+
+    @property
+    def Y(self) -> Array:
+        """Its exact image ``GK`` (live rows), a view."""
+        return self._Y[:, :self._dim]
 
     @property
     def dimension(self) -> int:
-        return self.K.shape[1]
+        return self._dim
 
     @property
     def full(self) -> bool:
         """True once the space spans every live row (the approximation is then exact)."""
-        return self.dimension >= self.K.shape[0]
+        return self._dim >= self._K.shape[0]
 
     def _image(self, V: Array) -> Array:
         """``G V`` on the live rows (``V`` given on the live rows)."""
@@ -377,63 +396,77 @@ class KrylovNystrom:
         self.n_products += V.shape[1]
         return out
 
-    def extend(self, start: Array, depth: int) -> None:
-        """Add the Krylov space of depth ``depth`` from ``start`` (``(N, b)``, live rows used)."""
-        K0 = self.K
-        S = np.asarray(start, dtype=np.float64)[self.live]
-        room = K0.shape[0] - K0.shape[1]  # dimensions left; each Krylov step adds S's width
-        S = S[:, :min(S.shape[1], max(room // depth, min(room, 1)))]
-        if S.shape[1] == 0:
-            return
+    def _orthogonal(self, S: Array) -> Array:
+        """``S`` projected twice off the basis so far."""
         for _ in range(2):
-            S -= K0 @ (K0.T @ S)
-        images: list[Array] = []
+            S = S - self.K @ (self.K.T @ S)
+        return S
 
-        def deflated(V: Array) -> Array:
-            GV = self._image(V)
-            images.append(GV)
-            return GV - K0 @ (K0.T @ GV)
+    def extend(self, start: Array, depth: int) -> None:
+        """Add the Krylov space of depth ``depth`` from ``start`` (``(N, b)``, live rows used).
 
-        krylov = lanczos(deflated, S, depth)
-        self.K = np.hstack([K0, *krylov.basis])
-        self.Y = np.hstack([self.Y, *images[:len(krylov.basis)]])
+        Each step orthogonalizes the block against the whole basis (twice, then
+        once more after its QR: a rank-deficient block still adds orthonormal
+        directions), stores it and its exact image; the space closes early when
+        the residual falls below ``BREAKDOWN`` times the largest image norm.
+        """
+        room = self._K.shape[1] - self._dim  # each Krylov step adds S's width
+        S = np.asarray(start, dtype=np.float64)[self.live]
+        S = S[:, :min(S.shape[1], max(room // depth, min(room, 1)))]
+        scale = 0.0
+        for _ in range(depth):
+            b = min(S.shape[1], self._K.shape[1] - self._dim)
+            S = self._orthogonal(S[:, :b])
+            if b == 0 or np.linalg.norm(S) <= BREAKDOWN * scale:
+                return
+            Q = np.linalg.qr(self._orthogonal(np.linalg.qr(S)[0]))[0]
+            d = self._dim
+            self._K[:, d:d + b] = Q
+            self._Y[:, d:d + b] = S = self._image(Q)
+            self._dim += b
+            scale = max(scale, float(np.linalg.norm(S)))
 
     def eigenvalues(self) -> Array:
         """Eigenvalue estimates of the Nyström approximation on the space, descending.
 
         They lie below those of ``G`` (``λ̂_i ≤ λ_i``); :meth:`truncated` gives the factor.
         """
-        k = self.dimension
+        k = self._dim
         self._factor = None
         if k == 0:
             return np.zeros(0)
-        shift = np.sqrt(k) * np.finfo(np.float64).eps * np.linalg.norm(self.Y)
-        Y = self.Y + shift * self.K
-        M = self.K.T @ Y
+        K, Y = self.K, self.Y
+        shift = np.sqrt(k) * np.finfo(np.float64).eps * np.linalg.norm(Y)
+        KY, KK = K.T @ Y, K.T @ K
+        M = KY + shift * KK  # Kᵀ Y_ν with Y_ν = Y + νK
         w, V = scipy.linalg.eigh((M + M.T) / 2)
         keep = w > max(w.max(), 0.0) * k * np.finfo(np.float64).eps
         if not keep.any():
             return np.zeros(0)
-        S = V[:, keep] / np.sqrt(w[keep])  # Y S Sᵀ Yᵀ = Y M⁺ Yᵀ
-        gram = S.T @ (Y.T @ Y) @ S
+        S = V[:, keep] / np.sqrt(w[keep])  # Y_ν S Sᵀ Y_νᵀ = Y_ν M⁺ Y_νᵀ
+        YY = Y.T @ Y + shift * (KY + KY.T) + shift**2 * KK  # Y_νᵀ Y_ν
+        gram = S.T @ YY @ S
         s2, W = scipy.linalg.eigh((gram + gram.T) / 2)
         s2, W = np.maximum(s2[::-1], 0.0), W[:, ::-1]
         lam = np.maximum(s2 - shift, 0.0)
-        self._factor = (Y, S @ W, np.sqrt(np.divide(lam, s2, out=np.zeros_like(lam),
-                                                    where=s2 > 0)))
+        scale = np.sqrt(np.divide(lam, s2, out=np.zeros_like(lam), where=s2 > 0))
+        self._factor = (S @ W * scale, scale, shift)
         return lam
 
     def truncated(self, rank: int) -> Array:
         """``U`` ``(N, ≤ rank)`` with orthogonal columns: the approximation of the last
         :meth:`eigenvalues` call truncated to its ``rank`` largest eigenvalues (fewer
         where the rest are zero)."""
-        U = np.zeros((len(self.live), 0))
         if self._factor is None:
-            return U
-        Y, SW, scale = self._factor
+            return np.zeros((len(self.live), 0))
+        A, scale, shift = self._factor
         r = int(min(rank, np.count_nonzero(scale > 0)))
+        A = A[:, :r]
         U = np.zeros((len(self.live), r))
-        U[self.live] = Y @ (SW[:, :r] * scale[:r])
+        rows = np.flatnonzero(self.live)
+        for i in range(0, len(rows), self.ROW_CHUNK):  # U = Y_ν A, no N × k temporary
+            part = slice(i, i + self.ROW_CHUNK)
+            U[rows[part]] = self._Y[part, :self._dim] @ A + shift * (self._K[part, :self._dim] @ A)
         return U
 
 
@@ -519,9 +552,10 @@ def nystrom(op, rank: int | None = None, oversample: int = 10, seed: int = 0, *,
     t_start = time.perf_counter()
     diagonal = getattr(op, "diagonal", None)
     live = np.ones(N, bool) if diagonal is None else np.asarray(diagonal()) > 0
-    space = KrylovNystrom(op.matvec, live)
-    rng = np.random.default_rng(seed)
     depth = power_iterations + 1
+    capacity = (rank if rank is not None else max_rank) + oversample
+    space = KrylovNystrom(op.matvec, live, capacity * depth)
+    rng = np.random.default_rng(seed)
     bar = tqdm(desc="Nyström", unit="product", disable=not progress)
     if rank is not None:
         space.extend(rng.standard_normal((N, rank + oversample)), depth)

@@ -78,7 +78,10 @@ def _project(basis: Array, W: Array, independent: bool) -> Array:
     """The component of ``W`` in the span of ``basis`` (per column if ``independent``)."""
     if independent:
         return np.einsum("knv,kv->nv", basis, np.einsum("knv,nv->kv", basis, W))
-    return np.einsum("knv,kvw->nw", basis, np.einsum("knv,nw->kvw", basis, W))
+    out = np.zeros(W.shape)
+    for block in basis:  # two GEMMs per block (einsum here is ~8× slower)
+        out += block @ (block.T @ W)
+    return out
 
 
 def _norms(W: Array, independent: bool) -> Array:

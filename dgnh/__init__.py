@@ -18,7 +18,8 @@ from .gauss_newton import GaussNewton, HessianOperator
 from .hmatrix import HMatrix, HSSFactorization
 from .hybrid import Hybrid
 from .losses import LOSSES
-from .lowrank import LowRank, nystrom, pivoted_cholesky
+from .lowrank import LowRank, pivoted_cholesky
+from .nystrom import nystrom
 from .model import MLP
 from .operator import Operator
 from .sampling import SamplePlan, plan as sampling_plan

@@ -4,7 +4,7 @@ Four representations, built from exact GNH products and entries (exact or sample
 
 * ``"lowrank"`` — :class:`~dgnh.lowrank.LowRank` ``UUᵀ``, positive
   semi-definite: by default the adaptive randomized Nyström approximation on a
-  block Krylov space (:func:`~dgnh.lowrank.nystrom`, products, within a small
+  block Krylov space (:func:`~dgnh.nystrom.nystrom`, products, within a small
   factor of the optimal truncated eigendecomposition of the same rank); with
   ``lowrank_method="pivoted_cholesky"`` the adaptive pivoted Cholesky
   (:func:`~dgnh.lowrank.pivoted_cholesky`, entries, also sampled ones);
@@ -48,7 +48,8 @@ from .dense import DENSE_MAX_BYTES, Dense
 from .hmatrix import METRICS, HMatrix, build_hmatrix
 from .hmatrix.tree import tree_depth
 from .hybrid import Hybrid, RemainderSource
-from .lowrank import LowRank, nystrom, pivoted_cholesky
+from .lowrank import LowRank, pivoted_cholesky
+from .nystrom import nystrom
 from .operator import Operator
 from .spectral import LANCZOS_STEPS, estimate_norm, ritz_values
 from .validation import check_choice, check_fraction, check_int, check_number

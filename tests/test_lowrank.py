@@ -9,7 +9,8 @@ import dgnh
 from cases import relu_mlp_with_dead_unit, small_digits_gnh
 from dgnh.compress import cap_statistics
 from dgnh.factorization import Factorization, IndefiniteError, LowRankUpdate, ScaledIdentity
-from dgnh.lowrank import LowRank, nystrom, pivoted_cholesky
+from dgnh.lowrank import LowRank, pivoted_cholesky
+from dgnh.nystrom import nystrom
 from dgnh.exact_solve import dual_factorize
 
 

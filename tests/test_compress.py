@@ -8,7 +8,7 @@ import pytest
 
 import dgnh
 from dgnh.benchmarks.compress import kfac_dense, main as bench_main
-from dgnh.compress import choose_candidate, compress
+from dgnh.compress import choose_candidate, compress, relative_error
 from dgnh.hybrid import Hybrid, RemainderSource
 from dgnh.spectral import estimate_norm, ritz_values
 from dgnh.hmatrix import HMatrix
@@ -400,3 +400,16 @@ def test_new_options_are_validated(problems, kw, error, match):
     gn, G, norm = problems("classifier")
     with pytest.raises(error, match=match):
         compress(gn, **kw)
+
+
+@pytest.mark.parametrize("tol, max_rank", [(1e-2, 400), (1e-8, 40)])
+def test_lowrank_certificate_reused_equals_a_fresh_one(problems, tol, max_rank):
+    """compress takes the adaptive Nyström's last certificate: the same as computing it again."""
+    gn, G, norm = problems("classifier")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        op = compress(gn, method="lowrank", tol=tol, max_rank=max_rank, progress=False)
+    rep = op.report
+    assert rep["details"]["error_estimate"] is not None
+    assert rep["error_estimate"] == relative_error(gn, op, rep["norm_estimate"], seed=0)
+    assert certificate_ok(rep["error_estimate"], true_error(op, G, norm))

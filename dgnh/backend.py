@@ -20,13 +20,13 @@ limited so that threads × BLAS threads stay within the cores;
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import reduce
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .config import available_cores
 from .losses import get_loss
 from .model import MLP
 from .shard_factors import ShardFactors
@@ -101,19 +101,6 @@ def shard_bounds(n_samples: int, shard_size: int) -> list[tuple[int, int]]:
     [(0, 2), (2, 4), (4, 5)]
     """
     return [(s, min(s + shard_size, n_samples)) for s in range(0, n_samples, shard_size)]
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask where the OS has one).
-
-    Examples
-    --------
-    >>> available_cores() >= 1
-    True
-    """
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 class LocalBackend:

@@ -23,12 +23,15 @@ import numpy as np
 
 from .activations import get_activation
 from .batching import vector_chunk
+from .config import tune_allocator
 from .losses import Loss
 from .model import MLP
 from .validation import check_float_dtype, check_int
 
 Array = np.ndarray
 GATHER_BYTES = 16 * 2**20  # size of the reused Jacobian buffers of one block chunk
+GATHER_FLOPS = 250  # cost of gathering one Jacobian element into a block buffer, in GEMM
+# flops (a memory-bound gather, fancy index and multiply: ~40 bytes moved per element)
 ROP_MAX_VECTORS = 4  # GNH products with fewer vectors take the R-op route (faster there)
 
 
@@ -58,6 +61,7 @@ class ShardFactors:
         self.Y = Y
         self.n = X.shape[0]
         self.offsets = model.layer_offsets
+        tune_allocator()
         # forward pass
         A = [np.ascontiguousarray(X, dtype=self.dtype)]
         Z = []
@@ -128,13 +132,41 @@ class ShardFactors:
                         out=buf[a:b])
         return buf
 
+    def _flat(self, loc) -> Array:
+        """Flat parameter indices of located parameters (inverse of ``MLP.locate``)."""
+        layer, p, q = loc
+        d_in = np.asarray(self.sizes[:-1], dtype=np.int64)[layer]
+        d_out = np.asarray(self.sizes[1:], dtype=np.int64)[layer]
+        return self.offsets[layer] + np.where(q < d_in, p * d_in + q, d_out * d_in + p)
+
+    def _column_cheaper(self, k: int, m: int) -> bool:
+        """True when ``G[I, J]`` with ``|I| = k`` rows and ``|J| = m`` columns costs less as
+        the rows ``I`` of the whole columns ``Ĵᵀ(Ĵ[:, J])`` (two passes of
+        ``2·n_s·N·m`` flops at about half the GEMM rate) than as a gathered block
+        (``k·n_s·d`` gathered elements and ``2·k·m·n_s·d`` flops): tall blocks with
+        few columns, such as the sampled columns of the tree's top nodes."""
+        return 0 < m and 4 * self.n_params * m < k * self.sizes[-1] * (2 * m + GATHER_FLOPS)
+
+    def columns(self, loc_J, budget: int | None = None) -> Array:
+        """Σ_i Ĵ_iᵀ Ĵ_i[:, J] over this shard for all ``N`` rows: ``(N, |J|)``, chunked over
+        columns within ``budget`` bytes."""
+        d = self.sizes[-1]
+        U = self.gather(loc_J).transpose(1, 2, 0).reshape(self.n * d, -1)
+        return self._by_vectors(lambda Uc: self._jt_times(Uc.reshape(self.n, d, -1)), U,
+                                self.n_params, self._product_bytes(), budget)
+
     def block(self, loc_I, loc_J) -> Array:
         """Σ_i Ĵ_i[:, I]ᵀ Ĵ_i[:, J] over this shard: one GEMM per cache-sized row chunk.
 
         Parameters are sorted by (layer, row, col) so that each layer's columns
         are gathered with one ``take`` into a reused buffer; the result is put
-        back into the requested order.
+        back into the requested order. A tall block with few columns is taken
+        from whole columns instead (:meth:`columns`, :meth:`_column_cheaper`).
         """
+        if self._column_cheaper(len(loc_I[0]), len(loc_J[0])):
+            return self.columns(loc_J)[self._flat(loc_I)]
+        if self._column_cheaper(len(loc_J[0]), len(loc_I[0])):
+            return self.columns(loc_I)[self._flat(loc_J)].T
         (sI, rI, oI), (sJ, rJ, oJ) = _sorted(loc_I), _sorted(loc_J)
         k, m = len(oI), len(oJ)
         same = k == m and all(np.array_equal(a, b) for a, b in zip(loc_I, loc_J))

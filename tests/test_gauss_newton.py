@@ -182,6 +182,26 @@ def test_unsorted_duplicate_and_empty_indices(rows, cols):
     np.testing.assert_allclose(block, G[np.ix_(rows, cols)], rtol=1e-13, atol=0)
 
 
+def test_blocks_by_gather_and_by_whole_columns_agree(problem, monkeypatch):
+    """Tall, wide and square blocks give the same numbers gathered and taken from whole
+    columns Ĵᵀ(Ĵ[:, J]) (the route ShardFactors._column_cheaper picks by cost)."""
+    from dgnh.shard_factors import ShardFactors
+
+    net, X, Y, loss, gn = problem
+    G = dense_reference(net, X, loss)
+    rng = np.random.default_rng(3)
+    rows, cols = rng.permutation(net.n_params), rng.integers(0, net.n_params, 3)
+    requests = [(rows, cols), (cols, rows), (rows[:5], rows[:5]), (rows[:4], cols), (rows[:0], cols)]
+    results = []
+    for by_columns in (False, True):
+        monkeypatch.setattr(ShardFactors, "_column_cheaper", lambda self, k, m: by_columns)
+        results.append(gn.entries_many(requests))
+        for (r, c), block in zip(requests, results[-1]):
+            assert max_relative_error(block, G[np.ix_(r, c)]) <= 1e-6
+    for a, b in zip(*results):
+        assert max_relative_error(a, b) <= 1e-12
+
+
 def test_use_after_close_is_refused():
     gn = dgnh.GaussNewton(client="in-process", **_bad())
     gn.close()

@@ -23,6 +23,7 @@ import numpy as np
 import scipy.linalg
 from tqdm import tqdm
 
+from ..batching import on_cores
 from ..factorization import IndefiniteError
 from ..validation import check_int, check_number
 from .factorization import HSSFactorization
@@ -309,9 +310,9 @@ def _skeletonize_level(tree: ClusterTree, states: list[NodeState], nodes: Array,
         states[a].sketch, states[a].inputs = _node_rows(tree, states, a, sketch.omega, sketch.Y,
                                                         below)
     while True:
-        for a in nodes:
-            states[a].skeletonize(_candidates(tree, states, a), plan.threshold * sketch.scale,
-                                  plan.max_rank, sketch.gaussian)
+        on_cores(lambda a: states[a].skeletonize(_candidates(tree, states, a),
+                                                  plan.threshold * sketch.scale, plan.max_rank,
+                                                  sketch.gaussian), nodes)
         if sketch.growths > MAX_GROWTHS or not any(
                 plan.saturated(states[a], len(states[a].inputs), sketch.gaussian_width,
                                len(tree.perm)) for a in nodes):

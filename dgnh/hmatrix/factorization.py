@@ -16,6 +16,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 import scipy.linalg
 
+from ..batching import on_cores
 from ..factorization import Factorization, IndefiniteError, check_reg
 
 Array = np.ndarray
@@ -125,37 +126,47 @@ class HSSFactorization(Factorization):
         self._E: list[Array] = [None] * n  # T = [I, E] in that order
         self._L: list[Array] = [None] * n  # Cholesky of M_rr (of D̂ at the root)
         self._K: list[Array] = [None] * n  # L⁻¹ M_rs
-        schur: list[Array] = [None] * n
-        self._logdet = (self.shape[0] - len(h.perm)) * np.log(self.reg)
-        for a in range(n - 1, -1, -1):
-            c1, c2 = h.node_children[a]
-            if c1 < 0:
-                D = h.leaf_blocks[a] + self.reg * np.eye(len(h.leaf_blocks[a]))
-                cands = np.arange(h.node_start[a], h.node_stop[a])
-            else:
-                B = h.couplings[a]
-                D = np.block([[schur[c1], B], [B.T, schur[c2]]])
-                cands = np.concatenate([h.skeletons[c1], h.skeletons[c2]])
-                schur[c1] = schur[c2] = None
-            if a == 0:
-                self._L[a] = _cholesky(D, a, "the root block")
-                self._logdet += 2.0 * np.sum(np.log(np.diag(self._L[a])))
-                continue
-            local = np.searchsorted(cands, h.skeletons[a], sorter=np.argsort(cands))
-            local = np.argsort(cands)[local]
-            order = np.concatenate([local, np.setdiff1d(np.arange(len(cands)), local)])
-            k = len(local)
-            E = h.interpolations[a][:, order[k:]]
-            Dp = D[np.ix_(order, order)]
-            DR = Dp[:, k:] - Dp[:, :k] @ E  # D̂ Z⁻¹ on the redundant part, Z⁻¹ = [−E; I]
-            M_rr = DR[k:] - E.T @ DR[:k]
-            L = _cholesky((M_rr + M_rr.T) / 2, a, "the redundant block")
-            K = (scipy.linalg.solve_triangular(L, DR[:k].T, lower=True, check_finite=False)
-                 if L.size else np.zeros((0, k)))
-            S = Dp[:k, :k] - K.T @ K
-            schur[a] = (S + S.T) / 2
-            self._logdet += 2.0 * np.sum(np.log(np.diag(L)))
-            self._order[a], self._E[a], self._L[a], self._K[a] = order, E, L, K
+        self._schur: list[Array] = [None] * n
+        logdets = np.zeros(n)
+        depth = np.zeros(n, dtype=np.int64)  # parents come before their children
+        for a in range(1, n):
+            depth[a] = depth[h.node_parent[a]] + 1
+        for level in range(int(depth.max(initial=0)), -1, -1):  # a level's nodes: independent
+            nodes = np.flatnonzero(depth == level)
+            logdets[nodes] = on_cores(self._eliminate, nodes)
+        self._logdet = (self.shape[0] - len(h.perm)) * np.log(self.reg) + float(logdets.sum())
+        del self._schur
+
+    def _eliminate(self, a: int) -> float:
+        """Eliminate the redundant unknowns of node ``a`` (its children done); its log-det share."""
+        h = self.hmatrix
+        c1, c2 = h.node_children[a]
+        if c1 < 0:
+            D = h.leaf_blocks[a] + self.reg * np.eye(len(h.leaf_blocks[a]))
+            cands = np.arange(h.node_start[a], h.node_stop[a])
+        else:
+            B = h.couplings[a]
+            D = np.block([[self._schur[c1], B], [B.T, self._schur[c2]]])
+            cands = np.concatenate([h.skeletons[c1], h.skeletons[c2]])
+            self._schur[c1] = self._schur[c2] = None
+        if a == 0:
+            self._L[a] = _cholesky(D, a, "the root block")
+            return 2.0 * float(np.sum(np.log(np.diag(self._L[a]))))
+        local = np.searchsorted(cands, h.skeletons[a], sorter=np.argsort(cands))
+        local = np.argsort(cands)[local]
+        order = np.concatenate([local, np.setdiff1d(np.arange(len(cands)), local)])
+        k = len(local)
+        E = h.interpolations[a][:, order[k:]]
+        Dp = D[np.ix_(order, order)]
+        DR = Dp[:, k:] - Dp[:, :k] @ E  # D̂ Z⁻¹ on the redundant part, Z⁻¹ = [−E; I]
+        M_rr = DR[k:] - E.T @ DR[:k]
+        L = _cholesky((M_rr + M_rr.T) / 2, a, "the redundant block")
+        K = (scipy.linalg.solve_triangular(L, DR[:k].T, lower=True, check_finite=False)
+             if L.size else np.zeros((0, k)))
+        S = Dp[:k, :k] - K.T @ K
+        self._schur[a] = (S + S.T) / 2
+        self._order[a], self._E[a], self._L[a], self._K[a] = order, E, L, K
+        return 2.0 * float(np.sum(np.log(np.diag(L))))
 
     @property
     def nbytes(self) -> int:

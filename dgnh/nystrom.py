@@ -21,6 +21,9 @@ import numpy as np
 import scipy.linalg
 from tqdm import tqdm
 
+from .batching import vector_chunk
+from .columns import CHUNK_BYTES, ColumnStore
+from .config import memory_budget
 from .lowrank import LowRank
 from .operator import Operator
 from .spectral import BREAKDOWN, estimate_norm
@@ -68,7 +71,8 @@ class KrylovNystrom:
     others are zero in a PSD ``G``). :meth:`extend` adds the block Krylov space
     ``span{S, G̃S, …, G̃^q S}`` of new start vectors ``S`` with ``G̃ = PGP`` (``P``
     projects out the space so far), keeping the orthonormal basis ``K`` and its
-    exact image ``Y = GK`` (one product with ``S``'s width per block).
+    exact image ``Y = GK`` (one product with ``S``'s width per block) and their
+    Gram matrices ``KᵀY``, ``KᵀK``, ``YᵀY`` (updated block by block).
     :meth:`eigenvalues` and :meth:`truncated` give the stable shifted Nyström approximation
     ``Y_ν (KᵀY_ν)⁻¹ Y_νᵀ − νI`` of ``G`` on ``span K`` (Tropp, Yurtsever, Udell
     and Cevher 2017, Algorithm 3), eigendecomposed and truncated to a rank.
@@ -78,10 +82,13 @@ class KrylovNystrom:
     products; ``G − UUᵀ`` stays positive semi-definite for every ``K`` and rank
     (the Nyström approximation and its truncation lie below ``G``).
 
-    Memory: ``K`` and ``Y`` are allocated once for ``capacity`` columns and
-    filled in place (``2·N·capacity`` floats); nothing else of size ``N × capacity``
-    is formed (``Y_ν = Y + νK`` enters only through small Gram matrices, and
-    :meth:`truncated` works in row chunks).
+    Memory: ``K`` and ``Y`` (``2·8·N·capacity`` bytes) are
+    :class:`~dgnh.columns.ColumnStore` s, in memory while together they fit
+    ``max_bytes`` (default the memory budget, :func:`dgnh.config.memory_budget`),
+    else spilled to temporary files and read in row chunks; products are taken
+    ``product_columns`` vectors at a time (default: their ``N``-long inputs and
+    outputs within a quarter of the budget). Nothing else of size ``N × capacity``
+    is formed.
 
     Examples
     --------
@@ -93,54 +100,91 @@ class KrylovNystrom:
     ([4.0, 2.0, 1.0], [4.0, 2.0, 0.0, 0.0])
     """
 
-    ROW_CHUNK = 1 << 16  # rows per GEMM of :meth:`truncated`
-
-    def __init__(self, apply, live: Array, capacity: int):
+    def __init__(self, apply, live: Array, capacity: int, max_bytes: int | None = None,
+                 product_columns: int | None = None):
         self.apply = apply  # (N, k) -> (N, k): exact products G @ V
         self.live = np.asarray(live, dtype=bool)
         n = int(self.live.sum())
         capacity = min(int(capacity), n)
-        self._K = np.zeros((n, capacity))
-        self._Y = np.zeros((n, capacity))
-        self._dim = 0
+        budget = memory_budget()
+        max_bytes = budget if max_bytes is None else max_bytes
+        self._K = ColumnStore(n, capacity, max_bytes // 2)
+        self._Y = ColumnStore(n, capacity, max_bytes // 2)
+        self.product_columns = product_columns or vector_chunk(
+            capacity, 3 * 8 * len(self.live), budget // 4)
+        self._gram = {"KY": np.zeros((0, 0)), "KK": np.zeros((0, 0)), "YY": np.zeros((0, 0))}
         self.n_products = 0
         self.seconds = 0.0  # spent in products
         self._factor: tuple[Array, Array, float] | None = None
 
     @property
-    def K(self) -> Array:
-        """The orthonormal basis (live rows), a view."""
-        return self._K[:, :self._dim]
-
-    @property
-    def Y(self) -> Array:
-        """Its exact image ``GK`` (live rows), a view."""
-        return self._Y[:, :self._dim]
-
-    @property
     def dimension(self) -> int:
-        return self._dim
+        return self._K.n_cols
+
+    @property
+    def spilled(self) -> bool:
+        """True when the basis and its image live in temporary files."""
+        return self._K.spilled
 
     @property
     def full(self) -> bool:
         """True once the space spans every live row (the approximation is then exact)."""
-        return self._dim >= self._K.shape[0]
+        return self.dimension >= self._K.capacity
+
+    def close(self) -> None:
+        """Free the basis and its image (memory or spill files)."""
+        self._K.close()
+        self._Y.close()
+
+    def _chunk_rows(self) -> int:
+        return max(1, CHUNK_BYTES // max(8 * self.dimension, 1))
+
+    def _pairs(self):
+        """Row chunks ``(rows, K[rows], Y[rows])`` of the stored basis and image."""
+        size = self._chunk_rows()
+        for (rows, K), (_, Y) in zip(self._K.row_chunks(size), self._Y.row_chunks(size)):
+            yield rows, K, Y
 
     def _image(self, V: Array) -> Array:
-        """``G V`` on the live rows (``V`` given on the live rows)."""
-        full = np.zeros((len(self.live), V.shape[1]))
-        full[self.live] = V
+        """``G V`` on the live rows (``V`` given on the live rows), ``product_columns`` at a time."""
+        out = np.empty(V.shape)
         t0 = time.perf_counter()
-        out = np.asarray(self.apply(full), dtype=np.float64)[self.live]
+        for j in range(0, V.shape[1], self.product_columns):
+            cols = slice(j, min(j + self.product_columns, V.shape[1]))
+            full = np.zeros((len(self.live), cols.stop - j))
+            full[self.live] = V[:, cols]
+            out[:, cols] = np.asarray(self.apply(full), dtype=np.float64)[self.live]
+            del full
         self.seconds += time.perf_counter() - t0
         self.n_products += V.shape[1]
         return out
 
     def _orthogonal(self, S: Array) -> Array:
-        """``S`` projected twice off the basis so far."""
+        """``S`` (overwritten) projected twice off the basis so far (two passes over ``K`` each)."""
+        if self.dimension == 0:
+            return S
+        size = self._chunk_rows()
         for _ in range(2):
-            S = S - self.K @ (self.K.T @ S)
+            C = sum(K.T @ S[rows] for rows, K in self._K.row_chunks(size))
+            for rows, K in self._K.row_chunks(size):
+                S[rows] -= K @ C
         return S
+
+    def _add(self, Q: Array, Y: Array) -> None:
+        """Store a new orthonormal block ``Q`` and its image ``Y = GQ``, updating the Grams."""
+        d, b = self.dimension, Q.shape[1]
+        new = {"KY": Q.T @ Y, "KK": Q.T @ Q, "YY": Y.T @ Y}
+        old = {"KY": np.zeros((d, b)), "YK": np.zeros((d, b)), "KK": np.zeros((d, b)),
+               "YY": np.zeros((d, b))}  # old rows against the new columns
+        for rows, K, Yo in self._pairs():
+            old["KY"] += K.T @ Y[rows]
+            old["YK"] += Yo.T @ Q[rows]
+            old["KK"] += K.T @ Q[rows]
+            old["YY"] += Yo.T @ Y[rows]
+        for key, lower in (("KY", old["YK"].T), ("KK", old["KK"].T), ("YY", old["YY"].T)):
+            self._gram[key] = np.block([[self._gram[key], old[key]], [lower, new[key]]])
+        self._K.append(Q)
+        self._Y.append(Y)
 
     def extend(self, start: Array, depth: int) -> None:
         """Add the Krylov space of depth ``depth`` from ``start`` (``(N, b)``, live rows used).
@@ -150,20 +194,21 @@ class KrylovNystrom:
         directions), stores it and its exact image; the space closes early when
         the residual falls below ``BREAKDOWN`` times the largest image norm.
         """
-        room = self._K.shape[1] - self._dim  # each Krylov step adds S's width
-        S = np.asarray(start, dtype=np.float64)[self.live]
-        S = S[:, :min(S.shape[1], max(room // depth, min(room, 1)))]
+        room = self._K.capacity - self.dimension  # each Krylov step adds S's width
+        width = min(np.shape(start)[1], max(room // depth, min(room, 1)))
+        S = np.asarray(start, dtype=np.float64)[self.live][:, :width]  # a new array
         scale = 0.0
-        for _ in range(depth):
-            b = min(S.shape[1], self._K.shape[1] - self._dim)
-            S = self._orthogonal(S[:, :b])
+        for _ in range(depth):  # at most three N × b blocks alive at a time
+            b = min(S.shape[1], self._K.capacity - self.dimension)
+            S = self._orthogonal(np.array(S[:, :b]))
             if b == 0 or np.linalg.norm(S) <= BREAKDOWN * scale:
                 return
-            Q = orthonormal(self._orthogonal(orthonormal(S)))
-            d = self._dim
-            self._K[:, d:d + b] = Q
-            self._Y[:, d:d + b] = S = self._image(Q)
-            self._dim += b
+            Q = orthonormal(S)
+            del S
+            Q = orthonormal(self._orthogonal(Q))
+            S = self._image(Q)
+            self._add(Q, S)
+            del Q
             scale = max(scale, float(np.linalg.norm(S)))
 
     def eigenvalues(self) -> Array:
@@ -171,20 +216,19 @@ class KrylovNystrom:
 
         They lie below those of ``G`` (``λ̂_i ≤ λ_i``); :meth:`truncated` gives the factor.
         """
-        k = self._dim
+        k = self.dimension
         self._factor = None
         if k == 0:
             return np.zeros(0)
-        K, Y = self.K, self.Y
-        shift = np.sqrt(k) * np.finfo(np.float64).eps * np.linalg.norm(Y)
-        KY, KK = K.T @ Y, K.T @ K
+        KY, KK, YY = self._gram["KY"], self._gram["KK"], self._gram["YY"]
+        shift = np.sqrt(k) * np.finfo(np.float64).eps * np.sqrt(np.trace(YY))  # ν·‖Y‖_F
         M = KY + shift * KK  # Kᵀ Y_ν with Y_ν = Y + νK
         w, V = scipy.linalg.eigh((M + M.T) / 2)
         keep = w > max(w.max(), 0.0) * k * np.finfo(np.float64).eps
         if not keep.any():
             return np.zeros(0)
         S = V[:, keep] / np.sqrt(w[keep])  # Y_ν S Sᵀ Y_νᵀ = Y_ν M⁺ Y_νᵀ
-        YY = Y.T @ Y + shift * (KY + KY.T) + shift**2 * KK  # Y_νᵀ Y_ν
+        YY = YY + shift * (KY + KY.T) + shift**2 * KK  # Y_νᵀ Y_ν
         gram = S.T @ YY @ S
         s2, W = scipy.linalg.eigh((gram + gram.T) / 2)
         s2, W = np.maximum(s2[::-1], 0.0), W[:, ::-1]
@@ -203,10 +247,9 @@ class KrylovNystrom:
         r = int(min(rank, np.count_nonzero(scale > 0)))
         A = A[:, :r]
         U = np.zeros((len(self.live), r))
-        rows = np.flatnonzero(self.live)
-        for i in range(0, len(rows), self.ROW_CHUNK):  # U = Y_ν A, no N × k temporary
-            part = slice(i, i + self.ROW_CHUNK)
-            U[rows[part]] = self._Y[part, :self._dim] @ A + shift * (self._K[part, :self._dim] @ A)
+        rows_of = np.flatnonzero(self.live)
+        for rows, K, Y in self._pairs():  # U = Y_ν A by row chunks
+            U[rows_of[rows]] = Y @ A + shift * (K @ A)
         return U
 
 
@@ -259,7 +302,8 @@ def nystrom(op, rank: int | None = None, oversample: int = 10, seed: int = 0, *,
         estimates), ``tail_eigenvalue`` (the first discarded one, a lower bound on
         the optimal error ``λ_{r+1}``), ``krylov_dimension``, ``n_products``,
         ``rounds``, ``stop``, ``converged``, ``norm_estimate``,
-        ``error_estimate`` (relative; adaptive only) and ``timings``
+        ``error_estimate`` (relative; adaptive only), ``basis_spilled`` (the Krylov basis
+        and its image did not fit the memory budget and went to temporary files) and ``timings``
         (``products``, ``total``).
 
     Examples
@@ -308,6 +352,7 @@ def nystrom(op, rank: int | None = None, oversample: int = 10, seed: int = 0, *,
         lam, U, stop, rounds, error = _adaptive(op, space, rng, tol, max_rank, oversample,
                                                 depth, norm_estimate, seed, bar)
     bar.close()
+    space.close()
     r = U.shape[1]
     norm = norm_estimate if norm_estimate is not None else float(lam[0]) if len(lam) else 0.0
     report = {
@@ -318,7 +363,7 @@ def nystrom(op, rank: int | None = None, oversample: int = 10, seed: int = 0, *,
         "krylov_dimension": space.dimension, "n_products": space.n_products,
         "rounds": rounds, "stop": stop, "converged": stop in ("rank", "estimate", "exact"),
         "n_zero_diagonal": int(N - live.sum()), "norm_estimate": norm,
-        "error_estimate": error,
+        "error_estimate": error, "basis_spilled": space.spilled,
         "timings": {"products": space.seconds, "total": time.perf_counter() - t_start},
     }
     return LowRank(U, report)

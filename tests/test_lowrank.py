@@ -338,6 +338,22 @@ def test_nystrom_adaptive_zero_rows_and_exact_low_rank(problem, tol):
     assert lr.rank <= int(np.count_nonzero(eigenvalues > 0.5 * tol * norm)) + 1
 
 
+@pytest.mark.parametrize("kwargs", [{"rank": 30}, {"tol": 1e-4, "max_rank": 120}])
+def test_nystrom_with_its_basis_spilled_to_disk_is_the_same(problem, kwargs):
+    """A memory budget too small for the Krylov basis and its image: they go to temporary
+    files, the products come a few vectors at a time; the result equals the in-memory one
+    to 1e-12 and stays a Nyström approximation of the dense G."""
+    gn, G, norm, _ = problem
+    lr = nystrom(gn, seed=4, **kwargs)
+    with dgnh.config.set(memory_budget="1KiB"):
+        spilled = nystrom(gn, seed=4, **kwargs)
+    assert spilled.report["basis_spilled"] and not lr.report["basis_spilled"]
+    assert spilled.rank == lr.rank
+    scale = np.abs(lr.to_dense()).max()
+    assert np.abs(spilled.to_dense() - lr.to_dense()).max() <= 1e-12 * scale
+    check_lowrank(spilled, G, norm)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"rank": 3, "tol": 1e-3}, ValueError, "give either rank .* or tol .*, not both"),
     ({}, ValueError, "not neither"),

@@ -37,7 +37,9 @@ import warnings
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from .. import config
 from ..compress import compress
+from ..config import memory_budget
 from ..exact_solve import solve
 from ..gauss_newton import GaussNewton
 from ..shard_factors import ShardFactors
@@ -123,8 +125,6 @@ def run_size(n_params: float, n_samples: int, args) -> tuple[list, list, list]:
                 ref = gemm_rate(*shape, dtype=dtype)
                 ratio = rate / ref
             rows.append([label, dtype, name, t, peak / 2**20, rate, ref, ratio])
-        if args.rank and dtype == "float64":
-            checks = verification_rows(gn, label, args, rng)
         gn.close()
     compare = []
     if set(args.dtypes) == {"float64", "float32"}:
@@ -134,6 +134,10 @@ def run_size(n_params: float, n_samples: int, args) -> tuple[list, list, list]:
                                                       results["float64", name]),
                     memory if name == "factors" else ""]
                    for dtype, name in times if dtype == "float32"]
+    del Vs, results  # the verifications run with only their own arrays alive
+    if args.rank:
+        with GaussNewton(net, X, y, loss="cross_entropy", client="in-process") as gn:
+            checks = verification_rows(gn, label, args, rng)
     return rows, compare, checks
 
 
@@ -157,7 +161,7 @@ def verification_rows(gn: GaussNewton, label: str, args, rng: np.random.Generato
     N, r = gn.n_params, args.rank
     V = rng.normal(size=(N, r))
     _, t_r, _ = measured(lambda: gn @ V, 0)
-    del V
+    V = None  # free it before the compression
     with warnings.catch_warnings():  # max_rank binds by design: the rank is fixed
         warnings.simplefilter("ignore", UserWarning)
         H, t, peak = measured(lambda: compress(gn, method="lowrank", tol=args.tol, max_rank=r,
@@ -237,9 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probes", type=int, default=16, help="SLQ probes")
     ap.add_argument("--steps", type=int, default=40, help="SLQ Lanczos steps")
     ap.add_argument("--checks", type=int, default=10, help="inverse-diagonal entries checked")
+    ap.add_argument("--memory-budget", default=None,
+                    help="dgnh's memory budget for the run, e.g. 2GiB (default: dgnh's, "
+                         "a quarter of the machine's memory)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    with threadpool_limits(limits=args.threads, user_api="blas"):
+    try:
+        budget = memory_budget(args.memory_budget)
+    except (TypeError, ValueError) as exc:
+        ap.error(str(exc))
+    with threadpool_limits(limits=args.threads, user_api="blas"), \
+            config.set(memory_budget=budget):
         return _run(ap, args)
 
 
@@ -275,8 +287,8 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print_table("Batched against single GNH products on a small-layer network",
                 ["N", "vectors", "gradient-times per vector"], small_network_rows(args.seed))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    print(f"\nmaximum resident size of this process: {rss:.0f} MiB; BLAS threads: "
-          f"{args.threads or 'default'}")
+    print(f"\nmaximum resident size of this process: {rss:.0f} MiB; memory budget: "
+          f"{memory_budget() / 2**20:.0f} MiB; BLAS threads: {args.threads or 'default'}")
     return 0
 
 

@@ -27,8 +27,6 @@ in this process, which adds by the same tree (:func:`~dgnh.backend.tree_sum`).
 from __future__ import annotations
 
 import ast
-import ctypes
-import ctypes.util
 import inspect
 import itertools
 import logging
@@ -52,11 +50,11 @@ from distributed import Client, Future, LocalCluster, WorkerPlugin
 from distributed.security import Security
 
 from .backend import SPLIT_EVERY, add_partials, per_shard, require_shards
+from .config import tune_allocator
 from .shard_factors import ShardFactors
 
 ARG_TASK_BYTES = 2**20  # shared arguments above this size are sent once, as a task
 _TLS_FILES = ("tls_ca_file", "tls_client_cert", "tls_client_key")
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc malloc.h
 
 
 def make_security(security) -> Security | None:
@@ -152,35 +150,22 @@ def connect_timeout() -> float:
     return parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
 
 
-def set_malloc_thresholds(trim_bytes: int = 64 * 2**20, mmap_bytes: int = 32 * 2**20) -> bool:
-    """Set glibc's trim and mmap thresholds in this process; ``False`` off glibc.
-
-    The defaults are the maxima glibc's adaptive thresholds reach on 64-bit.
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    return bool(mallopt(_M_TRIM_THRESHOLD, trim_bytes)) and bool(
-        mallopt(_M_MMAP_THRESHOLD, mmap_bytes))
-
-
 class MallocTuning(WorkerPlugin):
-    """Worker plugin: glibc's adaptive large-allocation thresholds, as fixed values.
+    """Worker plugin: dgnh's glibc thresholds (:func:`dgnh.config.tune_allocator`) from the start.
 
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which
     switches glibc's adaptive mmap threshold off: every large temporary of a
     block evaluation is then a fresh ``mmap``, and the page faults make it
-    about 3× slower (see ``dgnh bench distributed --dask-malloc``). This plugin
-    calls :func:`set_malloc_thresholds` in every worker, restarted ones
-    included. Clusters that dgnh starts get it; add it to your own with
-    ``client.register_plugin(MallocTuning())``.
+    about 3× slower (see ``dgnh bench distributed --dask-malloc``). Building
+    shard factors tunes a worker anyway; this plugin does it when the worker
+    starts (restarted ones included), before any other work. Clusters that dgnh
+    starts get it; add it to your own with ``client.register_plugin(MallocTuning())``.
     """
 
     name = "dgnh-malloc-tuning"
 
     def setup(self, worker) -> None:
-        set_malloc_thresholds()
+        tune_allocator()
 
 
 def start_local_cluster() -> tuple[LocalCluster, Client]:

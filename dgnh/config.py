@@ -97,24 +97,40 @@ def available_cores() -> int:
 ALLOCATOR_ENV_VAR = "DGNH_ALLOCATOR_TUNING"
 MMAP_THRESHOLD = 2**30  # arrays up to this size come from the heap (glibc)
 TRIM_THRESHOLD = 2**30  # free memory kept at the top of the heap before it is returned
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc malloc.h
 _allocator = {"tuned": False}
+
+
+def set_malloc_thresholds(trim_bytes: int = TRIM_THRESHOLD,
+                          mmap_bytes: int = MMAP_THRESHOLD) -> bool:
+    """Set glibc's trim and mmap thresholds in this process; ``False`` off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, trim_bytes)) and bool(
+        mallopt(_M_MMAP_THRESHOLD, mmap_bytes))
 
 
 def tune_allocator() -> bool:
     """Let glibc reuse freed product temporaries instead of page-faulting fresh ones.
 
     Products and blocks allocate temporaries of tens to hundreds of MiB per layer.
-    By default glibc serves each from a fresh ``mmap`` and unmaps it when freed,
-    so every product touches (page-faults and zeroes) all of them again: on
-    the digits classifier (N = 26 122) one 256-vector product took 2.3–2.6 s
-    instead of 1.2 s, every other call. Raising ``M_MMAP_THRESHOLD`` to
-    :data:`MMAP_THRESHOLD` and ``M_TRIM_THRESHOLD`` to :data:`TRIM_THRESHOLD`
-    keeps such blocks in the heap for reuse (larger arrays, e.g. an ``N × k``
-    basis at large N, are still mapped and returned); the process keeps up to
-    :data:`TRIM_THRESHOLD` of freed memory. Done once per process, when the
-    first shard's factors are built; ``DGNH_ALLOCATOR_TUNING=0`` leaves the
-    allocator alone. Returns True if glibc accepted the settings (False
-    elsewhere, e.g. macOS or musl, where nothing changes).
+    By default glibc serves each from a fresh ``mmap`` and unmaps it when freed
+    (always so on Dask workers, whose nanny sets ``MALLOC_TRIM_THRESHOLD_``), so
+    every product touches (page-faults and zeroes) all of them again: on the
+    digits classifier (N = 26 122) one 256-vector product took 2.3–2.6 s
+    instead of 1.1–1.3 s, every other call. Raising ``M_MMAP_THRESHOLD`` and
+    ``M_TRIM_THRESHOLD`` to 1 GiB (:func:`set_malloc_thresholds`) keeps such
+    blocks in the heap for reuse (larger arrays, e.g. an ``N × k`` basis at
+    large N, are still mapped and returned); the process keeps up to 1 GiB of
+    freed memory. Done once per process, when the first shard's factors are
+    built (in every Dask worker too); ``DGNH_ALLOCATOR_TUNING=0`` leaves the
+    allocator alone. Returns True if glibc accepted the settings now (False
+    when already done, disabled, or off glibc, e.g. macOS or musl).
 
     Examples
     --------
@@ -124,12 +140,4 @@ def tune_allocator() -> bool:
     if _allocator["tuned"] or os.environ.get(ALLOCATOR_ENV_VAR, "1") == "0":
         return False
     _allocator["tuned"] = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
-        return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
-                    and libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
-    except (OSError, AttributeError):  # not glibc
-        return False
+    return set_malloc_thresholds()

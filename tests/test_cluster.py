@@ -29,7 +29,8 @@ from distributed.security import Security
 import dgnh
 from cases import free_port, max_relative_error, random_problem
 from dgnh.backend import LocalBackend
-from dgnh.cluster import MallocTuning, set_malloc_thresholds
+from dgnh.cluster import MallocTuning
+from dgnh.config import set_malloc_thresholds
 
 REPO = Path(__file__).resolve().parents[1]
 N_SAMPLES, SHARD_SIZE = 90, 20  # 5 shards

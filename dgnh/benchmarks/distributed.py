@@ -15,6 +15,7 @@ from distributed import Client, LocalCluster, get_task_stream
 from threadpoolctl import threadpool_limits
 
 from ..cluster import MallocTuning
+from ..config import ALLOCATOR_ENV_VAR
 from ..dataset import save_dataset
 from ..gauss_newton import GaussNewton
 from .common import best_time, print_table, synthetic_classifier
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dask-malloc", action="store_true",
-                    help="keep Dask's worker malloc settings (no dgnh.cluster.MallocTuning)")
+                    help="keep Dask's worker malloc settings (no dgnh.cluster.MallocTuning, "
+                         "DGNH_ALLOCATOR_TUNING=0 on the workers)")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     n, d = args.n_samples, 10
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             with threadpool_limits(limits=blas_threads):
                 results[f"in-process, {blas_threads or 'all'} BLAS threads", 0] = _measure(
                     net, path, shard_size, "in-process", None, args)
+        if args.dask_malloc:  # the workers (spawned: they inherit it) keep Dask's settings
+            os.environ[ALLOCATOR_ENV_VAR] = "0"
         for n_workers in (1, 2):
             with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                               dashboard_address=":0") as cluster, \

@@ -195,7 +195,7 @@ def verification_rows(gn: GaussNewton, label: str, args, rng: np.random.Generato
     cols = np.sort(rng.choice(N, args.checks, replace=False))
     E = np.zeros((N, len(cols)))
     E[cols, np.arange(len(cols))] = 1.0
-    res, t_ref, _ = measured(lambda: solve(gn, E, reg=lam, rtol=1e-10, preconditioner=H), 0)
+    res, t_ref, _ = measured(lambda: solve(gn, E, reg=lam, rtol=1e-10, preconditioner=F), 0)
     exact = res.x[cols, np.arange(len(cols))]
     gaps = inv[cols] - exact
     rows.append([label, f"inverse diagonal, {len(cols)} entries (vs PCG)", t, peak / 2**20,

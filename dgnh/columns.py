@@ -82,10 +82,6 @@ class ColumnStore:
             self._blocks.append((path, b))
         self.n_cols += b
 
-    def view(self) -> Array | None:
-        """The columns so far as a view when in memory, else ``None``."""
-        return None if self._memory is None else self._memory[:, :self.n_cols]
-
     def row_chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[slice, Array]]:
         """``(rows, M[rows, :n_cols])`` for consecutive row ranges covering all rows.
 
@@ -111,11 +107,8 @@ class ColumnStore:
 
     def to_array(self) -> Array:
         """The whole matrix in memory (for small stores and tests)."""
-        view = self.view()
-        if view is not None:
-            return view.copy()
-        return np.vstack([chunk for _, chunk in self.row_chunks()]) if self.n_rows else \
-            np.zeros((0, self.n_cols))
+        chunks = [chunk for _, chunk in self.row_chunks()]
+        return np.vstack(chunks) if chunks else np.zeros((0, self.n_cols))
 
     def close(self) -> None:
         """Free the memory or remove the spill files."""

@@ -130,12 +130,8 @@ def tune_allocator() -> bool:
     freed memory. Done once per process, when the first shard's factors are
     built (in every Dask worker too); ``DGNH_ALLOCATOR_TUNING=0`` leaves the
     allocator alone. Returns True if glibc accepted the settings now (False
-    when already done, disabled, or off glibc, e.g. macOS or musl).
-
-    Examples
-    --------
-    >>> tune_allocator() in (True, False)
-    True
+    when already done, disabled, or off glibc, e.g. macOS or musl); tested in a
+    fresh process in ``tests/test_cluster.py``.
     """
     if _allocator["tuned"] or os.environ.get(ALLOCATOR_ENV_VAR, "1") == "0":
         return False

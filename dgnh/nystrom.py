@@ -22,7 +22,7 @@ import scipy.linalg
 from tqdm import tqdm
 
 from .batching import vector_chunk
-from .columns import CHUNK_BYTES, ColumnStore
+from .columns import ColumnStore
 from .config import memory_budget
 from .lowrank import LowRank
 from .operator import Operator
@@ -136,13 +136,9 @@ class KrylovNystrom:
         self._K.close()
         self._Y.close()
 
-    def _chunk_rows(self) -> int:
-        return max(1, CHUNK_BYTES // max(8 * self.dimension, 1))
-
     def _pairs(self):
         """Row chunks ``(rows, K[rows], Y[rows])`` of the stored basis and image."""
-        size = self._chunk_rows()
-        for (rows, K), (_, Y) in zip(self._K.row_chunks(size), self._Y.row_chunks(size)):
+        for (rows, K), (_, Y) in zip(self._K.row_chunks(), self._Y.row_chunks()):
             yield rows, K, Y
 
     def _image(self, V: Array) -> Array:
@@ -163,10 +159,9 @@ class KrylovNystrom:
         """``S`` (overwritten) projected twice off the basis so far (two passes over ``K`` each)."""
         if self.dimension == 0:
             return S
-        size = self._chunk_rows()
         for _ in range(2):
-            C = sum(K.T @ S[rows] for rows, K in self._K.row_chunks(size))
-            for rows, K in self._K.row_chunks(size):
+            C = sum(K.T @ S[rows] for rows, K in self._K.row_chunks())
+            for rows, K in self._K.row_chunks():
                 S[rows] -= K @ C
         return S
 

@@ -141,8 +141,8 @@ class ShardFactors:
 
     def _column_cheaper(self, k: int, m: int) -> bool:
         """True when ``G[I, J]`` with ``|I| = k`` rows and ``|J| = m`` columns costs less as
-        the rows ``I`` of the whole columns ``Ĵᵀ(Ĵ[:, J])`` (two passes of
-        ``2·n_s·N·m`` flops at about half the GEMM rate) than as a gathered block
+        the rows ``I`` of the whole columns ``Ĵᵀ(Ĵ[:, J])`` (``Ĵ[:, J]`` gathered, then one
+        pass of ``2·n_s·N·m`` flops at about half the GEMM rate) than as a gathered block
         (``k·n_s·d`` gathered elements and ``2·k·m·n_s·d`` flops): tall blocks with
         few columns, such as the sampled columns of the tree's top nodes."""
         return 0 < m and 4 * self.n_params * m < k * self.sizes[-1] * (2 * m + GATHER_FLOPS)

@@ -253,6 +253,17 @@ def test_malloc_thresholds_are_set_on_glibc():
     assert set_malloc_thresholds()
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.parametrize("env, expected", [("1", "True False"), ("0", "False False")])
+def test_allocator_tuned_once_per_process_unless_disabled(env, expected):
+    """A fresh process: the first call tunes glibc, the second does nothing;
+    DGNH_ALLOCATOR_TUNING=0 leaves it alone."""
+    code = "from dgnh.config import tune_allocator as t; print(t(), t())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "DGNH_ALLOCATOR_TUNING": env}, timeout=60)
+    assert out.stdout.split() == expected.split(), out.stderr
+
+
 # ----------------------------------------------------------------- TLS
 def test_tls_with_file_paths(tls1, tmp_path):
     address, security = tls1

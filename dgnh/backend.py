@@ -21,7 +21,8 @@ limited so that threads × BLAS threads stay within the cores;
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from functools import reduce
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -37,88 +38,36 @@ Array = np.ndarray
 SPLIT_EVERY = 4  # partial results added by one node of the reduction tree
 
 
-def add_partials(a: Any, b: Any, into: bool = False) -> Any:
+def add_partials(a: Any, b: Any) -> Any:
     """Add two partial results: arrays/floats, or lists of them elementwise.
-
-    ``into=True`` adds ``b`` into the array ``a`` in place where the sum has
-    ``a``'s shape and dtype (``a`` must then be the caller's own, fresh array);
-    the numbers are the same either way.
 
     Examples
     --------
     >>> add_partials([1.0, 2.0], [10.0, 20.0])
     [11.0, 22.0]
-    >>> a = np.ones(2); add_partials(a, np.ones(2), into=True) is a
-    True
     """
     if isinstance(a, list):
-        return [add_partials(x, y, into) for x, y in zip(a, b)]
-    if (into and isinstance(a, np.ndarray) and a.flags.writeable
-            and a.shape == np.shape(b) and a.dtype == np.result_type(a, b)):
-        return np.add(a, b, out=a)
+        return [add_partials(x, y) for x, y in zip(a, b)]
     return a + b
 
 
-def add_group(parts: Sequence[Any]) -> Any:
-    """``parts[0] + parts[1] + …`` left to right (one node of the reduction tree): the
-    first sum is a new array, the later ones are added into it, so a group of ``g``
-    arrays allocates one result instead of ``g − 1``; the parts are never modified."""
-    total = parts[0]
-    for i, part in enumerate(parts[1:]):
-        total = add_partials(total, part, into=i > 0)
-    return total
-
-
-def tree_sum(parts: Iterable[Any]) -> Any:
+def tree_sum(parts: Sequence[Any]) -> Any:
     """Add partial results in shard order by the reduction tree of every backend.
 
-    Groups of ``SPLIT_EVERY`` consecutive partials are added (:func:`add_group`),
-    level by level, as :class:`~dgnh.cluster.DaskBackend` does with one task
-    per group: a sum rounds the same in this process, on threads and on any
-    cluster. ``parts`` may be an iterator: a group is added as soon as it is
-    complete, so at most ``SPLIT_EVERY − 1`` partials per level
-    (:func:`partials_held`) are alive, not all of them.
+    Groups of ``SPLIT_EVERY`` consecutive partials are added, level by level,
+    as :class:`~dgnh.cluster.DaskBackend` does with one task per group: a sum
+    rounds the same in this process, on threads and on any cluster.
 
     Examples
     --------
     >>> tree_sum([1e16, 0.0, 0.0, 0.0, 1.0, 1.0]) - 1e16  # (1e16 + 0 + 0 + 0) + (1 + 1)
     2.0
-    >>> tree_sum(iter([1e16, 0.0, 0.0, 0.0, 1.0, 1.0])) - 1e16
-    2.0
     """
-    levels: list[list[Any]] = []  # the pending partials of each level, in order
-    for part in parts:
-        level = 0
-        while True:
-            if level == len(levels):
-                levels.append([])
-            levels[level].append(part)
-            if len(levels[level]) < SPLIT_EVERY:
-                break
-            part, levels[level] = add_group(levels[level]), []
-            level += 1
-    for level, pending in enumerate(levels):  # the incomplete groups, bottom-up
-        if not any(levels[level + 1:]):  # the top level: one partial, or the last group
-            return pending[0] if len(pending) == 1 else add_group(pending)
-        if pending:
-            levels[level + 1].append(add_group(pending))
-    raise ValueError("tree_sum of no partial results")
-
-
-def partials_held(n_parts: int) -> int:
-    """At most how many partial results (and sums) :func:`tree_sum` keeps alive while
-    adding ``n_parts`` one by one: ``SPLIT_EVERY − 1`` pending per level, a complete
-    group and its new sum.
-
-    Examples
-    --------
-    >>> partials_held(1), partials_held(4), partials_held(100)
-    (1, 5, 14)
-    """
-    levels = 1
-    while SPLIT_EVERY ** levels < n_parts:
-        levels += 1
-    return n_parts if n_parts < 2 else min(n_parts + 1, (SPLIT_EVERY - 1) * levels + 2)
+    parts = list(parts)
+    while len(parts) > 1:
+        parts = [reduce(add_partials, parts[i:i + SPLIT_EVERY])
+                 for i in range(0, len(parts), SPLIT_EVERY)]
+    return parts[0]
 
 
 def per_shard(args: tuple | Sequence[tuple], n_shards: int) -> list[tuple]:
@@ -199,20 +148,16 @@ class LocalBackend:
 
     def create_shards(self, tasks: Sequence[tuple[Callable, tuple]]) -> None:
         """Build the shards ``make(*args)`` of ``tasks = [(make, args), ...]`` (on the pool)."""
-        self.shards = list(self._each(lambda task: task[0](*task[1]), list(tasks)))
+        self.shards = self._each(lambda task: task[0](*task[1]), list(tasks))
 
     def map(self, func: Callable[..., Any], args: tuple | Sequence[tuple] = ()) -> list:
-        return list(self._calls(func, args))
-
-    def sum(self, func: Callable[..., Any], args: tuple | Sequence[tuple] = ()) -> Any:
-        """The calls of :meth:`map` added up by :func:`tree_sum` as they finish, in shard
-        order (at most :func:`partials_held` + ``threads`` partials alive)."""
-        return tree_sum(self._calls(func, args))
-
-    def _calls(self, func: Callable[..., Any], args: tuple | Sequence[tuple]) -> Iterator:
         require_shards(self.n_shards)
         calls = list(zip(self.shards, per_shard(args, self.n_shards)))
         return self._each(lambda call: func(call[0], *call[1]), calls)
+
+    def sum(self, func: Callable[..., Any], args: tuple | Sequence[tuple] = ()) -> Any:
+        """The calls of :meth:`map` added up by :func:`tree_sum`."""
+        return tree_sum(self.map(func, args))
 
     def run(self, func: Callable[..., Any], *args: Any) -> Any:
         return func(*args)
@@ -222,29 +167,21 @@ class LocalBackend:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _each(self, call: Callable[[Any], Any], items: list) -> Iterator:
-        """``call(x) for x in items`` in order, on the pool when there is one and work for
-        it, at most ``threads`` calls ahead of the one consumed.
+    def _each(self, call: Callable[[Any], Any], items: list) -> list:
+        """``[call(x) for x in items]``, on the pool when there is one and work for it.
 
         On an error or an interrupt, calls not started yet are cancelled; the
         first error in item order is raised.
         """
         if self._pool is None or len(items) < 2:
-            yield from (call(x) for x in items)
-            return
+            return [call(x) for x in items]
         with self._blas_limit():
-            futures = [self._pool.submit(call, x) for x in items[:self.threads]]
+            futures = [self._pool.submit(call, x) for x in items]
             try:
-                for i in range(len(items)):
-                    result = futures[i].result()
-                    futures[i] = None  # the consumer owns the result now
-                    if i + self.threads < len(items):
-                        futures.append(self._pool.submit(call, items[i + self.threads]))
-                    yield result
+                return [f.result() for f in futures]
             finally:
                 for f in futures:
-                    if f is not None:
-                        f.cancel()
+                    f.cancel()
 
     def _blas_limit(self):
         """A context limiting BLAS to its share of the cores (never raising its threads)."""

@@ -14,7 +14,7 @@
 * a request batch is one graph, sent to the scheduler in one message: one
   task per shard, ``func(shard, *args)`` (key ``dgnh-<func name>-<token>-<batch>-<s>``,
   e.g. ``dgnh-evaluate-…`` for ``ShardFactors.evaluate``), then for ``sum`` a tree
-  reduction with :func:`~dgnh.backend.add_group`, ``SPLIT_EVERY`` partials
+  reduction with :func:`~dgnh.backend.add_partials`, ``SPLIT_EVERY`` partials
   per task (``dgnh-sum-<token>-<batch>-<level>-<i>``): about ``1.33 × n_shards``
   tasks per batch whatever the number of blocks it holds. Shared arguments
   larger than ``ARG_TASK_BYTES`` travel once, as one ``dgnh-args-…`` task.
@@ -39,6 +39,7 @@ import tokenize
 import uuid
 import weakref
 from contextlib import contextmanager
+from functools import reduce
 from typing import Any, Callable, Sequence
 
 import dask.config
@@ -48,7 +49,7 @@ from dask.utils import parse_timedelta
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 from distributed.security import Security
 
-from .backend import SPLIT_EVERY, add_group, per_shard, require_shards
+from .backend import SPLIT_EVERY, add_partials, per_shard, require_shards
 from .config import tune_allocator
 from .shard_factors import ShardFactors
 
@@ -282,7 +283,7 @@ def shard_nbytes(shard: ShardFactors) -> int:
 
 def sum_partials(*parts: Any) -> Any:
     """Add partial results (one node of the reduction tree)."""
-    return add_group(parts)
+    return reduce(add_partials, parts)
 
 
 class DaskBackend:

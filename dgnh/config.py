@@ -95,17 +95,15 @@ def available_cores() -> int:
 
 
 ALLOCATOR_ENV_VAR = "DGNH_ALLOCATOR_TUNING"
-MMAP_THRESHOLD = 2**31 - 1  # arrays below this size come from the heap (glibc; an int)
-TRIM_THRESHOLD = 2**31 - 1  # free memory at the top of the heap that triggers a trim ...
-TOP_PAD = 2**30  # ... down to this much (also the slack of every heap growth)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt, glibc malloc.h
+MMAP_THRESHOLD = 2**30  # arrays up to this size come from the heap (glibc)
+TRIM_THRESHOLD = 2**30  # free memory kept at the top of the heap before it is returned
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc malloc.h
 _allocator = {"tuned": False}
 
 
-def set_malloc_thresholds(trim_bytes: int = TRIM_THRESHOLD, mmap_bytes: int = MMAP_THRESHOLD,
-                          top_pad: int = TOP_PAD) -> bool:
-    """Set glibc's trim and mmap thresholds and top pad in this process (each a C ``int``);
-    ``False`` off glibc."""
+def set_malloc_thresholds(trim_bytes: int = TRIM_THRESHOLD,
+                          mmap_bytes: int = MMAP_THRESHOLD) -> bool:
+    """Set glibc's trim and mmap thresholds in this process; ``False`` off glibc."""
     import ctypes
     import ctypes.util
 
@@ -113,9 +111,8 @@ def set_malloc_thresholds(trim_bytes: int = TRIM_THRESHOLD, mmap_bytes: int = MM
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    return all([bool(mallopt(_M_TRIM_THRESHOLD, trim_bytes)),
-                bool(mallopt(_M_MMAP_THRESHOLD, mmap_bytes)),
-                bool(mallopt(_M_TOP_PAD, top_pad))])
+    return bool(mallopt(_M_TRIM_THRESHOLD, trim_bytes)) and bool(
+        mallopt(_M_MMAP_THRESHOLD, mmap_bytes))
 
 
 def numpy_hugepage_advice(enabled: bool) -> bool | None:
@@ -137,13 +134,10 @@ def tune_allocator() -> bool:
     every product touches (page-faults and zeroes) all of them again: on the
     digits classifier (N = 26 122) one 256-vector product took 2.3–2.6 s
     instead of 1.1–1.3 s, every other call. Raising ``M_MMAP_THRESHOLD`` and
-    ``M_TRIM_THRESHOLD`` to 2 GiB (the largest values glibc takes) and
-    ``M_TOP_PAD`` to 1 GiB (:func:`set_malloc_thresholds`) keeps such blocks in
-    the heap for reuse (arrays of 2 GiB and more are still mapped and
-    returned); the process keeps 1–2 GiB of freed memory (a trim, once 2 GiB
-    are free at the top, leaves 1 GiB; with trims down to nothing, at 1 GiB, a
-    64-vector product on a 1M-parameter net page-faulted 2.6 GB per call, 15 s
-    of its 24). The memory that is still fresh is touched in 4 KiB pages:
+    ``M_TRIM_THRESHOLD`` to 1 GiB (:func:`set_malloc_thresholds`) keeps such
+    blocks in the heap for reuse (larger arrays, e.g. an ``N × k`` basis at
+    large N, are still mapped and returned); the process keeps up to 1 GiB of
+    freed memory. The memory that is still fresh is touched in 4 KiB pages:
     numpy's transparent-huge-page advice is turned off (unless
     ``NUMPY_MADVISE_HUGEPAGE`` is set), because first touching huge pages cost
     10–12 s per GiB of system time on this project's virtual machines against

@@ -16,8 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from .backend import (LocalBackend, available_cores, check_shard_size,
-                      default_shard_size, partials_held, require_shards, shard_bounds,
-                      shard_from_arrays,
+                      default_shard_size, require_shards, shard_bounds, shard_from_arrays,
                       shard_from_store)
 from .losses import get_loss
 from .model import MLP
@@ -281,21 +280,11 @@ class GaussNewton(Operator):
 
         Half the memory budget each; the shards' half is shared by the shards
         that a :class:`~dgnh.backend.LocalBackend` works on at once. The partial
-        sums are counted :attr:`partial_sums_held` times.
+        sums are counted as if the backend held every shard's at once.
         """
         budget = configured_budget(self.memory_budget)
         at_once = self._backend.n_workers if isinstance(self._backend, LocalBackend) else 1
         return max(1, budget // 2), max(1, budget // 2 // at_once)
-
-    @property
-    def partial_sums_held(self) -> int:
-        """How many shard partials (and sums) of one batch are alive at once, at most: a
-        :class:`~dgnh.backend.LocalBackend` adds them as they finish
-        (:func:`~dgnh.backend.partials_held` plus its threads); on a cluster every
-        shard's may reach this process's memory at once (``n_shards + 1``)."""
-        if isinstance(self._backend, LocalBackend):
-            return partials_held(self.n_shards) + self._backend.n_workers
-        return self.n_shards + 1
 
     def _evaluate(self, specs: list[list[tuple]]) -> list[Array]:
         """The shard sums of every request, in batches whose partial sums fit the budget.
@@ -304,7 +293,7 @@ class GaussNewton(Operator):
         ranges of a sampled block's groups) and put together here.
         """
         require_shards(self.n_shards)  # a closed GaussNewton has no shards to split over
-        entry = self.dtype.itemsize * self.partial_sums_held
+        entry = self.dtype.itemsize * (self.n_shards + 1)
         cap = max(1, self._budgets()[0] // entry)
         pieces = [(r,) + piece for r, sp in enumerate(specs)
                   for piece in split_request(sp, cap, entry)]
@@ -356,16 +345,13 @@ class GaussNewton(Operator):
         """
         partials, shard_budget = self._budgets()
         k = V.shape[1]
-        step = vector_chunk(k, self.partial_sums_held * self.n_params * self.dtype.itemsize,
-                            partials)
+        step = vector_chunk(k, (self.n_shards + 1) * self.n_params * self.dtype.itemsize, partials)
         out = np.empty((self.n_params, k), dtype=self.dtype) if step < k else None
         for a in range(0, k, step):
             Vc = np.ascontiguousarray(V[:, a:a + step])
             args = ((Vc, shard_budget) if rows is None
                     else [(Vc[b:e], shard_budget) for b, e in rows])
-            part = self._backend.sum(func, args)  # in place when it can: N × k bytes less
-            part = np.multiply(part, scale, out=part if part.flags.writeable else None)
-            part = part.astype(self.dtype, copy=False)
+            part = (self._backend.sum(func, args) * scale).astype(self.dtype, copy=False)
             if out is None:
                 return part
             out[:, a:a + step] = part

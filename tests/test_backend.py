@@ -12,7 +12,7 @@ from cases import max_relative_error, random_problem
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import dgnh
-from dgnh.backend import SPLIT_EVERY, LocalBackend, available_cores, tree_sum
+from dgnh.backend import LocalBackend, available_cores, tree_sum
 
 
 def blas_threads() -> int:
@@ -49,36 +49,6 @@ def test_map_and_sum_equal_dense_reference(n_shards, threads):
     backend.close()
     with pytest.raises(ValueError, match="closed"):
         backend.map(np.ndarray.sum)
-
-
-def batch_tree_sum(parts: list) -> object:
-    """The reference reduction tree: groups of SPLIT_EVERY consecutive partials added left
-    to right, level by level, over the whole list at once."""
-    while len(parts) > 1:
-        groups = [parts[i:i + SPLIT_EVERY] for i in range(0, len(parts), SPLIT_EVERY)]
-        parts = []
-        for group in groups:
-            total = group[0]
-            for part in group[1:]:
-                total = total + part
-            parts.append(total)
-    return parts[0]
-
-
-@pytest.mark.parametrize("n_parts", [1, 2, 3, 4, 5, 6, 15, 16, 17, 21, 64, 65, 70])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_streamed_sum_rounds_as_the_whole_tree_and_keeps_the_partials(n_parts, threads):
-    """Adding partials as they finish (arrays added into the group's first sum) gives the
-    same bits as the whole tree at once; the shards' own arrays are never modified."""
-    rng = np.random.default_rng(n_parts)
-    shards = [rng.normal(size=(5, 3)) * 10.0 ** rng.integers(-8, 9) for _ in range(n_parts)]
-    copies = [s.copy() for s in shards]
-    backend = LocalBackend(shards, threads=threads)
-    total = backend.sum(lambda shard: shard)  # the shards themselves as partials
-    assert np.array_equal(total, batch_tree_sum(copies))
-    assert all(np.array_equal(s, c) for s, c in zip(shards, copies))
-    assert np.array_equal(tree_sum(iter(copies)), batch_tree_sum(copies))
-    backend.close()
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])

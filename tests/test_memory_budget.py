@@ -55,19 +55,17 @@ def test_products_with_a_tiny_budget_equal_those_without(spec, k):
 
 
 @pytest.mark.parametrize("spec", PROBLEMS)
-@pytest.mark.parametrize("units", [1, 2, 5])
-def test_products_by_unit_ranges_equal_whole_layers(spec, units, monkeypatch):
-    """Products, Ĵ and Ĵᵀ taken over ranges of about ``units`` units of each layer (one
-    unit per range at least; the last range shorter) equal the products over whole layers
-    to 1e-12 and G @ V."""
+@pytest.mark.parametrize("samples", [1, 2, 5])
+def test_products_by_sample_chunks_equal_whole_shards(spec, samples, monkeypatch):
+    """Products, Ĵ and Ĵᵀ taken over chunks of ``samples`` samples of a shard (the last
+    one shorter) equal the products over whole shards to 1e-12 and G @ V."""
     net, X, loss, whole = make(spec, memory_budget=HUGE)
     G = dense_reference(net, X, loss)
-    k = ROP_MAX_VECTORS + 3
-    V = np.random.default_rng(units).normal(size=(net.n_params, k))
-    Y = np.random.default_rng(units + 1).normal(size=(whole.n_jacobian_rows, k))
+    V = np.random.default_rng(samples).normal(size=(net.n_params, ROP_MAX_VECTORS + 3))
+    Y = np.random.default_rng(samples + 1).normal(size=(whole.n_jacobian_rows, V.shape[1]))
     expected = (whole @ V, whole.jacobian_matvec(V), whole.jacobian_rmatvec(Y))
-    shard_size = spec[4]
-    monkeypatch.setattr(dgnh.shard_factors, "PRODUCT_CHUNK_BYTES", units * shard_size * k * 8)
+    monkeypatch.setattr(dgnh.shard_factors, "PRODUCT_CHUNK_BYTES", 1)
+    monkeypatch.setattr(dgnh.shard_factors, "MIN_PRODUCT_SAMPLES", samples)
     chunked = make(spec, memory_budget=HUGE)[3]
     got = (chunked @ V, chunked.jacobian_matvec(V), chunked.jacobian_rmatvec(Y))
     for a, b in zip(got, expected):
@@ -93,8 +91,8 @@ def test_blocks_with_a_tiny_budget_equal_those_without(spec):
 
 
 @pytest.mark.parametrize("budget", [
-    pytest.param(lambda gn, entries: 2 * entries * gn.partial_sums_held * 8 * 3, id="3-groups"),
-    pytest.param(lambda gn, entries: 2 * entries * gn.partial_sums_held * 8, id="1-group"),
+    pytest.param(lambda gn, entries: 2 * entries * (gn.n_shards + 1) * 8 * 3, id="3-groups"),
+    pytest.param(lambda gn, entries: 2 * entries * (gn.n_shards + 1) * 8, id="1-group"),
 ])
 def test_sampled_blocks_split_by_groups_equal_the_whole(budget):
     spec = PROBLEMS[1].values[0]
@@ -109,8 +107,7 @@ def test_sampled_blocks_split_by_groups_equal_the_whole(budget):
     for a, b in zip(parts, whole):
         assert max_relative_error(a, b) <= 1e-12
     gn.memory_budget = 10
-    needed = 6 * 4 * 8 * gn.partial_sums_held  # one group's 6x4 partial sums, float64
-    with pytest.raises(ValueError, match=rf"sampled 6x4 block .* {needed:,} bytes.*raise memory"):
+    with pytest.raises(ValueError, match=r"sampled 6x4 block .* 1,344 bytes.*raise memory_budget"):
         gn.entries_many(requests, eps=0.5, delta=0.01, seed=4)
 
 

@@ -115,16 +115,6 @@ def set_malloc_thresholds(trim_bytes: int = TRIM_THRESHOLD,
         mallopt(_M_MMAP_THRESHOLD, mmap_bytes))
 
 
-def numpy_hugepage_advice(enabled: bool) -> bool | None:
-    """Turn numpy's ``madvise(MADV_HUGEPAGE)`` of new large arrays on or off; returns the
-    previous setting (``None`` where numpy has no such switch)."""
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    setter = getattr(core.multiarray, "_set_madvise_hugepage", None)
-    return None if setter is None else bool(setter(enabled))
-
-
 def tune_allocator() -> bool:
     """Let glibc reuse freed product temporaries instead of page-faulting fresh ones.
 
@@ -137,21 +127,13 @@ def tune_allocator() -> bool:
     ``M_TRIM_THRESHOLD`` to 1 GiB (:func:`set_malloc_thresholds`) keeps such
     blocks in the heap for reuse (larger arrays, e.g. an ``N × k`` basis at
     large N, are still mapped and returned); the process keeps up to 1 GiB of
-    freed memory. The memory that is still fresh is touched in 4 KiB pages:
-    numpy's transparent-huge-page advice is turned off (unless
-    ``NUMPY_MADVISE_HUGEPAGE`` is set), because first touching huge pages cost
-    10–12 s per GiB of system time on this project's virtual machines against
-    0.8–1.1 s in small pages (``dgnh bench`` figures in the README: the H-matrix
-    acceptance build spent 13 s of 48 in the kernel, 2 s without the advice).
-    Done once per process, when the first shard's factors are built (in every
-    Dask worker too); ``DGNH_ALLOCATOR_TUNING=0`` leaves the allocator alone.
-    Returns True if glibc accepted the settings now (False when already done,
-    disabled, or off glibc, e.g. macOS or musl); tested in a fresh process in
-    ``tests/test_cluster.py``.
+    freed memory. Done once per process, when the first shard's factors are
+    built (in every Dask worker too); ``DGNH_ALLOCATOR_TUNING=0`` leaves the
+    allocator alone. Returns True if glibc accepted the settings now (False
+    when already done, disabled, or off glibc, e.g. macOS or musl); tested in a
+    fresh process in ``tests/test_cluster.py``.
     """
     if _allocator["tuned"] or os.environ.get(ALLOCATOR_ENV_VAR, "1") == "0":
         return False
     _allocator["tuned"] = True
-    if "NUMPY_MADVISE_HUGEPAGE" not in os.environ:
-        numpy_hugepage_advice(False)
     return set_malloc_thresholds()

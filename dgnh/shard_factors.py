@@ -33,8 +33,6 @@ GATHER_BYTES = 16 * 2**20  # size of the reused Jacobian buffers of one block ch
 GATHER_FLOPS = 250  # cost of gathering one Jacobian element into a block buffer, in GEMM
 # flops (a memory-bound gather, fancy index and multiply: ~40 bytes moved per element)
 ROP_MAX_VECTORS = 4  # GNH products with fewer vectors take the R-op route (faster there)
-PRODUCT_CHUNK_BYTES = 128 * 2**20  # per-sample tangents of one sample chunk of a product
-MIN_PRODUCT_SAMPLES = 64  # samples per chunk at least (the inner dimension of Ĵᵀ's GEMM)
 
 
 class ShardFactors:
@@ -321,10 +319,8 @@ class ShardFactors:
 
     def _product_bytes(self) -> int:
         """Working bytes per vector of :meth:`_j_times` + :meth:`_jt_times` (input and output
-        chunks, the layer's direction/gradient, per-sample tangents beyond the fixed
-        ``PRODUCT_CHUNK_BYTES`` of a sample chunk; temporaries twice)."""
-        samples = min(self.n, MIN_PRODUCT_SAMPLES)
-        widest = max((d_in + 1 + samples) * d_l
+        chunks, the layer's direction/gradient, per-sample tangents; temporaries twice)."""
+        widest = max((d_in + 1) * d_l + self.n * d_l
                      for d_in, d_l in zip(self.sizes[:-1], self.sizes[1:]))
         return self.dtype.itemsize * (2 * self.n_params + 2 * widest + 2 * self.n * self.sizes[-1])
 
@@ -349,15 +345,6 @@ class ShardFactors:
         o, d_l, d_in = int(self.offsets[l]), self.sizes[l + 1], self.sizes[l]
         return slice(o, o + d_l * d_in), slice(o + d_l * d_in, int(self.offsets[l + 1]))
 
-    def _sample_chunks(self, width: int, k: int) -> range:
-        """Starts of the sample chunks of a product with ``k`` vectors through a layer of
-        ``width`` units: per-sample tangents ``(chunk, width, k)`` of at most
-        ``PRODUCT_CHUNK_BYTES`` (at least ``MIN_PRODUCT_SAMPLES`` samples), so the product's
-        temporaries are reused heap memory instead of fresh pages at every call."""
-        per_sample = width * max(k, 1) * self.dtype.itemsize
-        step = max(MIN_PRODUCT_SAMPLES, PRODUCT_CHUNK_BYTES // per_sample)
-        return range(0, self.n, max(1, min(self.n, step)))
-
     def _j_times(self, V: Array) -> Array:
         """``Ĵ_s V`` as ``(n_s, d, k)``: ``Σ_l C_l,i (X_l,i-directions)`` per sample."""
         k = V.shape[1]
@@ -369,12 +356,8 @@ class ShardFactors:
             M[:d_in] = V[w].reshape(d_l, d_in, k).transpose(1, 0, 2)
             if self.b[l] is not None:
                 M[d_in] = V[b]
-            M = M.reshape(-1, d_l * k)
-            starts = self._sample_chunks(d_l, k)
-            for a in starts:
-                e = min(a + starts.step, self.n)
-                T = (XT[:, a:e].T @ M).reshape(e - a, d_l, k)
-                out[a:e] += np.matmul(CT[:, a:e].transpose(1, 2, 0), T)  # C_l,i @ T_i
+            T = (XT.T @ M.reshape(-1, d_l * k)).reshape(self.n, d_l, k)
+            out += np.matmul(CT.transpose(1, 2, 0), T)  # C_l,i (d, d_l) @ T_i (d_l, k)
         return out
 
     def _jt_times(self, U: Array) -> Array:
@@ -384,13 +367,8 @@ class ShardFactors:
         for l, (CT, XT) in enumerate(zip(self.CT, self.XT)):
             d_in, d_l = self.sizes[l], self.sizes[l + 1]
             w, b = self._layer_params(l)
-            R = np.zeros((XT.shape[0], d_l * k), dtype=self.dtype)
-            starts = self._sample_chunks(d_l, k)
-            for a in starts:
-                e = min(a + starts.step, self.n)
-                D = np.matmul(CT[:, a:e].transpose(1, 0, 2), U[a:e])  # C_l,iᵀ @ U_i
-                R += XT[:, a:e] @ D.reshape(e - a, d_l * k)
-            R = R.reshape(-1, d_l, k)
+            D = np.matmul(CT.transpose(1, 0, 2), U)  # C_l,iᵀ (d_l, d) @ U_i (d, k)
+            R = (XT @ D.reshape(self.n, d_l * k)).reshape(-1, d_l, k)
             out[w].reshape(d_l, d_in, k)[...] = R[:d_in].transpose(1, 0, 2)
             if self.b[l] is not None:
                 out[b] = R[d_in]

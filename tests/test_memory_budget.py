@@ -9,7 +9,6 @@ import pytest
 
 import dgnh
 import dgnh.config
-import dgnh.shard_factors
 from cases import dense_reference, max_relative_error, random_mlp, random_targets
 from dgnh.batching import split_request, vector_chunk
 from dgnh.shard_factors import ROP_MAX_VECTORS
@@ -52,25 +51,6 @@ def test_products_with_a_tiny_budget_equal_those_without(spec, k):
     assert max_relative_error(tight.jacobian_rmatvec(Y), free.jacobian_rmatvec(Y)) <= 1e-12
     # Ĵ products against G = ĴᵀĴ/n, the dense reference
     assert max_relative_error(free.jacobian_rmatvec(JV) / free.n_samples, G @ V) <= 1e-6
-
-
-@pytest.mark.parametrize("spec", PROBLEMS)
-@pytest.mark.parametrize("samples", [1, 2, 5])
-def test_products_by_sample_chunks_equal_whole_shards(spec, samples, monkeypatch):
-    """Products, Ĵ and Ĵᵀ taken over chunks of ``samples`` samples of a shard (the last
-    one shorter) equal the products over whole shards to 1e-12 and G @ V."""
-    net, X, loss, whole = make(spec, memory_budget=HUGE)
-    G = dense_reference(net, X, loss)
-    V = np.random.default_rng(samples).normal(size=(net.n_params, ROP_MAX_VECTORS + 3))
-    Y = np.random.default_rng(samples + 1).normal(size=(whole.n_jacobian_rows, V.shape[1]))
-    expected = (whole @ V, whole.jacobian_matvec(V), whole.jacobian_rmatvec(Y))
-    monkeypatch.setattr(dgnh.shard_factors, "PRODUCT_CHUNK_BYTES", 1)
-    monkeypatch.setattr(dgnh.shard_factors, "MIN_PRODUCT_SAMPLES", samples)
-    chunked = make(spec, memory_budget=HUGE)[3]
-    got = (chunked @ V, chunked.jacobian_matvec(V), chunked.jacobian_rmatvec(Y))
-    for a, b in zip(got, expected):
-        assert max_relative_error(a, b) <= 1e-12
-    assert max_relative_error(got[0], G @ V) <= 1e-6
 
 
 @pytest.mark.parametrize("spec", PROBLEMS)

@@ -127,7 +127,8 @@ def tune_allocator() -> bool:
     ``M_TRIM_THRESHOLD`` to 1 GiB (:func:`set_malloc_thresholds`) keeps such
     blocks in the heap for reuse (larger arrays, e.g. an ``N × k`` basis at
     large N, are still mapped and returned); the process keeps up to 1 GiB of
-    freed memory. Done once per process, when the first shard's factors are
+    freed memory (once 1 GiB is free at the top of the heap, glibc's trim returns
+    all of it but ``M_TOP_PAD``, 128 KiB). Done once per process, when the first shard's factors are
     built (in every Dask worker too); ``DGNH_ALLOCATOR_TUNING=0`` leaves the
     allocator alone. Returns True if glibc accepted the settings now (False
     when already done, disabled, or off glibc, e.g. macOS or musl); tested in a

@@ -178,8 +178,10 @@ def certified_report(gn, op: Operator, method: str, options: CompressOptions, no
         err = own["error_estimate"]  # the adaptive Nyström's last step: this very estimate
     else:
         err = relative_error(gn, op, norm_G, seed=options.seed)
-    lowest = float(ritz_values(op.matvec, gn.n_params, seed=options.seed,
-                               steps=2 * LANCZOS_STEPS).min()) / norm_G if norm_G > 0 else 0.0
+    lowest = (op.min_eigenvalue() if isinstance(op, LowRank)  # exact, no products
+              else float(ritz_values(op.matvec, gn.n_params, seed=options.seed,
+                                     steps=2 * LANCZOS_STEPS).min()))
+    lowest = lowest / norm_G if norm_G > 0 else 0.0
     t_cert = time.perf_counter() - t_cert
     details = dict(op.report)
     dense_nbytes = 8 * gn.n_params**2
@@ -282,7 +284,9 @@ def compress(gn, method: str = "auto", tol: float = 1e-3, max_rank: int = 256,
             raise TypeError(f"gn must be a dgnh.GaussNewton (or provide n_params, diagonal(), "
                             f"entries_many() and exact products), got {type(gn).__name__}")
     t0 = time.perf_counter()
-    norm_G = estimate_norm(gn.matvec, gn.n_params, seed=options.seed,
+    # the Nyström low rank estimates ‖G‖₂ from its own products (its largest eigenvalue)
+    norm_G = None if (options.method == "lowrank" and options.lowrank_method == "nystrom") \
+        else estimate_norm(gn.matvec, gn.n_params, seed=options.seed,
                            support=np.asarray(gn.diagonal()) > 0)
     context = (gn, options, norm_G, time.perf_counter() - t0, progress)
     op = (_auto(*context) if options.method == "auto"
@@ -384,7 +388,7 @@ def _candidate(op: Operator) -> dict[str, Any]:
 
 
 def _build_certified(name: str, built: dict[str, Operator], gn, options: CompressOptions,
-                     norm_G: float, t_norm: float, progress: bool | None) -> Operator:
+                     norm_G: float | None, t_norm: float, progress: bool | None) -> Operator:
     """Build the form ``name`` and attach its :func:`certified_report`."""
     builders = {"lowrank": _build_lowrank, "hmatrix": _build_hmatrix,
                 "hybrid": _build_hybrid, "dense": _build_dense}
@@ -392,6 +396,8 @@ def _build_certified(name: str, built: dict[str, Operator], gn, options: Compres
     t_build = time.perf_counter()
     op = builders[name](gn, options, built, norm_G, progress)
     t_build = time.perf_counter() - t_build
+    if norm_G is None:  # the builder's own estimate (the Nyström low rank's λ̂₁ ≤ ‖G‖₂)
+        norm_G = op.report["norm_estimate"]
     reused = built["lowrank"].report["entries_evaluated"] if (
         name == "hybrid" and "lowrank" in built) else 0  # the hybrid's low-rank part
     op.report = certified_report(gn, op, name, options, norm_G,
@@ -432,7 +438,7 @@ def _entry_count(gn) -> int:
     return int(stats.get("entries_exact", 0) + stats.get("entries_sampled", 0))
 
 
-def _build_lowrank(gn, options: CompressOptions, built: dict[str, Operator], norm_G: float,
+def _build_lowrank(gn, options: CompressOptions, built: dict[str, Operator], norm_G: float | None,
                    progress: bool | None) -> LowRank:
     if options.lowrank_method == "pivoted_cholesky":
         return pivoted_cholesky(gn, tol=options.tol, max_rank=options.max_rank,

@@ -92,6 +92,19 @@ class LowRank(Operator):
         """The diagonal of ``UUᵀ``."""
         return np.einsum("ij,ij->i", self.U, self.U)
 
+    def min_eigenvalue(self) -> float:
+        """The smallest eigenvalue of ``UUᵀ``, exactly: 0 when ``r < N`` (``UUᵀ`` is
+        positive semi-definite by construction), else from the ``N × N`` ``UUᵀ`` itself.
+
+        Examples
+        --------
+        >>> LowRank(np.ones((3, 1))).min_eigenvalue(), LowRank(2 * np.eye(2)).min_eigenvalue()
+        (0.0, 4.0)
+        """
+        if self.rank < self.shape[0]:
+            return 0.0
+        return float(np.linalg.eigvalsh(self.U @ self.U.T)[0])
+
     def to_dense(self, max_bytes: int = 2**30) -> Array:
         """The dense ``UUᵀ`` for small N (refuses above ``max_bytes``)."""
         check_dense_size(self.shape[0], 8, max_bytes)

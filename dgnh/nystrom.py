@@ -34,15 +34,18 @@ FIRST_BLOCK = 64  # start vectors of the first round of the adaptive Nyström (p
 TRIM, KEEP = 0.9, 0.5  # the adaptive rank keeps the eigenvalues above TRIM·tol·‖G‖, or if
 # that misses tol, above KEEP·tol·‖G‖
 CHOLESKY_QR_CONDITION = 1e-6  # CholeskyQR2 only for blocks with cond(S) < 1e6
+REORTHOGONALIZE = 2**-0.5  # a second Gram–Schmidt pass where a column kept less of its norm
+ORTHOGONALITY = 1e-10  # largest cosine between a new block and the basis left as it is
 
 
-def orthonormal(S: Array) -> Array:
+def orthonormal(S: Array, overwrite: bool = False) -> Array:
     """An orthonormal basis of the columns of ``S`` (``N × b``, ``N ≥ b``) at GEMM speed.
 
     CholeskyQR2 (two rounds of ``S ← S L⁻ᵀ`` with ``SᵀS = LLᵀ``; Fukaya et al. 2014) is
     as orthogonal as Householder QR when ``S`` is well conditioned; where the Gram
     matrix is too ill-conditioned for it (a Krylov block near breakdown), Householder
-    QR (:func:`numpy.linalg.qr`) is used instead.
+    QR (:func:`numpy.linalg.qr`) is used instead. ``overwrite=True`` lets it work in
+    ``S``'s memory (a C-ordered ``S`` is then overwritten: no ``N × b`` copy).
 
     Examples
     --------
@@ -60,7 +63,8 @@ def orthonormal(S: Array) -> Array:
         d = np.diag(L)
         if d.min() <= CHOLESKY_QR_CONDITION * d.max():
             return np.linalg.qr(S)[0]
-        Q = scipy.linalg.solve_triangular(L, Q.T, lower=True, check_finite=False).T
+        Q = scipy.linalg.solve_triangular(L, Q.T, lower=True, check_finite=False,
+                                          overwrite_b=overwrite or Q is not S).T
     return Q
 
 
@@ -155,14 +159,28 @@ class KrylovNystrom:
         self.n_products += V.shape[1]
         return out
 
+    def _coefficients(self, S: Array) -> Array:
+        """``KᵀS``: the components of ``S`` in the basis so far (one pass over ``K``)."""
+        return sum(K.T @ S[rows] for rows, K in self._K.row_chunks())
+
+    def _subtract(self, S: Array, C: Array | None = None) -> Array:
+        """``S − KC`` in place, ``C = KᵀS`` unless given (one pass over ``K`` each)."""
+        C = self._coefficients(S) if C is None else C
+        for rows, K in self._K.row_chunks():
+            S[rows] -= K @ C
+        return S
+
     def _orthogonal(self, S: Array) -> Array:
-        """``S`` (overwritten) projected twice off the basis so far (two passes over ``K`` each)."""
+        """``S`` (overwritten) projected off the basis so far by classical Gram–Schmidt,
+        with the second pass only where the first cancelled a column to below
+        ``REORTHOGONALIZE`` of its norm ("twice is enough", Kahan–Parlett): a fresh
+        random block needs one pass, a Krylov block (mostly in the basis) two."""
         if self.dimension == 0:
             return S
-        for _ in range(2):
-            C = sum(K.T @ S[rows] for rows, K in self._K.row_chunks())
-            for rows, K in self._K.row_chunks():
-                S[rows] -= K @ C
+        before = np.linalg.norm(S, axis=0)
+        self._subtract(S)
+        if np.any(np.linalg.norm(S, axis=0) < REORTHOGONALIZE * before):
+            self._subtract(S)
         return S
 
     def _add(self, Q: Array, Y: Array) -> None:
@@ -184,23 +202,31 @@ class KrylovNystrom:
     def extend(self, start: Array, depth: int) -> None:
         """Add the Krylov space of depth ``depth`` from ``start`` (``(N, b)``, live rows used).
 
-        Each step orthogonalizes the block against the whole basis (twice, then
-        once more after its QR: a rank-deficient block still adds orthonormal
-        directions), stores it and its exact image; the space closes early when
-        the residual falls below ``BREAKDOWN`` times the largest image norm.
+        Each step orthogonalizes the block against the whole basis
+        (:meth:`_orthogonal`), makes it orthonormal, and checks ``KᵀQ``: where the
+        QR amplified the rounding (an ill-conditioned or rank-deficient block) to
+        cosines above ``ORTHOGONALITY``, it is orthogonalized again and made
+        orthonormal once more (a rank-deficient block still adds orthonormal
+        directions). It stores the block and its exact image; the space closes
+        early when the residual falls below ``BREAKDOWN`` times the largest image
+        norm. Passes over the basis per step: 3 for a well-conditioned block, up
+        to 7 otherwise, plus one over the basis and image for the Grams.
         """
         room = self._K.capacity - self.dimension  # each Krylov step adds S's width
         width = min(np.shape(start)[1], max(room // depth, min(room, 1)))
-        S = np.asarray(start, dtype=np.float64)[self.live][:, :width]  # a new array
+        S = np.asarray(start, dtype=np.float64)[self.live, :width]  # a new array
         scale = 0.0
-        for _ in range(depth):  # at most three N × b blocks alive at a time
+        for _ in range(depth):  # S (the start, then the image) is ours to overwrite
             b = min(S.shape[1], self._K.capacity - self.dimension)
-            S = self._orthogonal(np.array(S[:, :b]))
+            S = self._orthogonal(S if b == S.shape[1] else np.array(S[:, :b]))
             if b == 0 or np.linalg.norm(S) <= BREAKDOWN * scale:
                 return
-            Q = orthonormal(S)
+            Q = orthonormal(S, overwrite=True)
             del S
-            Q = orthonormal(self._orthogonal(Q))
+            if self.dimension:
+                C = self._coefficients(Q)
+                if np.abs(C).max() > ORTHOGONALITY:
+                    Q = orthonormal(self._orthogonal(self._subtract(Q, C)), overwrite=True)
             S = self._image(Q)
             self._add(Q, S)
             del Q

@@ -75,6 +75,39 @@ def test_lowrank_operator_against_dense():
     assert (lr.rank, lr.nbytes, lr.report["method"], lr.report["rank"]) == (5, U.nbytes, "test", 5)
 
 
+@pytest.mark.parametrize("shape", [(40, 5), (6, 6), (5, 8), (1, 1)])
+def test_lowrank_min_eigenvalue_is_exact(shape):
+    U = np.random.default_rng(3).normal(size=shape)
+    expected = np.linalg.eigvalsh(U @ U.T)[0]
+    assert abs(LowRank(U).min_eigenvalue() - expected) <= 1e-12 * np.linalg.norm(U) ** 2
+
+
+@pytest.mark.parametrize("spectrum", ["clustered", "rank-deficient", "graded"])
+def test_krylov_basis_stays_orthonormal_and_below_g(spectrum):
+    """Krylov blocks that are ill-conditioned (clustered or graded eigenvalues) or that
+    break down (rank 7 < the space): the basis stays orthonormal, the Nyström
+    eigenvalues interlace below G's and the truncation leaves G − UUᵀ PSD."""
+    from dgnh.nystrom import KrylovNystrom
+
+    rng = np.random.default_rng(5)
+    n = 300
+    values = {"clustered": 1 + 1e-9 * rng.random(n), "graded": np.logspace(0, -14, n),
+              "rank-deficient": np.r_[np.ones(7), np.zeros(n - 7)]}[spectrum]
+    Q = np.linalg.qr(rng.normal(size=(n, n)))[0]
+    G = (Q * values) @ Q.T
+    space = KrylovNystrom(lambda V: G @ V, np.ones(n, bool), capacity=60, max_bytes=0)
+    for width in (12, 12, 6):
+        space.extend(rng.normal(size=(n, width)), depth=3)
+    K = space._K.to_array()
+    np.testing.assert_allclose(K.T @ K, np.eye(K.shape[1]), atol=1e-9)
+    lam = space.eigenvalues()
+    exact = np.sort(values)[::-1]
+    assert np.all(lam <= exact[:len(lam)] + 1e-9)
+    U = space.truncated(len(lam))
+    assert np.linalg.eigvalsh(G - U @ U.T).min() >= -1e-9
+    space.close()
+
+
 @pytest.mark.parametrize("U, error", [
     (np.ones(4), ValueError), (np.ones((0, 2)), ValueError), (np.array([[1.0, np.nan]]), ValueError),
     (np.ones((3, 2), dtype=int), TypeError),

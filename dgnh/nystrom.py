@@ -199,8 +199,12 @@ class KrylovNystrom:
         self._K.append(Q)
         self._Y.append(Y)
 
-    def extend(self, start: Array, depth: int) -> None:
+    def extend(self, start: Array, depth: int, overwrite_start: bool = False) -> None:
         """Add the Krylov space of depth ``depth`` from ``start`` (``(N, b)``, live rows used).
+
+        ``overwrite_start=True`` lets it work in ``start``'s memory when that is a
+        C-ordered float64 array with every row live (no ``N × b`` copy; the start
+        vectors of :func:`nystrom` are made for the call).
 
         Each step orthogonalizes the block against the whole basis
         (:meth:`_orthogonal`), makes it orthonormal, and checks ``KᵀQ``: where the
@@ -214,7 +218,9 @@ class KrylovNystrom:
         """
         room = self._K.capacity - self.dimension  # each Krylov step adds S's width
         width = min(np.shape(start)[1], max(room // depth, min(room, 1)))
-        S = np.asarray(start, dtype=np.float64)[self.live, :width]  # a new array
+        own = (overwrite_start and isinstance(start, np.ndarray) and start.dtype == np.float64
+               and start.flags.c_contiguous and self.live.all())
+        S = start[:, :width] if own else np.asarray(start, dtype=np.float64)[self.live, :width]
         scale = 0.0
         for _ in range(depth):  # S (the start, then the image) is ours to overwrite
             b = min(S.shape[1], self._K.capacity - self.dimension)
@@ -364,7 +370,7 @@ def nystrom(op, rank: int | None = None, oversample: int = 10, seed: int = 0, *,
     rng = np.random.default_rng(seed)
     bar = tqdm(desc="Nyström", unit="product", disable=not progress)
     if rank is not None:
-        space.extend(rng.standard_normal((N, rank + oversample)), depth)
+        space.extend(rng.standard_normal((N, rank + oversample)), depth, overwrite_start=True)
         lam = space.eigenvalues()
         U = space.truncated(rank)
         stop, rounds, error = "rank", 1, None
@@ -398,7 +404,7 @@ def _adaptive(op, space: KrylovNystrom, rng, tol: float, max_rank: int, oversamp
     budget = max_rank + oversample  # start vectors in all
     block, used, rounds = min(FIRST_BLOCK, max_rank) + oversample, 0, 0
     while True:
-        space.extend(rng.standard_normal((N, block)), depth)
+        space.extend(rng.standard_normal((N, block)), depth, overwrite_start=True)
         used, rounds = used + block, rounds + 1
         bar.update(space.n_products - bar.n)
         lam = space.eigenvalues()

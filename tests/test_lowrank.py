@@ -108,6 +108,29 @@ def test_krylov_basis_stays_orthonormal_and_below_g(spectrum):
     space.close()
 
 
+@pytest.mark.parametrize("dead_rows, width", [(0, 10), (0, 40), (5, 10)])
+def test_krylov_start_overwritten_in_place_gives_the_same_space(dead_rows, width):
+    """``overwrite_start=True`` (every row live: the start's memory is used; else a copy)
+    against the copying default, room for fewer columns than the start has (width 40)."""
+    from dgnh.nystrom import KrylovNystrom
+
+    rng = np.random.default_rng(6)
+    A = rng.normal(size=(120, 30))
+    A[:dead_rows] = 0.0
+    G = A @ A.T
+    start = rng.normal(size=(120, width))
+    results = []
+    for overwrite in (False, True):
+        space = KrylovNystrom(lambda V: G @ V, np.diag(G) > 0, capacity=40)
+        space.extend(start.copy(), depth=2, overwrite_start=overwrite)
+        results.append((space.eigenvalues(), space.truncated(12)))
+        space.close()
+    (lam, U), (lam_own, U_own) = results
+    np.testing.assert_allclose(lam_own, lam, rtol=1e-12, atol=1e-12 * lam[0])
+    np.testing.assert_allclose(U_own @ U_own.T, U @ U.T, atol=1e-10 * lam[0])
+    assert np.linalg.eigvalsh(G - U_own @ U_own.T).min() >= -1e-9 * lam[0]
+
+
 @pytest.mark.parametrize("U, error", [
     (np.ones(4), ValueError), (np.ones((0, 2)), ValueError), (np.array([[1.0, np.nan]]), ValueError),
     (np.ones((3, 2), dtype=int), TypeError),

@@ -185,6 +185,7 @@ class CheckpointedGaussNewton(Operator):
                  on_product: Callable[[int], None] | None = None):
         self.gn, self.job_store = gn, job_store
         self.shape, self.dtype, self.n_params = gn.shape, gn.dtype, gn.n_params
+        self.n_jacobian_rows = gn.n_jacobian_rows  # what an entry costs (the H-matrix tree)
         self.stats = {"entries_exact": 0, "entries_sampled": 0, "blocks": 0}
         self.loaded = {"rounds": 0, "entries": 0, "diagonal": False}
         self.rounds = 0

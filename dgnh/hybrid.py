@@ -46,6 +46,8 @@ class RemainderSource:
         self.source = source
         self.U = np.asarray(U, dtype=np.float64)
         self.n_params = int(source.n_params)
+        # what an entry costs, as the source's (the H-matrix tree; 0: cheap, e.g. dense)
+        self.n_jacobian_rows = int(getattr(source, "n_jacobian_rows", 0))
         if self.U.ndim != 2 or self.U.shape[0] != self.n_params:
             raise ValueError(f"U must have shape ({self.n_params}, r), got {self.U.shape}")
 

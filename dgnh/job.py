@@ -32,14 +32,14 @@ A job file (paths are relative to the file's directory)::
 workers), compress (entry rounds), certify (GNH-vector products for ‖G‖₂ and
 the error estimate), factorize and store, with one progress bar per phase.
 
-Checkpoint and resume: every entry round of the compression — one level of
-the H-matrix tree (cluster-tree levels, the leaves, skeletonization levels,
-the root coupling) or one pivot batch of the low-rank factor — is stored in
-the output store as soon as it arrives, with the GNH diagonal. A job killed
-mid-way and run again reads those rounds back instead of evaluating them, so
-it evaluates only the missing entries and ends with the same result as an
-uninterrupted run (the compression is deterministic given its seed and its
-entries). The GNH-vector products of the norm estimate and error certificate
+Checkpoint and resume: every entry round of the compression — two cluster-tree
+levels, the leaves or one skeletonization level of the H-matrix build, or one
+pivot batch of the low-rank factor — is stored in the output store as soon as it arrives, with
+the GNH diagonal. A job killed mid-way and run again reads those rounds back
+instead of evaluating them, so it evaluates only the missing entries and ends
+with the same result as an uninterrupted run (the compression is
+deterministic given its seed, its entries and its products, which are
+bit-reproducible for a given shard layout). The GNH-vector products of the norm estimate and error certificate
 (each O(n·N), like the diagonal) are recomputed. The job's fingerprint covers
 the model's weights and the data's content (:meth:`dgnh.Dataset.digest`): a
 checkpoint of other data is refused. ``run["checkpoint"]`` counts every entry

@@ -35,7 +35,7 @@ Layout (``format = "dgnh-result"``, ``version = 1``; docs/design.md §6)::
         inverse_diagonal          (N,) float64, diagonal of (operator + reg·I)⁻¹
     <path>/checkpoint/            only while a job runs (see dgnh.checkpoint.JobStore)
         diagonal                  (N,) the GNH diagonal; attribute complete
-        rounds/<k>/               entry round k (one tree level / one pivot batch),
+        rounds/<k>/               entry round k (tree levels, leaves, coupling level, pivot batch),
                                   k zero-padded to 6 digits: values, offsets, shapes
                                   (packed blocks as above); attributes digest (of the
                                   requests), n_blocks, n_entries, complete (written last)

@@ -18,10 +18,11 @@ def small_gn():
         yield gn
 
 
-@pytest.mark.parametrize("rank, reg", [(16, 1e-2), (48, 1e-3)])
-def test_every_verification_holds_its_bound(small_gn, rank, reg):
+@pytest.mark.parametrize("method, rank, reg", [
+    ("lowrank", 16, 1e-2), ("lowrank", 48, 1e-3), ("hmatrix", 16, 1e-2), ("hybrid", 16, 1e-3)])
+def test_every_verification_holds_its_bound(small_gn, method, rank, reg):
     args = argparse.Namespace(rank=rank, tol=1e-6, reg=reg, eigenvalues=10, probes=24,
-                              steps=60, checks=6, seed=0)
+                              steps=60, checks=6, seed=0, method=method, leaf_size=64)
     rows = verification_rows(small_gn, "small", args, np.random.default_rng(1))
     checked = [r for r in rows if r[-1] != ""]
     assert len(checked) == 3

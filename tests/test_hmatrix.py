@@ -178,12 +178,17 @@ def test_one_leaf_is_the_dense_matrix_and_progress_is_shown(problems, capsys):
     assert "H-matrix" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name, tol, budget, metric", [
-    ("classifier", 1e-2, 0.0, "angle"), ("classifier", 1e-3, 0.3, "gram"),
-    ("autoencoder", 1e-3, 0.0, "gram"), ("autoencoder", 1e-2, 0.5, "angle")])
-def test_matvec_equals_assembled_blocks_and_error_follows_tol(problems, name, tol, budget, metric):
+@pytest.mark.parametrize("name, tol, budget, metric, geometry", [
+    ("classifier", 1e-2, 0.0, "angle", "entries"), ("classifier", 1e-3, 0.3, "gram", "auto"),
+    ("autoencoder", 1e-3, 0.0, "gram", "entries"), ("autoencoder", 1e-2, 0.5, "angle", "auto"),
+    ("classifier", 1e-3, 0.0, "angle", "sketch"), ("autoencoder", 1e-3, 0.3, "gram", "sketch"),
+    ("dead_relu", 1e-3, 0.0, "angle", "sketch")])
+def test_matvec_equals_assembled_blocks_and_error_follows_tol(problems, name, tol, budget, metric,
+                                                              geometry):
     gn, G, norm, leaf = problems(name)
-    h = build(gn, leaf, tol=tol, max_rank=256, budget=budget, metric=metric)
+    h = build(gn, leaf, tol=tol, max_rank=256, budget=budget, metric=metric,
+              tree_geometry=geometry)
+    assert h.report["tree_geometry"] == ("entries" if geometry == "auto" else geometry)
     dense = h.to_dense()  # through the O(N·r) matvec
     assert np.allclose(dense, assembled(h), rtol=0, atol=1e-12 * norm)
     assert np.allclose(dense, dense.T, rtol=0, atol=1e-14 * norm)
@@ -233,10 +238,17 @@ def test_same_seed_same_result_and_one_round_per_level(problems):
     a = build(src, leaf, tol=1e-3, max_rank=100, seed=5)
     b = build(gn, leaf, tol=1e-3, max_rank=100, seed=5)
     depth = a.report["depth"]
+    assert a.report["tree_geometry"] == "entries"  # Counting has no Jacobian rows: cheap
     assert src.rounds == tree_rounds(depth) + depth + 1 == a.report["entry_rounds"]
     assert src.products == 2  # 150 Gaussian columns, then 150 power-iterated ones
     for key, value in a.to_arrays().items():
         assert np.array_equal(value, b.to_arrays()[key]), key
+    src.rounds = 0  # the tree from the sketch: no entry rounds for it, no more products
+    c = build(src, leaf, tol=1e-3, max_rank=100, seed=5, tree_geometry="sketch")
+    assert src.rounds == c.report["depth"] + 1 == c.report["entry_rounds"]
+    assert src.products == 4
+    with pytest.raises(ValueError, match="unknown tree_geometry 'geometric'"):
+        build(gn, leaf, tree_geometry="geometric")
 
 
 def test_arrays_round_trip(problems):

@@ -9,16 +9,19 @@ and float32 against float64 (factor memory, speed-up, error). A last table
 gives batched against single products on a small-layer network in
 gradient-times per vector.
 
-With ``--rank r`` (float64): the certified low rank of ``dgnh.compress`` (its
-time over one r-vector product of the same run), its factorization at
-``λ = --reg·‖G‖₂`` and the analyses from it, each against an independent
-reference on the exact products with the bound the certified error
-``e = ‖G − G̃‖₂`` implies (:func:`verification_rows`): the top eigenvalues
-against block Lanczos (Weyl: ``0 ≤ λ_i(G) − λ_i(G̃) ≤ e``, ``G − G̃`` PSD), the
-log-determinant of ``G + λI`` against stochastic Lanczos quadrature with its
-95% interval (``0 ≤ log det(G+λI) − log det(G̃+λI) ≤ tr(G − G̃)/λ``) and
-inverse-diagonal entries against PCG solves with unit vectors to rtol 1e-10
-(``0 ≤ [(G̃+λI)⁻¹ − (G+λI)⁻¹]_jj ≤ e/λ²``).
+With ``--rank r`` (float64): a certified compression of ``dgnh.compress``
+(``--method``: the low rank by default, or ``hmatrix``/``hybrid`` with
+``max_rank = r`` and ``--leaf-size``; its time over one r-vector product of
+the same run), its factorization at ``λ = --reg·‖G‖₂`` and the analyses from
+it, each against an independent reference on the exact products with the
+bound the certified error ``e = ‖G − G̃‖₂`` implies (:func:`verification_rows`):
+the top eigenvalues against block Lanczos (Weyl: ``|λ_i(G) − λ_i(G̃)| ≤ e``),
+the log-determinant of ``G + λI`` against stochastic Lanczos quadrature with
+its 95% interval (``|Δ log det| ≤ N·e/λ``) and inverse-diagonal entries
+against PCG solves with unit vectors to rtol 1e-10 (``|Δ| ≤ e/λ²``). A low
+rank lies below ``G`` (``G − G̃`` PSD), so its bounds are one-sided and the
+log-determinant's tighter: ``0 ≤ λ_i(G) − λ_i(G̃) ≤ e``,
+``0 ≤ Δ log det ≤ tr(G − G̃)/λ``, ``0 ≤ Δ inverse diagonal ≤ e/λ²``.
 
 Peak memory is the largest block of numpy/Python memory alive during a phase
 (``tracemalloc``, besides what was alive before it); the process's maximum
@@ -42,6 +45,7 @@ from ..compress import compress
 from ..config import memory_budget
 from ..exact_solve import solve
 from ..gauss_newton import GaussNewton
+from ..lowrank import LowRank
 from ..shard_factors import ShardFactors
 from ..spectral import eigsh, spectral_density
 from .common import best_time, gemm_rate, print_table, random_tanh_mlp
@@ -152,7 +156,8 @@ def slq_logdet(gn: GaussNewton, reg: float, n_vectors: int, n_steps: int,
 
 
 def verification_rows(gn: GaussNewton, label: str, args, rng: np.random.Generator) -> list:
-    """Low rank, factorization and analyses at one size, each checked against its reference.
+    """Compressed form, factorization and analyses at one size, each checked against its
+    reference.
 
     Rows: ``[network, quantity, time s, peak MiB, time / r-product, value, reference,
     |difference|, allowed, ok]``; ``allowed`` is the bound the certified error implies
@@ -171,29 +176,35 @@ def verification_rows(gn: GaussNewton, label: str, args, rng: np.random.Generato
                                                                args.seed), 0)
     with warnings.catch_warnings():  # max_rank binds by design: the rank is fixed
         warnings.simplefilter("ignore", UserWarning)
-        H, t, peak = measured(lambda: compress(gn, method="lowrank", tol=args.tol, max_rank=r,
+        H, t, peak = measured(lambda: compress(gn, method=args.method, tol=args.tol,
+                                               max_rank=r, leaf_size=args.leaf_size,
                                                progress=False), 0)
     rep = H.report
     norm, e = rep["norm_estimate"], rep["error_estimate"] * rep["norm_estimate"]
-    rows = [[label, f"low rank r={H.rank} (certified)", t, peak / 2**20, t / t_r,
-             rep["error_estimate"], "", "", "", ""],
+    below = isinstance(H, LowRank)  # G − G̃ PSD: one-sided bounds
+    rows = [[label, f"{rep['method']} r={r} (certified), {H.nbytes / 2**30:.2f} GiB", t,
+             peak / 2**20, t / t_r, rep["error_estimate"], "", "", "", ""],
             [label, "  of which certificate", rep["timings"]["certificate"], "",
              rep["timings"]["certificate"] / t_r, "", "", "", "", ""]]
-    k = min(k, H.rank)
-    approx = np.linalg.eigvalsh(H.U.T @ H.U)[::-1][:k]
+    k = min(k, H.rank) if below else k
+    approx = (np.linalg.eigvalsh(H.U.T @ H.U)[::-1][:k] if below
+              else eigsh(H, k, tol=1e-10, seed=args.seed)[0])
     gap = np.sort(ref_eig)[::-1][:k] - approx
+    low = -1e-8 * norm if below else -e * (1 + 1e-6)  # Weyl: |gap| ≤ e (0 ≤ gap if below)
     rows.append([label, f"top {k} eigenvalues (vs Lanczos)", t_eig, "", t_eig / t_r, approx[0],
                  float(np.max(ref_eig)), float(np.abs(gap).max()), e,
-                 bool(gap.min() >= -1e-8 * norm and gap.max() <= e * (1 + 1e-6))])
+                 bool(gap.min() >= low and gap.max() <= e * (1 + 1e-6))])
     F, t, peak = measured(lambda: H.factorize(lam), 0)
     rows.append([label, f"factorize at λ={args.reg:g}‖G‖", t, peak / 2**20, t / t_r,
                  "", "", "", "", ""])
     logdet, t, _ = measured(F.logdet, 0)
-    trace_gap = float(np.sum(gn.diagonal()) - np.sum(H.U * H.U))
+    # 0 ≤ log det(G+λI) − log det(G̃+λI) ≤ tr(G − G̃)/λ if G − G̃ is PSD; else |·| ≤ N·e/λ
+    # (Weyl: each eigenvalue moves by at most e, each log by at most e/λ)
+    bound = (float(np.sum(gn.diagonal()) - np.sum(H.U * H.U)) if below else N * e) / lam
     diff = ref_logdet - logdet
     rows.append([label, "logdet(G+λI) (vs SLQ ± 95%)", t, "", t_slq / t_r, logdet, ref_logdet,
-                 abs(diff), trace_gap / lam + half,
-                 bool(-half <= diff <= trace_gap / lam + half)])
+                 abs(diff), bound + half,
+                 bool((-half if below else -bound - half) <= diff <= bound + half)])
     inv, t, peak = measured(F.inverse_diagonal, 0)
     cols = np.sort(rng.choice(N, args.checks, replace=False))
     E = np.zeros((N, len(cols)))
@@ -204,7 +215,8 @@ def verification_rows(gn: GaussNewton, label: str, args, rng: np.random.Generato
     rows.append([label, f"inverse diagonal, {len(cols)} entries (vs PCG)", t, peak / 2**20,
                  t_ref / t_r, float(inv[cols].mean()), float(exact.mean()),
                  float(np.abs(gaps).max()), e / lam**2,
-                 bool(gaps.min() >= -1e-9 * exact.max() and gaps.max() <= e / lam**2)])
+                 bool(gaps.min() >= (-1e-9 * exact.max() if below else -e / lam**2)
+                      and gaps.max() <= e / lam**2)])
     return rows
 
 
@@ -238,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="BLAS threads (default: the library's, usually one per core)")
     ap.add_argument("--rank", type=int, default=0,
                     help="rank of the certified low rank and the verified analyses (0: skip)")
+    ap.add_argument("--method", default="lowrank", choices=("lowrank", "hmatrix", "hybrid"),
+                    help="the compressed form verified with --rank (its max_rank)")
+    ap.add_argument("--leaf-size", type=int, default=256, help="leaf size of hmatrix/hybrid")
     ap.add_argument("--tol", type=float, default=1e-6, help="tol of that compress call")
     ap.add_argument("--reg", type=float, default=1e-2, help="λ relative to ‖G‖₂")
     ap.add_argument("--eigenvalues", type=int, default=20)
@@ -283,7 +298,8 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                                                  "max rel. error", "factor memory ratio"],
                     compare)
     if checks:
-        print_table(f"Certified low rank (tol {args.tol:g}) and the analyses from it, float64; "
+        print_table(f"Certified {args.method} (tol {args.tol:g}) and the analyses from it, "
+                    "float64; "
                     "'allowed' is the bound its certified error implies",
                     ["network", "quantity", "time s", "peak MiB", "t / r-product", "value",
                      "reference", "|diff|", "allowed", "ok"], checks)

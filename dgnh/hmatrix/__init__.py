@@ -6,12 +6,15 @@ as a :class:`~dgnh.gauss_newton.GaussNewton` — into an :class:`HMatrix`:
 
 1. Parameters with a zero diagonal have zero rows and columns; they stay out
    of the tree and exactly zero.
-2. A balanced cluster tree from entries only (:mod:`~dgnh.hmatrix.tree`): each
-   node is split at the median of ``d(·, p) − d(·, q)`` for the farthest pair
-   ``p, q`` among a few sampled columns, with the Gram-angle distance
-   ``1 − G_ab²/(G_aa G_bb)`` (a zero entry is *far*) or the Gram distance
-   ``G_aa + G_bb − 2G_ab``. One round of sampled columns splits two levels
-   (a round costs about one pass over the Jacobian).
+2. A balanced cluster tree (:mod:`~dgnh.hmatrix.tree`): each node is split at
+   the median of ``d(·, p) − d(·, q)`` for the farthest pair ``p, q`` among a
+   few sampled columns, with the Gram-angle distance ``1 − G_ab²/(G_aa G_bb)``
+   (a zero entry is *far*) or the Gram distance ``G_aa + G_bb − 2G_ab``, where
+   ``G_ab`` is an entry or, for large problems (``tree_geometry``), the sketch's
+   Nyström approximation ``z_a·z_b`` (step 4's products come first;
+   :meth:`~dgnh.hmatrix.sketch.Sketch.embedding`), which needs no entries. One
+   round of entries splits two levels (a round costs about one pass over the
+   Jacobian).
 3. With a near field (``budget > 0``), neighbours from ``n_trees`` randomized
    trees vote for the leaf pairs stored as exact near-field corrections
    (at most ``budget·(n_leaves − 1)`` and ``max_near`` per leaf); ``budget = 0`` is HSS.
@@ -39,9 +42,10 @@ as a :class:`~dgnh.gauss_newton.GaussNewton` — into an :class:`HMatrix`:
    0.1–0.5 of the error. (A Nyström interpolation ``T = G[α̃, α̃]⁻¹G[α̃, α]``
    would be PSD by itself but was 3–900× less accurate on the same skeletons.)
 
-Entry requests are level-synchronous: every round (one tree level) is ONE
-``entries_many`` call, which a :class:`~dgnh.gauss_newton.GaussNewton` turns
-into one task per shard; widening the sketch needs products, no entries.
+Entry requests are level-synchronous: every round (two tree levels, the
+leaves, one coupling level) is ONE ``entries_many`` call, which a
+:class:`~dgnh.gauss_newton.GaussNewton` turns into one task per shard;
+widening the sketch needs products, no entries.
 :meth:`HMatrix.factorize` gives ``(H_hss + λI)⁻¹`` in O(N·r²)
 (:mod:`~dgnh.hmatrix.factorization`).
 

@@ -29,7 +29,8 @@ from ..validation import check_int, check_number
 from .factorization import HSSFactorization
 from .operator import HMatrix
 from .sketch import Sketch, oversampling_for
-from .tree import ClusterTree, cluster_tree, grow_trees, tree_depth, tree_rounds
+from .tree import (ClusterTree, cluster_tree, gram_geometry, grow_trees, tree_depth,
+                   tree_geometry_for, tree_rounds)
 
 Array = np.ndarray
 INITIAL_RANK = 256  # first sketch rank (below max_rank the sketch grows where needed)
@@ -455,7 +456,7 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
                   eps: float | None = None, seed: int = 0, n_trees: int = 4,
                   max_near: int = 32, oversampling: int | None = None,
                   power_iterations: int = 1, norm_estimate: float | None = None,
-                  progress: bool | None = None) -> HMatrix:
+                  tree_geometry: str = "auto", progress: bool | None = None) -> HMatrix:
     """Build a positive semi-definite :class:`~dgnh.hmatrix.HMatrix` of the symmetric PSD
     matrix behind ``source``, aiming at ``‖G − H‖₂ ≤ tol·‖G‖₂``.
 
@@ -484,6 +485,10 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
         ranks from the Gaussian ones; ``q + 1`` product rounds per sketch width (>= 0).
     norm_estimate : ``‖G‖₂`` if known (e.g. from Lanczos); ``None``: a lower bound from
         the sketch (:meth:`~dgnh.hmatrix.sketch.Sketch.norm_estimate`).
+    tree_geometry : the cluster tree's distances from ``"entries"`` of ``G`` or from the
+        ``"sketch"``'s Nyström embedding (:func:`~dgnh.hmatrix.tree.tree_geometry_for`;
+        ``"auto"``: entries
+        while they are cheap).
     progress : show a progress bar per tree level (``None``: only on a terminal).
 
     Examples
@@ -510,17 +515,25 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
     depth = tree_depth(len(active), leaf_size)
     n_trees = n_trees if budget > 0 else 1  # the other trees only find neighbours
     rounds = EntryRounds(source, eps, seed, tree_rounds(depth) + depth + 2, progress)
-    with rounds.timed("tree"):
-        trees = grow_trees(active, diag[active], depth, n_trees, metric, seed, rounds.fetch)
-    with rounds.timed("leaves_and_neighbors"):
-        tree = cluster_tree(active, diag[active], trees, rounds.fetch, budget=budget,
-                            neighbors=neighbors, max_near=max_near, metric=metric)
-    sketch = Sketch(source, tree.perm, power_iterations, seed)
+    sketch = Sketch(source, active, power_iterations, seed)
     plan = SketchPlan(min(max_rank, INITIAL_RANK, len(active)), max_rank, oversampling, 0.0)
     with rounds.timed("products"):
         if depth > 0:
             rounds.status("products")
             sketch.grow(plan.columns(plan.rank))
+    geometry = tree_geometry_for(source, len(active), depth, tree_geometry)
+    with rounds.timed("tree"):
+        if geometry == "sketch":
+            diag_z, fetch_z = gram_geometry(sketch.embedding(), rounds.status, rounds.step)
+            trees = grow_trees(np.arange(len(active)), diag_z, depth, n_trees, metric, seed,
+                               fetch_z)
+            del diag_z, fetch_z  # the embedding: N × width floats
+        else:
+            trees = grow_trees(active, diag[active], depth, n_trees, metric, seed, rounds.fetch)
+    with rounds.timed("leaves_and_neighbors"):
+        tree = cluster_tree(active, diag[active], trees, rounds.fetch, budget=budget,
+                            neighbors=neighbors, max_near=max_near, metric=metric)
+        sketch.reorder(tree.perm)
     norm = norm_estimate if norm_estimate is not None else (
         sketch.norm_estimate() if depth > 0 else float(np.linalg.norm(tree.leaf_blocks[0], 2)))
     plan.threshold = tol * norm / (LEVEL_SAFETY * np.sqrt(max(depth, 1)))
@@ -542,7 +555,7 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
     parameters = {"tol": tol, "max_rank": max_rank, "leaf_size": leaf_size, "budget": budget,
                   "neighbors": neighbors, "metric": metric, "eps": eps, "seed": seed,
                   "n_trees": n_trees, "max_near": max_near, "oversampling": oversampling,
-                  "power_iterations": power_iterations}
+                  "power_iterations": power_iterations, "tree_geometry": tree_geometry}
     return h.with_report({
         "method": "hmatrix", "parameters": parameters, "n_params": n_params,
         "n_zero_diagonal": int(n_params - len(active)), "depth": depth,
@@ -552,7 +565,7 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
         "gaussian_columns": sketch.gaussian_width,
         "power_iterations": power_iterations, "product_rounds": sketch.product_rounds,
         "product_columns": sketch.product_columns, "sketch_growths": max(sketch.growths - 1, 0),
-        "norm_estimate": norm, "threshold": plan.threshold,
+        "norm_estimate": norm, "threshold": plan.threshold, "tree_geometry": geometry,
         "n_capped_nodes": int(sum(s.wanted > max_rank for s in states)),
         "psd_shift": shift, "psd_factorizations": n_factorizations,
         "timings": rounds.timings, **h.rank_statistics(), "nbytes": h.nbytes,

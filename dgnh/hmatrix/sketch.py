@@ -165,6 +165,13 @@ class Sketch:
         residual = self.Y[:, cols] - np.asarray(matvec(full), dtype=np.float64)[self.perm]
         return float(np.linalg.norm(residual, 2) / np.sqrt(len(cols)))
 
+    def _nystrom_basis(self) -> Array:
+        """``W`` with ``(YW)(YW)ᵀ = Y B⁺ Yᵀ``, the Nyström approximation of ``G`` from the
+        sketch (``B = ΩᵀGΩ``; directions with ``λ(B) ≤ 1e-12·λ_max(B)`` dropped)."""
+        lam, V = np.linalg.eigh((self.omega.T @ self.Y + self.Y.T @ self.omega) / 2)
+        keep = lam > 1e-12 * max(lam[-1], 0.0)
+        return V[:, keep] / np.sqrt(lam[keep])
+
     def norm_estimate(self) -> float:
         """A lower bound on ``‖G‖₂`` (G PSD): ``max ‖Gz‖²/zᵀGz`` over ``z`` in ``range(Ω)``.
 
@@ -180,9 +187,46 @@ class Sketch:
         """
         if not self.Y.size:
             return 0.0
-        lam, V = np.linalg.eigh((self.omega.T @ self.Y + self.Y.T @ self.omega) / 2)
-        keep = lam > 1e-12 * max(lam[-1], 0.0)
-        if not keep.any():
-            return 0.0
-        W = V[:, keep] / np.sqrt(lam[keep])  # ‖GΩW‖₂² with W = B^{-1/2}, B = ΩᵀGΩ
-        return float(np.linalg.eigvalsh(W.T @ (self.Y.T @ self.Y) @ W)[-1])
+        W = self._nystrom_basis()  # ‖GΩW‖₂² with W = B^{-1/2}
+        return float(np.linalg.eigvalsh(W.T @ (self.Y.T @ self.Y) @ W)[-1]) if W.size else 0.0
+
+    def embedding(self) -> Array:
+        """Rows ``z_a`` (order of :attr:`perm`) with ``z_a·z_b = (Y B⁺ Yᵀ)_ab ≈ G_ab``: the
+        parameters as vectors whose Gram matrix is the sketch's Nyström approximation of
+        ``G`` (the cluster tree's geometry, no entries needed).
+
+        Examples
+        --------
+        >>> class Dense:
+        ...     n_params = 3
+        ...     def matvec(self, V): return np.array([[2.0, 1, 0], [1, 2, 0], [0, 0, 1]]) @ V
+        >>> s = Sketch(Dense(), np.arange(3), power_iterations=0, seed=0)
+        >>> _ = s.grow(3)
+        >>> Z = s.embedding()
+        >>> bool(np.allclose(Z @ Z.T, [[2, 1, 0], [1, 2, 0], [0, 0, 1]]))
+        True
+        """
+        if not self.Y.size:
+            return np.zeros((len(self.perm), 0))
+        return self.Y @ self._nystrom_basis()
+
+    def reorder(self, perm: Array) -> None:
+        """Rows in the order of ``perm`` (a reordering of :attr:`perm`, e.g. the tree's).
+
+        Examples
+        --------
+        >>> class Diagonal:  # G = diag(1, 2, 3); the sketch on parameters 0 and 2
+        ...     n_params = 3
+        ...     def matvec(self, V): return np.arange(1.0, 4.0)[:, None] * V
+        >>> s = Sketch(Diagonal(), np.array([0, 2]), power_iterations=0, seed=0)
+        >>> _ = s.grow(1)
+        >>> s.reorder(np.array([2, 0]))
+        >>> s.perm.tolist(), bool(np.allclose(s.Y, [[3.0], [1.0]] * s.omega))
+        ([2, 0], True)
+        """
+        where = np.full(int(self.source.n_params), -1, dtype=np.int64)
+        where[self.perm] = np.arange(len(self.perm))
+        rows = where[np.asarray(perm, dtype=np.int64)]
+        if len(rows) != len(self.perm) or (rows < 0).any() or len(np.unique(rows)) != len(rows):
+            raise ValueError("reorder needs a reordering of the sketch's rows")
+        self.perm, self.omega, self.Y = np.asarray(perm, dtype=np.int64), self.omega[rows], self.Y[rows]

@@ -1,4 +1,4 @@
-"""The cluster tree of an H-matrix, built from matrix entries only (docs/design.md §4).
+"""The cluster tree of an H-matrix, built from a Gram matrix's entries (docs/design.md §4).
 
 Steps 1–3 of the construction: distances between parameters from the entries
 of the matrix (:func:`entry_distances`), level-synchronous median splits of a
@@ -9,9 +9,11 @@ nearest neighbours from a few randomized trees (:func:`leaf_neighbors`,
 :class:`ClusterTree`.
 
 The entries come through a ``fetch(requests, what)`` callable: one call is one
-entry round, ``requests`` a list of ``(rows, cols)`` parameter index pairs and
-the answer the list of blocks ``G[rows, cols]``; ``what`` names the round for a
-progress display.
+entry round, ``requests`` a list of ``(rows, cols)`` index pairs and the answer
+the list of blocks ``G[rows, cols]``; ``what`` names the round for a progress
+display. For large problems the H-matrix build grows its trees on the
+sketch's Nyström approximation of ``G`` instead (no entries); the leaves'
+blocks are always exact entries.
 """
 
 from __future__ import annotations
@@ -21,11 +23,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..validation import check_choice
+
 Array = np.ndarray
 Fetch = Callable[[list[tuple[Array, Array]], str], list[Array]]
 METRICS = ("angle", "gram")
 PIVOT_SAMPLES = 16  # sampled columns per node and round, for the split pivots
 LEVELS_PER_ROUND = 2  # tree levels split from one round of sampled columns
+TREE_GEOMETRIES = ("auto", "entries", "sketch")
+# "auto": the tree from entries while its rounds gather at most this many Jacobian elements
+# (tree rounds × parameters × Jacobian rows; ≈ 17 s on the 2-core machine), else from the sketch
+TREE_ENTRY_ELEMENTS = 1e10
 
 
 # ------------------------------------------------------------------ per-node numerics
@@ -288,6 +296,54 @@ def tree_rounds(depth: int) -> int:
     (4, 0)
     """
     return -(-depth // LEVELS_PER_ROUND)
+
+
+def tree_geometry_for(source, n_active: int, depth: int, choice: str = "auto") -> str:
+    """Where the cluster tree's distances come from: ``"entries"`` (exact, GOFMM's) or
+    ``"sketch"`` (the H-matrix sketch's Nyström embedding, :func:`gram_geometry`).
+
+    ``"auto"`` takes the entries while the tree's rounds would gather at most
+    ``TREE_ENTRY_ELEMENTS`` Jacobian elements (``tree_rounds(depth)`` passes over
+    ``n_active`` columns of ``source.n_jacobian_rows`` rows; a source without
+    Jacobian rows, such as a dense matrix, has cheap entries).
+
+    Examples
+    --------
+    >>> class Source:  # n·d = 17 970 Jacobian rows
+    ...     n_jacobian_rows = 17_970
+    >>> tree_geometry_for(Source(), 26_122, 7), tree_geometry_for(Source(), 10**6, 12)
+    ('entries', 'sketch')
+    >>> tree_geometry_for(object(), 10**6, 12), tree_geometry_for(Source(), 10**6, 12, "entries")
+    ('entries', 'entries')
+    """
+    if check_choice(choice, "tree_geometry", TREE_GEOMETRIES) != "auto":
+        return choice
+    rows = int(getattr(source, "n_jacobian_rows", 0))
+    return "entries" if tree_rounds(depth) * n_active * rows <= TREE_ENTRY_ELEMENTS else "sketch"
+
+
+def gram_geometry(Z: Array, status: Callable[[str], None],
+                  step: Callable[[], None]) -> tuple[Array, Fetch]:
+    """The diagonal and a ``fetch`` of the Gram matrix ``ZZᵀ`` (rows of ``Z`` are the
+    positions): ``|z_a|²`` (at least the smallest positive float, so no angle is 0/0) and
+    ``Z[r] Z[c]ᵀ``; ``status(what)`` and ``step()`` report each round.
+
+    Examples
+    --------
+    >>> diag, fetch = gram_geometry(np.array([[1.0, 0.0], [1.0, 1.0]]), print, lambda: None)
+    >>> diag.tolist(), fetch([(np.array([0, 1]), np.array([1]))], "tree level 1")[0].tolist()
+    tree level 1
+    ([1.0, 2.0], [[1.0], [2.0]])
+    """
+    diag = np.maximum(np.einsum("ij,ij->i", Z, Z), np.finfo(np.float64).tiny)
+
+    def fetch(requests: list[tuple[Array, Array]], what: str) -> list[Array]:
+        status(what)
+        blocks = [Z[r] @ Z[c].T for r, c in requests]
+        step()
+        return blocks
+
+    return diag, fetch
 
 
 def grow_trees(active: Array, diag: Array, depth: int, n_trees: int, metric: str, seed: int,

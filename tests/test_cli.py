@@ -381,9 +381,15 @@ def test_ctrl_c_during_run_prints_one_line(tmp_path):
     job = tmp_path / "job.toml"
     job.write_text(toml_text({**JOB, "shard_size": 500, "compress": {
         "method": "hybrid", "tol": 1e-6, "max_rank": 64, "leaf_size": 16}}))
-    run = subprocess.Popen([sys.executable, "-m", "dgnh.cli", "run", str(job), "--quiet"],
-                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
+    # the child gets SIGINT's default disposition whatever this process's is (an ignored
+    # SIGINT would be inherited across exec, and the job would rightly ignore Ctrl-C)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run = subprocess.Popen([sys.executable, "-m", "dgnh.cli", "run", str(job), "--quiet"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         for _ in range(2):  # the "load" line, then "factors": shards live on the cluster
             line = run.stdout.readline()

@@ -451,6 +451,14 @@ def psd_shift(h: HMatrix, norm: float, guess: float, seed: int = 0) -> tuple[flo
     return high, count
 
 
+def _grow_first(sketch: Sketch, plan: SketchPlan, rounds: EntryRounds, depth: int) -> None:
+    """The sketch's first round of products (none for a single leaf)."""
+    with rounds.timed("products"):
+        if depth > 0:
+            rounds.status("products")
+            sketch.grow(plan.columns(plan.rank))
+
+
 def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int = 256,
                   budget: float = 0.0, neighbors: int = 32, metric: str = "angle",
                   eps: float | None = None, seed: int = 0, n_trees: int = 4,
@@ -515,13 +523,13 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
     depth = tree_depth(len(active), leaf_size)
     n_trees = n_trees if budget > 0 else 1  # the other trees only find neighbours
     rounds = EntryRounds(source, eps, seed, tree_rounds(depth) + depth + 2, progress)
-    sketch = Sketch(source, active, power_iterations, seed)
-    plan = SketchPlan(min(max_rank, INITIAL_RANK, len(active)), max_rank, oversampling, 0.0)
-    with rounds.timed("products"):
-        if depth > 0:
-            rounds.status("products")
-            sketch.grow(plan.columns(plan.rank))
     geometry = tree_geometry_for(source, len(active), depth, tree_geometry)
+    plan = SketchPlan(min(max_rank, INITIAL_RANK, len(active)), max_rank, oversampling, 0.0)
+    # the tree's geometry from the sketch: the products first (parameter order), rows
+    # reordered to the tree after it; from entries: the tree first, the sketch in its order
+    sketch = Sketch(source, active, power_iterations, seed)
+    if geometry == "sketch":
+        _grow_first(sketch, plan, rounds, depth)
     with rounds.timed("tree"):
         if geometry == "sketch":
             diag_z, fetch_z = gram_geometry(sketch.embedding(), rounds.status, rounds.step)
@@ -534,6 +542,8 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
         tree = cluster_tree(active, diag[active], trees, rounds.fetch, budget=budget,
                             neighbors=neighbors, max_near=max_near, metric=metric)
         sketch.reorder(tree.perm)
+    if geometry == "entries":
+        _grow_first(sketch, plan, rounds, depth)
     norm = norm_estimate if norm_estimate is not None else (
         sketch.norm_estimate() if depth > 0 else float(np.linalg.norm(tree.leaf_blocks[0], 2)))
     plan.threshold = tol * norm / (LEVEL_SAFETY * np.sqrt(max(depth, 1)))

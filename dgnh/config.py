@@ -101,18 +101,41 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc mallo
 _allocator = {"tuned": False}
 
 
-def set_malloc_thresholds(trim_bytes: int = TRIM_THRESHOLD,
-                          mmap_bytes: int = MMAP_THRESHOLD) -> bool:
-    """Set glibc's trim and mmap thresholds in this process; ``False`` off glibc."""
+def _libc_function(name: str):
+    """``name`` from the C library through ctypes, ``None`` off glibc."""
     import ctypes
     import ctypes.util
 
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
     except (OSError, AttributeError, TypeError):
+        return None
+
+
+def set_malloc_thresholds(trim_bytes: int = TRIM_THRESHOLD,
+                          mmap_bytes: int = MMAP_THRESHOLD) -> bool:
+    """Set glibc's trim and mmap thresholds in this process; ``False`` off glibc."""
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     return bool(mallopt(_M_TRIM_THRESHOLD, trim_bytes)) and bool(
         mallopt(_M_MMAP_THRESHOLD, mmap_bytes))
+
+
+def return_freed_memory() -> bool:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim(0)``, which also
+    releases free pages between live blocks); ``False`` off glibc.
+
+    A long computation that frees many mid-sized arrays while keeping others (an
+    H-matrix build, level by level) otherwise keeps its freed memory resident.
+
+    Examples
+    --------
+    >>> return_freed_memory() in (True, False)
+    True
+    """
+    trim = _libc_function("malloc_trim")
+    return bool(trim(0)) if trim is not None else False
 
 
 def tune_allocator() -> bool:

@@ -17,7 +17,8 @@ from cases import HMATRIX_CASES
 from dgnh.factorization import IndefiniteError
 from dgnh.hmatrix import (HMatrix, build_hmatrix, entry_distances, interpolative_decomposition,
                           merge_neighbors, select_near_pairs, split_node)
-from dgnh.hmatrix.build import LEVEL_SAFETY, PSD_PRECISION, PSD_REG, psd_shift
+from dgnh.hmatrix.build import LEVEL_SAFETY
+from dgnh.hmatrix.psd import PSD_PRECISION, PSD_REG, psd_shift
 from dgnh.hmatrix.tree import tree_rounds
 
 

@@ -51,15 +51,16 @@ widening the sketch needs products, no entries.
 
 Modules, bottom to top: :mod:`~dgnh.hmatrix.tree`,
 :mod:`~dgnh.hmatrix.factorization`, :mod:`~dgnh.hmatrix.operator`
-(:class:`HMatrix` and its storage format), :mod:`~dgnh.hmatrix.sketch`,
-:mod:`~dgnh.hmatrix.build`.
+(:class:`HMatrix` and its storage format), :mod:`~dgnh.hmatrix.psd` (the PSD
+compensation), :mod:`~dgnh.hmatrix.sketch`, :mod:`~dgnh.hmatrix.build`.
 """
 
 from __future__ import annotations
 
-from .build import build_hmatrix, interpolative_decomposition, leaf_sketch, parent_sketch, psd_shift
+from .build import build_hmatrix, interpolative_decomposition, leaf_sketch, parent_sketch
 from .factorization import HSSFactorization
 from .operator import FORMAT, FORMAT_VERSION, HMatrix
+from .psd import psd_shift
 from .tree import (METRICS, entry_distances, leaf_neighbors, merge_neighbors, select_near_pairs,
                    split_levels, split_node)
 

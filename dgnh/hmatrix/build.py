@@ -24,10 +24,10 @@ import scipy.linalg
 from tqdm import tqdm
 
 from ..batching import on_cores
-from ..factorization import IndefiniteError
+from ..config import return_freed_memory
 from ..validation import check_int, check_number
-from .factorization import HSSFactorization
 from .operator import HMatrix
+from .psd import psd_shift
 from .sketch import Sketch, oversampling_for
 from .tree import (ClusterTree, cluster_tree, gram_geometry, grow_trees, tree_depth,
                    tree_geometry_for, tree_rounds)
@@ -36,8 +36,6 @@ Array = np.ndarray
 INITIAL_RANK = 256  # first sketch rank (below max_rank the sketch grows where needed)
 MAX_GROWTHS = 4  # widening rounds of the sketch
 LEVEL_SAFETY = 5.0  # τ = tol·‖G‖/(LEVEL_SAFETY·√depth): the global tolerance per level
-PSD_REG = 1e-12  # PSD: H + (σ + PSD_REG·‖G‖)·I must have a Cholesky factorization
-PSD_PRECISION = 0.1  # relative precision of the search for σ
 
 
 # ------------------------------------------------------------------ per-node numerics
@@ -93,8 +91,9 @@ def interpolative_decomposition(block: Array, tol: float, max_rank: int,
     return _interpolation(R, piv, min(_rank(R, tol, threshold), max_rank))
 
 
-def leaf_sketch(Y_leaf: Array, D: Array, omega_leaf: Array) -> Array:
-    """``Ω[out]ᵀ G[out, α]`` of a leaf from ``Y[α] = (GΩ)[α]``: ``(Y[α] − G[α,α]Ω[α])ᵀ``.
+def leaf_sketch(Y_leaf: Array, D: Array, omega_leaf: Array, overwrite: bool = False) -> Array:
+    """``Ω[out]ᵀ G[out, α]`` of a leaf from ``Y[α] = (GΩ)[α]``: ``(Y[α] − G[α,α]Ω[α])ᵀ``
+    (``overwrite``: computed in ``Y_leaf``, a transposed view of it is returned).
 
     Examples
     --------
@@ -102,25 +101,27 @@ def leaf_sketch(Y_leaf: Array, D: Array, omega_leaf: Array) -> Array:
     >>> leaf_sketch((G @ omega)[:1], G[:1, :1], omega[:1]).tolist()  # Ω[1]ᵀ G[1, 0]
     [[1.0]]
     """
+    if overwrite:
+        Y_leaf -= D @ omega_leaf
+        return Y_leaf.T
     return (Y_leaf - D @ omega_leaf).T
 
 
-def parent_sketch(S1: Array, skel1: Array, S2: Array, skel2: Array, omega1: Array,
-                  omega2: Array, B: Array) -> Array:
+def parent_sketch(S1: Array, S2: Array, omega1: Array, omega2: Array, B: Array) -> Array:
     """``Ω[out(p)]ᵀ G[out(p), α̃₁ ∪ α̃₂]`` of a parent from its children.
 
-    ``S_i`` are the children's sketches (over their candidates), ``skel_i`` the
-    skeleton positions in them, ``omega_i = V_iᵀ Ω[α_i]`` their upward test
-    coefficients and ``B = G[α̃₁, α̃₂]``; the sibling's share
-    ``Ω[α₂]ᵀ G[α₂, α̃₁] ≈ omega₂ᵀ Bᵀ`` is removed.
+    ``S_i`` are the children's sketches over their skeletons ``α̃_i``,
+    ``omega_i = V_iᵀ Ω[α_i]`` their upward test coefficients and
+    ``B = G[α̃₁, α̃₂]``; the sibling's share ``Ω[α₂]ᵀ G[α₂, α̃₁] ≈ omega₂ᵀ Bᵀ``
+    is removed.
 
     Examples
     --------
     >>> one = np.ones((1, 1))
-    >>> parent_sketch(3 * one, [0], 5 * one, [0], one, 2 * one, one).tolist()
+    >>> parent_sketch(3 * one, 5 * one, one, 2 * one, one).tolist()
     [[1.0, 4.0]]
     """
-    return np.hstack([S1[:, skel1] - omega2.T @ B.T, S2[:, skel2] - omega1.T @ B])
+    return np.hstack([S1 - omega2.T @ B.T, S2 - omega1.T @ B])
 
 
 # ---------------------------------------------------------------- entry-round record
@@ -162,6 +163,7 @@ class EntryRounds:
         blocks = (self.source.entries_many(requests, eps=self.eps, seed=round_seed)
                   if requests else [])
         self.timings["entries"] += time.perf_counter() - t0
+        return_freed_memory()  # the round's temporaries (the levels' arrays stay)
         self.rounds += 1
         self.entries += int(sum(len(r) * len(c) for r, c in requests))
         self.step()
@@ -195,10 +197,12 @@ class NodeState:
     ``skeleton`` holds tree positions (empty at the root), ``interpolation``
     the matrix ``T`` over the node's candidates, ``coupling`` the block
     ``G[α̃₁, α̃₂]`` of its children (inner nodes), ``sketch`` the rows
-    ``Ω[out]ᵀ G[out, candidates]`` and ``inputs`` the candidates' test
-    coefficients (both dropped once the parent is skeletonized),
-    ``local_skeleton`` the skeleton positions among the candidates,
-    ``test_coefficients`` the upward test coefficients ``V_αᵀ Ω[α] = T·inputs``
+    ``Ω[out]ᵀ G[out, candidates]`` (once the node is skeletonized, only its
+    skeleton's columns: what the parent reads), ``inputs`` the candidates' test
+    coefficients (dropped once the node is skeletonized), ``test_coefficients``
+    the upward test coefficients ``V_αᵀ Ω[α] = T·inputs`` (sketch and test
+    coefficients dropped once the parent is skeletonized: O(width) floats per
+    candidate), ``local_skeleton`` the skeleton positions among the candidates
     and ``wanted`` the rank the threshold asked for (before ``max_rank``).
     """
 
@@ -246,19 +250,21 @@ def _fetch_couplings(tree: ClusterTree, states: list[NodeState], nodes: Array,
 
 
 def _node_rows(tree: ClusterTree, states: list[NodeState], a: int, omega: Array, Y: Array,
-               below: dict[int, tuple[Array, Array]]) -> tuple[Array, Array]:
+               below: dict[int, tuple[Array, Array]],
+               overwrite: bool = False) -> tuple[Array, Array]:
     """Sketch rows of node ``a`` over its candidates and the candidates' test coefficients.
 
-    A leaf uses ``omega, Y`` (tree order); an inner node its children's rows and
-    upward test coefficients ``below[c]`` through their skeletons and coupling.
+    A leaf uses ``omega, Y`` (tree order; ``overwrite``: its rows of ``Y`` become
+    its sketch rows); an inner node its children's rows and upward test
+    coefficients ``below[c]`` through their skeletons and coupling.
     """
     c1, c2 = tree.node_children[a]
     if c1 < 0:
         s, e = tree.node_start[a], tree.node_stop[a]
-        return leaf_sketch(Y[s:e], tree.leaf_blocks[a - tree.leaf_nodes[0]], omega[s:e]), omega[s:e]
+        return leaf_sketch(Y[s:e], tree.leaf_blocks[a - tree.leaf_nodes[0]], omega[s:e],
+                           overwrite), omega[s:e]
     (S1, w1), (S2, w2) = below[c1], below[c2]
-    return (parent_sketch(S1, states[c1].local_skeleton, S2, states[c2].local_skeleton, w1, w2,
-                          states[a].coupling), np.vstack([w1, w2]))
+    return parent_sketch(S1, S2, w1, w2, states[a].coupling), np.vstack([w1, w2])
 
 
 def _rows_for_columns(tree: ClusterTree, states: list[NodeState], level: int, omega: Array,
@@ -270,7 +276,7 @@ def _rows_for_columns(tree: ClusterTree, states: list[NodeState], level: int, om
         current = {int(a): _node_rows(tree, states, a, omega, Y, below) for a in tree.nodes_at(lev)}
         if lev == level:
             return current
-        below = {a: (rows, states[a].interpolation @ inputs)
+        below = {a: (rows[:, states[a].local_skeleton], states[a].interpolation @ inputs)
                  for a, (rows, inputs) in current.items()}
     return {}
 
@@ -295,6 +301,10 @@ class SketchPlan:
     def columns(self, rank: int) -> int:
         return rank + (oversampling_for(rank) if self.oversampling is None else self.oversampling)
 
+    def can_grow(self, sketch: Sketch) -> bool:
+        """True while a level may still widen the sketch."""
+        return self.rank < self.max_rank and sketch.growths <= MAX_GROWTHS
+
     def saturated(self, state: NodeState, n_candidates: int, width: int, n_active: int) -> bool:
         """True when a node's ID fills the sketch and a wider one could change it."""
         return (self.rank <= state.wanted < n_candidates and self.rank < self.max_rank
@@ -307,9 +317,14 @@ def _skeletonize_level(tree: ClusterTree, states: list[NodeState], nodes: Array,
     build) while a node's rank fills it."""
     below = {int(c): (states[c].sketch, states[c].test_coefficients)
              for a in nodes for c in tree.node_children[a] if c >= 0}
+    omega, Y = sketch.omega, sketch.Y
+    last_reader = tree.node_children[nodes[0], 0] < 0 and not plan.can_grow(sketch)
+    if last_reader:  # the leaves take the sketch's N × width rows over (Y in place)
+        sketch.release()
     for a in nodes:
-        states[a].sketch, states[a].inputs = _node_rows(tree, states, a, sketch.omega, sketch.Y,
-                                                        below)
+        states[a].sketch, states[a].inputs = _node_rows(tree, states, a, omega, Y, below,
+                                                        last_reader)
+    del omega, Y
     while True:
         on_cores(lambda a: states[a].skeletonize(_candidates(tree, states, a),
                                                   plan.threshold * sketch.scale, plan.max_rank,
@@ -327,8 +342,12 @@ def _skeletonize_level(tree: ClusterTree, states: list[NodeState], nodes: Array,
         for a in nodes:
             states[a].sketch = np.vstack([states[a].sketch, rows[int(a)][0]])
             states[a].inputs = np.hstack([states[a].inputs, rows[int(a)][1]])
+    for a in nodes:  # the parent reads the rows of the skeleton (a copy; the leaves' views
+        # of the sketch's Y go) and the test coefficients; the inputs are done
+        states[a].sketch = states[a].sketch[:, states[a].local_skeleton]
+        states[a].inputs = None
     for c in below:
-        states[c].sketch = states[c].inputs = None
+        states[c].sketch = states[c].test_coefficients = None
 
 
 def skeletonize(tree: ClusterTree, rounds: EntryRounds, sketch: Sketch,
@@ -370,93 +389,13 @@ def near_field_corrections(hss: HMatrix, near_pairs: Array,
     return [G_ab - hss.hss_block(a, b) for (a, b), G_ab in zip(near_pairs, exact_blocks)]
 
 
-def _largest_ritz_value(apply, support: Array, seed: int, steps: int = 8,
-                        block: int = 4) -> float:
-    """A Ritz value ``θ ≤ λ_max`` of the symmetric ``apply`` on the ``support`` rows:
-    Rayleigh–Ritz on a block Krylov space of ``steps`` blocks (Gaussian start)."""
-    Q = np.random.default_rng([seed, 13]).standard_normal((len(support), block))
-    basis: list[Array] = []
-    images: list[Array] = []
-    for _ in range(steps):
-        Q = Q * support[:, None]
-        for _ in range(2):  # orthogonal to the basis so far
-            for B in basis:
-                Q = Q - B @ (B.T @ Q)
-        Q, R = np.linalg.qr(Q)
-        if basis and np.abs(np.diag(R)).max() <= 1e-10 * np.abs(images[0]).max():
-            break  # the Krylov space is invariant
-        basis.append(Q)
-        images.append(apply(Q) * support[:, None])
-        Q = images[-1]
-    K, W = np.hstack(basis), np.hstack(images)
-    return float(np.linalg.eigvalsh((K.T @ W + W.T @ K) / 2).max())
-
-
-def psd_shift(h: HMatrix, norm: float, guess: float, seed: int = 0) -> tuple[float, int]:
-    """The smallest ``σ ≥ 0`` (to ``PSD_PRECISION``) with ``H_hss + σI`` positive semi-definite.
-
-    The test is the HSS Cholesky (:class:`~dgnh.hmatrix.HSSFactorization`,
-    exact for ``H_hss``) at ``reg = PSD_REG·norm``: it succeeds exactly when
-    ``σ > σ* = −λ_min(H_hss) − reg``. From ``σ = guess`` (e.g. an estimate of
-    ``‖G − H‖₂ ≥ σ*``) the bracket grows 4× until the factorization ``F``
-    succeeds. Every factorization ``F`` that succeeds gives, through a Ritz
-    value ``θ ≤ 1/(λ_min + σ + reg)`` of ``F`` (block Krylov on the inverse,
-    O(N·r) per product), the lower bound ``σ − 1/θ ≤ σ*``, tried next with
-    ``PSD_PRECISION`` to spare (``σ = 0`` when the bound is ≤ 0); a failure
-    raises the lower end and the next trial is the geometric midpoint.
-    Typically 2–4 factorizations. Returns ``σ`` and the number of factorizations.
-
-    Examples
-    --------
-    >>> h = HMatrix(2, [0, 1], [-1, 0, 0], [[1, 2], [-1, -1], [-1, -1]], [0, 0, 1],
-    ...             [2, 1, 2], [[], [0], [1]], [None, np.eye(1), np.eye(1)],
-    ...             [np.array([[2.0]]), None, None], [np.eye(1), np.eye(1)],
-    ...             np.zeros((0, 2)), [])
-    >>> sigma, _ = psd_shift(h, 3.0, 0.1)  # λ_min([[1, 2], [2, 1]]) = −1
-    >>> bool(abs(sigma - 1.0) <= 0.11)
-    True
-    """
-    hss = h.without_near_field()
-    reg = PSD_REG * norm
-    count = 0
-
-    def factorization(sigma: float) -> HSSFactorization | None:
-        nonlocal count
-        count += 1
-        try:
-            return HSSFactorization(hss.with_shift(sigma), reg)
-        except IndefiniteError:
-            return None
-
-    if norm <= 0 or len(hss.perm) == 0:
-        return 0.0, 0
-    support = np.zeros(hss.shape[0], dtype=bool)
-    support[hss.perm] = True
-    low, high = 0.0, max(guess, reg)
-    inverse = factorization(high)
-    while inverse is None:
-        low, high = high, 4.0 * high
-        inverse = factorization(high)
-    while high - low > PSD_PRECISION * high:
-        if inverse is not None:  # a new upper end: the lower bound from its inverse
-            theta = _largest_ritz_value(inverse.matvec, support, seed)
-            low = max(low, high - 1.0 / theta) if theta > 0 else low
-            if high - low <= PSD_PRECISION * high:
-                break
-            trial = low * (1.0 + PSD_PRECISION)
-        else:  # geometric bisection
-            trial = float(np.sqrt(max(low, PSD_PRECISION * high) * high))
-        inverse = factorization(trial)
-        low, high = (trial, high) if inverse is None else (low, trial)
-    return high, count
-
-
 def _grow_first(sketch: Sketch, plan: SketchPlan, rounds: EntryRounds, depth: int) -> None:
     """The sketch's first round of products (none for a single leaf)."""
     with rounds.timed("products"):
         if depth > 0:
             rounds.status("products")
             sketch.grow(plan.columns(plan.rank))
+            return_freed_memory()  # the products' temporaries
 
 
 def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int = 256,

@@ -33,6 +33,7 @@ import numpy as np
 
 Array = np.ndarray
 PRODUCT_CHUNK = 256  # columns per product call (bounded memory)
+ERROR_GUESS_COLUMNS = 32  # Gaussian columns behind the rough ‖G − H‖₂ of error_guess
 OVERSAMPLING_FRACTION = 0.5  # default oversampling: this fraction of the target rank, >= 10
 
 
@@ -85,8 +86,8 @@ class Sketch:
 
     @property
     def width(self) -> int:
-        """Number of test columns (Gaussian and power-iterated)."""
-        return self.omega.shape[1]
+        """Number of test columns drawn (Gaussian and power-iterated)."""
+        return len(self.gaussian)
 
     @property
     def gaussian_width(self) -> int:
@@ -100,20 +101,23 @@ class Sketch:
 
     def products(self, V: Array) -> Array:
         """``(G @ V)`` in tree order for ``V`` in tree order: one round, chunked by columns."""
+        self.product_rounds += 1
+        self.product_columns += V.shape[1]
+        if V.shape[1] <= PRODUCT_CHUNK and np.array_equal(self.perm, np.arange(
+                int(self.source.n_params))):  # every parameter, in order: no scatter, no gather
+            return np.asarray(self.source.matvec(V), dtype=np.float64)
         out = np.zeros(V.shape)
         for j in range(0, V.shape[1], PRODUCT_CHUNK):
             full = np.zeros((int(self.source.n_params), min(PRODUCT_CHUNK, V.shape[1] - j)))
             full[self.perm] = V[:, j:j + full.shape[1]]
             out[:, j:j + full.shape[1]] = np.asarray(self.source.matvec(full),
                                                      dtype=np.float64)[self.perm]
-        self.product_rounds += 1
-        self.product_columns += V.shape[1]
         return out
 
-    def _orthonormalize(self, W: Array) -> Array:
-        """``W`` orthonormal and orthogonal to the earlier power-iterated columns."""
-        earlier = self.omega[:, ~self.gaussian]
-        for _ in range(2):
+    def _orthonormalize(self, W: Array, start: int) -> Array:
+        """``W`` orthonormal and orthogonal to the power-iterated columns before ``start``."""
+        earlier = self.omega[:, np.flatnonzero(~self.gaussian[:start])]
+        for _ in range(2 if earlier.size else 0):
             W = W - earlier @ (earlier.T @ W)
         return np.linalg.qr(W)[0]
 
@@ -127,23 +131,57 @@ class Sketch:
         start = self.width
         if columns <= 0:
             return slice(start, start)
-        new = [np.random.default_rng([self.seed, 3, self.growths]).standard_normal(
-            (len(self.perm), columns))]
-        Y = [self.products(new[0])]
+        if self.omega.shape[1] < start:
+            raise RuntimeError("the sketch's columns were released; it cannot grow")
+        # the arrays grown first, then filled from contiguous columns (no copy of a
+        # column slice for the products): at most 4 N × columns arrays beside a product
+        width = start + columns * (2 if self.power_iterations else 1)
+        omega, Y = np.empty((len(self.perm), width)), np.empty((len(self.perm), width))
+        omega[:, :start], Y[:, :start] = self.omega, self.Y
+        self.omega, self.Y = omega, Y
+        del omega, Y
+        new = np.random.default_rng([self.seed, 3, self.growths]).standard_normal(
+            (len(self.perm), columns))
+        products = self.products(new)
+        self.omega[:, start:start + columns] = new
         if self.power_iterations:
-            W = self._orthonormalize(Y[0])
+            new = self._orthonormalize(products, start)
+            self.Y[:, start:start + columns] = products
             for _ in range(self.power_iterations - 1):
-                W = self._orthonormalize(self.products(W))
-            new.append(W)
-            Y.append(self.products(W))
-        self.omega = np.hstack([self.omega, *new])
-        self.Y = np.hstack([self.Y, *Y])
+                new = self._orthonormalize(self.products(new), start)
+            products = self.products(new)
+            self.omega[:, start + columns:] = new
+        del new
+        self.Y[:, width - columns:] = products
+        del products
         self.gaussian = np.concatenate([self.gaussian, np.ones(columns, dtype=bool),
-                                        np.zeros(self.width - start - columns, dtype=bool)])
+                                        np.zeros(width - start - columns, dtype=bool)])
         self.growths += 1
         return slice(start, self.width)
 
-    def error_guess(self, matvec: Callable[[Array], Array], columns: int = 32) -> float:
+    def release(self, keep: int = ERROR_GUESS_COLUMNS) -> None:
+        """Drop all columns but the first ``keep`` Gaussian ones (what
+        :meth:`error_guess` reads, as copies) once nothing else needs them: the leaf
+        level is the only reader of the full sketch. The sketch cannot grow afterwards.
+
+        Examples
+        --------
+        >>> class Dense:
+        ...     n_params = 3
+        ...     def matvec(self, V): return np.diag([3.0, 2.0, 1.0]) @ V
+        >>> s = Sketch(Dense(), np.arange(3), power_iterations=1, seed=0)
+        >>> _ = s.grow(1)
+        >>> s.release(5)  # the one leading Gaussian column stays
+        >>> s.omega.shape, s.width
+        ((3, 1), 2)
+        """
+        lead = int(np.argmin(self.gaussian)) if not self.gaussian.all() else self.width
+        keep = min(int(keep), lead)
+        self.omega = self.omega[:, :keep].copy()
+        self.Y = self.Y[:, :keep].copy()
+
+    def error_guess(self, matvec: Callable[[Array], Array],
+                    columns: int = ERROR_GUESS_COLUMNS) -> float:
         """A rough ``‖G − H‖₂`` from the first ``columns`` Gaussian columns:
         ``‖(G − H)Ω₀‖₂/√columns`` (``matvec`` applies ``H`` in parameter order).
 
@@ -157,7 +195,7 @@ class Sketch:
         >>> s.error_guess(Dense().matvec)
         0.0
         """
-        cols = np.flatnonzero(self.gaussian)[:columns]
+        cols = np.flatnonzero(self.gaussian[:self.omega.shape[1]])[:columns]
         if cols.size == 0:
             return 0.0
         full = np.zeros((int(self.source.n_params), len(cols)))
@@ -229,4 +267,6 @@ class Sketch:
         rows = where[np.asarray(perm, dtype=np.int64)]
         if len(rows) != len(self.perm) or (rows < 0).any() or len(np.unique(rows)) != len(rows):
             raise ValueError("reorder needs a reordering of the sketch's rows")
-        self.perm, self.omega, self.Y = np.asarray(perm, dtype=np.int64), self.omega[rows], self.Y[rows]
+        self.perm = np.asarray(perm, dtype=np.int64)
+        self.omega = self.omega[rows]  # one N × width copy alive at a time
+        self.Y = self.Y[rows]

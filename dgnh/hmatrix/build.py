@@ -433,9 +433,8 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
     norm_estimate : ``‖G‖₂`` if known (e.g. from Lanczos); ``None``: a lower bound from
         the sketch (:meth:`~dgnh.hmatrix.sketch.Sketch.norm_estimate`).
     tree_geometry : the cluster tree's distances from ``"entries"`` of ``G`` or from the
-        ``"sketch"``'s Nyström embedding (:func:`~dgnh.hmatrix.tree.tree_geometry_for`;
-        ``"auto"``: entries
-        while they are cheap).
+        ``"sketch"``'s Nyström embedding; ``"auto"``: entries while they are cheap
+        (:func:`~dgnh.hmatrix.tree.tree_geometry_for`).
     progress : show a progress bar per tree level (``None``: only on a terminal).
 
     Examples

@@ -133,10 +133,12 @@ class Sketch:
             return slice(start, start)
         if self.omega.shape[1] < start:
             raise RuntimeError("the sketch's columns were released; it cannot grow")
-        # the arrays grown first, then filled from contiguous columns (no copy of a
-        # column slice for the products): at most 4 N × columns arrays beside a product
+        # the arrays grown first (column-major: a column block is contiguous and its pages
+        # are touched only when it is filled), then filled from contiguous blocks: at most
+        # 4 N × columns arrays resident beside a product's working memory
         width = start + columns * (2 if self.power_iterations else 1)
-        omega, Y = np.empty((len(self.perm), width)), np.empty((len(self.perm), width))
+        omega = np.empty((len(self.perm), width), order="F")
+        Y = np.empty((len(self.perm), width), order="F")
         omega[:, :start], Y[:, :start] = self.omega, self.Y
         self.omega, self.Y = omega, Y
         del omega, Y
@@ -144,14 +146,16 @@ class Sketch:
             (len(self.perm), columns))
         products = self.products(new)
         self.omega[:, start:start + columns] = new
+        del new
         if self.power_iterations:
             new = self._orthonormalize(products, start)
             self.Y[:, start:start + columns] = products
+            del products
             for _ in range(self.power_iterations - 1):
                 new = self._orthonormalize(self.products(new), start)
             products = self.products(new)
             self.omega[:, start + columns:] = new
-        del new
+            del new
         self.Y[:, width - columns:] = products
         del products
         self.gaussian = np.concatenate([self.gaussian, np.ones(columns, dtype=bool),
@@ -268,5 +272,6 @@ class Sketch:
         if len(rows) != len(self.perm) or (rows < 0).any() or len(np.unique(rows)) != len(rows):
             raise ValueError("reorder needs a reordering of the sketch's rows")
         self.perm = np.asarray(perm, dtype=np.int64)
-        self.omega = self.omega[rows]  # one N × width copy alive at a time
-        self.Y = self.Y[rows]
+        for array in (self.omega, self.Y):  # in place, a column at a time
+            for j in range(array.shape[1]):
+                array[:, j] = array[rows, j]

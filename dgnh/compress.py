@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import return_freed_memory
 from .dense import DENSE_MAX_BYTES, Dense
 from .hmatrix import METRICS, HMatrix, build_hmatrix
 from .hmatrix.tree import tree_depth
@@ -292,6 +293,7 @@ def compress(gn, method: str = "auto", tol: float = 1e-3, max_rank: int = 256,
     op = (_auto(*context) if options.method == "auto"
           else _build_certified(options.method, {}, *context))
     _warn_if_missed(op.report, options)
+    return_freed_memory()  # the build's freed arrays (fragmented heap) leave the resident set
     return op
 
 

@@ -45,43 +45,63 @@ def _check_operator(op) -> None:
 
 # ------------------------------------------------------------------ block Lanczos
 @dataclass
-class KrylovBasis:
-    """An orthonormal Krylov basis from :func:`lanczos` and its image under ``A``.
+class KrylovSpaces:
+    """The Rayleigh quotients ``KᵀAK`` of the Krylov spaces :func:`lanczos` built.
+
+    Only the quotients are kept (the basis and its image, ``N`` floats per
+    vector each, are not), accumulated as the basis grows: column block ``j``
+    holds ``K_{≤j}ᵀ A q_j``; the rest follows from the symmetry of ``A``.
 
     Attributes
     ----------
-    basis, images : ``(m, N, b)``; ``basis[j]`` is block ``j`` of the basis and
-        ``images[j] = A @ basis[j]``.
+    rayleigh : ``(m·b, m·b)`` for one block space (block ``(i, j)``, ``i ≤ j``,
+        is ``Q_iᵀ A Q_j``), or ``(b, m, m)`` with independent columns (entry
+        ``[p, i, j]``, ``i ≤ j``, is ``q_{i,p}ᵀ A q_{j,p}``); zero below the
+        (block) diagonal.
     steps : ``(b,)``; with independent columns, the blocks ``0..steps[p] − 1``
-        span column ``p``'s Krylov space (fewer than ``m`` where it closed early,
-        the rest of that column is zero); for one block space every entry is ``m``.
+        span column ``p``'s Krylov space (fewer than ``m`` where it closed early);
+        for one block space every entry is ``m``.
     """
 
-    basis: Array
-    images: Array
+    rayleigh: Array
     steps: Array
 
     def projection(self, column: int | None = None) -> Array:
-        """The Rayleigh quotient ``KᵀAK`` (symmetrized) of the whole block space, or of
+        """The Rayleigh quotient ``KᵀAK`` (symmetric) of the whole block space, or of
         the Krylov space of one ``column`` (independent columns)."""
         if column is None:
-            K = np.concatenate(list(self.basis), axis=1)
-            AK = np.concatenate(list(self.images), axis=1)
+            b = len(self.steps)
+            upper = self.rayleigh.copy()
+            for i in range(0, len(upper), b):  # halve the diagonal blocks: D → (D + Dᵀ)/2
+                upper[i:i + b, i:i + b] *= 0.5
         else:
             m = int(self.steps[column])
-            K, AK = self.basis[:m, :, column].T, self.images[:m, :, column].T
-        T = K.T @ AK
-        return (T + T.T) / 2
+            upper = self.rayleigh[column, :m, :m].copy()
+            upper[np.diag_indices(m)] *= 0.5
+        return upper + upper.T
+
+
+def _coefficients(basis: Array, W: Array, independent: bool) -> Array:
+    """``basis``ᵀ ``W``: ``(k, b)`` per column if ``independent``, else ``(k, b, b)``
+    (one ``Q_iᵀ W`` per block)."""
+    if independent:
+        return np.einsum("knv,nv->kv", basis, W)
+    return np.stack([block.T @ W for block in basis])
+
+
+def _combine(basis: Array, coefficients: Array, independent: bool) -> Array:
+    """``basis`` times ``coefficients`` (as returned by :func:`_coefficients`)."""
+    if independent:
+        return np.einsum("knv,kv->nv", basis, coefficients)
+    out = np.zeros((basis.shape[1], coefficients.shape[2]))
+    for block, C in zip(basis, coefficients):  # GEMMs per block (einsum here is ~8× slower)
+        out += block @ C
+    return out
 
 
 def _project(basis: Array, W: Array, independent: bool) -> Array:
     """The component of ``W`` in the span of ``basis`` (per column if ``independent``)."""
-    if independent:
-        return np.einsum("knv,kv->nv", basis, np.einsum("knv,nv->kv", basis, W))
-    out = np.zeros(W.shape)
-    for block in basis:  # two GEMMs per block (einsum here is ~8× slower)
-        out += block @ (block.T @ W)
-    return out
+    return _combine(basis, _coefficients(basis, W, independent), independent)
 
 
 def _norms(W: Array, independent: bool) -> Array:
@@ -100,7 +120,7 @@ def _normalize(W: Array, independent: bool) -> Array:
 
 
 def lanczos(apply: Callable[[Array], Array], start: Array, steps: int,
-            independent: bool = False) -> KrylovBasis:
+            independent: bool = False) -> KrylovSpaces:
     """Lanczos with full reorthogonalization from the start block ``start`` ``(N, b)``.
 
     ``apply(V)`` returns ``A @ V`` for a symmetric ``A`` and ``V`` of shape
@@ -125,18 +145,22 @@ def lanczos(apply: Callable[[Array], Array], start: Array, steps: int,
     n, width = start.shape
     gained = 1 if independent else width  # dimension each step adds to a space
     basis = np.zeros((steps, n, width))
-    images = np.zeros((steps, n, width))
+    rayleigh = np.zeros((width, steps, steps) if independent else (steps * width,) * 2)
     count = np.full(width, steps)
     extending = np.ones(width, dtype=bool)
     scale = np.zeros(width)  # the largest ‖A Q‖ so far, per space
     Q = _normalize(start, independent)
     for j in range(steps):
         basis[j] = Q
-        images[j] = np.asarray(apply(Q), dtype=np.float64)
-        R = images[j].copy()
-        for _ in range(2):
-            R -= _project(basis[:j + 1], R, independent)
-        scale = np.maximum(scale, _norms(images[j], independent))
+        R = np.asarray(apply(Q), dtype=np.float64)
+        scale = np.maximum(scale, _norms(R, independent))
+        C = _coefficients(basis[:j + 1], R, independent)  # the Rayleigh quotients' column j
+        if independent:
+            rayleigh[:, :j + 1, j] = C.T
+        else:
+            rayleigh[:(j + 1) * width, j * width:(j + 1) * width] = C.reshape(-1, width)
+        R -= _combine(basis[:j + 1], C, independent)
+        R -= _project(basis[:j + 1], R, independent)  # reorthogonalized twice
         closed = extending & ((_norms(R, independent) <= BREAKDOWN * scale)
                               | ((j + 1) * gained >= n))
         count[closed] = j + 1
@@ -147,7 +171,8 @@ def lanczos(apply: Callable[[Array], Array], start: Array, steps: int,
         Q = _normalize(R, independent)
         Q = _normalize(Q - _project(basis[:j + 1], Q, independent), independent)
     m = int(count.max())
-    return KrylovBasis(basis[:m], images[:m], count)
+    return KrylovSpaces(rayleigh[:, :m, :m] if independent else rayleigh[:m * width, :m * width],
+                        count)
 
 
 def ritz_values(apply: Callable[[Array], Array], n: int, seed: int = 0,
@@ -167,7 +192,7 @@ def ritz_values(apply: Callable[[Array], Array], n: int, seed: int = 0,
     >>> np.round(ritz_values(lambda V: A @ V, 4), 12).tolist()
     [-5.0, 0.5, 1.0, 3.0]
     """
-    start = np.random.default_rng([seed, 11]).standard_normal((n, block_size))
+    start = np.random.default_rng([seed, 11]).standard_normal((n, min(block_size, n)))
     if support is not None:
         start[~support] = 0.0
     return np.linalg.eigvalsh(lanczos(apply, start, steps).projection())

@@ -34,3 +34,16 @@ def problems():
         return cache[name]
     return get
 
+
+@pytest.fixture(autouse=True)
+def sigint_handler_unchanged():
+    """No test may leave the process's SIGINT disposition changed (an ignored SIGINT is
+    inherited by every later subprocess: a ``dgnh run`` started by a later test would
+    not stop on Ctrl-C)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, before)
+    assert after is before, f"the test left SIGINT's handler as {after!r} (was {before!r})"

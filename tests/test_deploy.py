@@ -70,6 +70,16 @@ def containers(doc):
             yield from node["containers"]
 
 
+def import_jobqueue():
+    """Import dask_jobqueue (skip without it), keeping SIGINT's handler: its import
+    installs one that calls ``sys.exit``."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        return pytest.importorskip("dask_jobqueue")
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def load_deploy_module(name):
     spec = importlib.util.spec_from_file_location(name, DEPLOY / "slurm" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -296,7 +306,7 @@ def test_dgnh_commands_exist_in_cli(path):
 # ------------------------------------------------------------------- SLURM
 @pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
 def test_jobqueue_renders_worker_job_script(certs, capsys):
-    pytest.importorskip("dask_jobqueue")
+    import_jobqueue()
     dgnh_slurm = load_deploy_module("dgnh_slurm")
     config = load_yaml(DEPLOY / "slurm" / "jobqueue.yaml")["jobqueue"]["slurm"]
     assert dgnh_slurm.main(["job.toml", "--tls-dir", str(certs), "--dry-run"]) == 0
@@ -319,7 +329,7 @@ def test_jobqueue_renders_worker_job_script(certs, capsys):
 
 @pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
 def test_slurm_scheduler_accepts_only_its_own_certificates(certs, tmp_path):
-    pytest.importorskip("dask_jobqueue")
+    import_jobqueue()
     from distributed import Client
 
     dgnh_slurm = load_deploy_module("dgnh_slurm")
@@ -336,7 +346,7 @@ def test_slurm_scheduler_accepts_only_its_own_certificates(certs, tmp_path):
 
 
 def test_slurm_missing_tls_files_named(tmp_path):
-    pytest.importorskip("dask_jobqueue")
+    import_jobqueue()
     dgnh_slurm = load_deploy_module("dgnh_slurm")
     with pytest.raises(FileNotFoundError, match="ca.pem is missing: run deploy/tls/make-certs.sh"):
         dgnh_slurm.tls_security(str(tmp_path))

@@ -11,10 +11,11 @@ gradient-times per vector.
 
 With ``--rank r`` (float64): a certified compression of ``dgnh.compress``
 (``--method``: the low rank by default, or ``hmatrix``/``hybrid`` with
-``max_rank = r`` and ``--leaf-size``; its time over one r-vector product of
-the same run), its factorization at ``λ = --reg·‖G‖₂`` and the analyses from
-it, each against an independent reference on the exact products with the
-bound the certified error ``e = ‖G − G̃‖₂`` implies (:func:`verification_rows`):
+``max_rank = r`` and ``--leaf-size``; its time over exact products with r
+vectors in the same run, 64 vectors at a time), its factorization at
+``λ = --reg·‖G‖₂`` and the analyses from it, each against an independent
+reference on the exact products with the bound the certified error
+``e = ‖G − G̃‖₂`` implies (:func:`verification_rows`):
 the top eigenvalues against block Lanczos (Weyl: ``|λ_i(G) − λ_i(G̃)| ≤ e``),
 the log-determinant of ``G + λI`` against stochastic Lanczos quadrature with
 its 95% interval (``|Δ log det| ≤ N·e/λ``) and inverse-diagonal entries
@@ -23,19 +24,24 @@ rank lies below ``G`` (``G − G̃`` PSD), so its bounds are one-sided and the
 log-determinant's tighter: ``0 ≤ λ_i(G) − λ_i(G̃) ≤ e``,
 ``0 ≤ Δ log det ≤ tr(G − G̃)/λ``, ``0 ≤ Δ inverse diagonal ≤ e/λ²``.
 
-Peak memory is the largest block of numpy/Python memory alive during a phase
-(``tracemalloc``, besides what was alive before it); the process's maximum
-resident size is printed at the end. Figures are indicative when other work
-shares the machine.
+Memory per phase: the traced peak is the largest block of numpy/Python memory
+alive during it (``tracemalloc``, besides what was alive before it); the
+resident peak is the process's largest resident size during it (Linux's
+``VmHWM``, reset before each phase: everything alive, including the factors
+and memory the allocator keeps). The process's maximum resident size is printed
+at the end, and each phase on stderr as it ends. Figures are indicative when
+other work shares the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
 import tracemalloc
 import warnings
+from typing import Any, NamedTuple
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -52,6 +58,7 @@ from .common import best_time, gemm_rate, print_table, random_tanh_mlp
 
 N_OUT = 10
 N_IN = 784
+REFERENCE_CHUNK = 64  # vectors per product of the reference "r-product" time
 
 
 def hidden_for(n_params: float) -> int:
@@ -77,18 +84,51 @@ def teacher_problem(n_params: float, n_samples: int, seed: int):
     return random_tanh_mlp(rng, sizes), X, np.argmax(teacher.forward(X), axis=1)
 
 
-def measured(fn, repeat: int):
-    """``(result, best seconds, peak bytes)`` of ``fn()``: timed ``repeat`` times after the
-    traced run (one run when ``repeat`` is 0)."""
+class Measured(NamedTuple):
+    result: Any
+    seconds: float
+    traced_mib: float  # the largest traced numpy/Python block alive, beyond the start's
+    resident_gib: float | str  # the largest resident size ('' where /proc is missing)
+
+
+def _reset_resident_peak() -> None:
+    """Restart the kernel's record of this process's peak resident size (``VmHWM``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _resident_peak() -> float | str:
+    """The peak resident size in GiB since the last reset, ``''`` where /proc is missing."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return ""
+
+
+def measured(fn, repeat: int, name: str) -> Measured:
+    """``fn()``'s result, best seconds (timed ``repeat`` times after the traced run; one
+    run when ``repeat`` is 0) and the peaks of the traced run; reports on stderr."""
+    _reset_resident_peak()
     tracemalloc.start()
     t = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - t
-    peak = tracemalloc.get_traced_memory()[1]
+    traced = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
+    resident = _resident_peak()
     if repeat:
         seconds = best_time(fn, repeat)
-    return result, seconds, peak
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {seconds:.1f} s, traced peak {traced:.0f} MiB,"
+          f" resident peak {resident if resident == '' else f'{resident:.2f}'} GiB",
+          file=sys.stderr, flush=True)
+    return Measured(result, seconds, traced, resident)
 
 
 def _rel(a, b) -> float:
@@ -108,27 +148,29 @@ def run_size(n_params: float, n_samples: int, args) -> tuple[list, list, list]:
     rows, results, factor_bytes, times, checks = [], {}, {}, {}, []
     label = f"N={N:,}"
     for dtype in args.dtypes:
-        gn, t, peak = measured(lambda: GaussNewton(net, X, y, loss="cross_entropy", dtype=dtype,
-                                                   client="in-process"), 0)
-        factor_bytes[dtype], times[dtype, "factors"] = gn.backend.factor_bytes, t
+        m = measured(lambda: GaussNewton(net, X, y, loss="cross_entropy", dtype=dtype,
+                                         client="in-process"), 0, f"{label} {dtype} factors")
+        gn = m.result
+        factor_bytes[dtype], times[dtype, "factors"] = gn.backend.factor_bytes, m.seconds
         n_s = gn.shard_size
-        rows.append([label, dtype, "factors", t, peak / 2**20, "", "", ""])
+        rows.append([label, dtype, "factors", m.seconds, m.traced_mib, m.resident_gib,
+                     "", "", ""])
         phases = [("diagonal", lambda: gn.backend.sum(ShardFactors.diagonal), None, None)]
         phases.append((f"block {args.block}x{args.block}", lambda: gn.entries(I, J),
                        2.0 * args.block ** 2 * M, (args.block, args.block, M)))
         widest = max(zip(net.layer_sizes[:-1], net.layer_sizes[1:]), key=lambda s: s[0] * s[1])
-        for k, V in Vs.items():
-            phases.append((f"product k={k}", lambda V=V: gn @ V, 4.0 * n_samples * N * k,
-                           (widest[0] + 1, widest[1] * k, min(n_s, n_samples))))
+        phases += [(f"product k={k}", lambda V=V: gn @ V, 4.0 * n_samples * N * k,
+                    (widest[0] + 1, widest[1] * k, min(n_s, n_samples))) for k, V in Vs.items()]
         for name, fn, flops, shape in phases:
-            out, t, peak = measured(fn, args.repeat)
-            results[dtype, name], times[dtype, name] = out, t
+            m = measured(fn, args.repeat, f"{label} {dtype} {name}")
+            results[dtype, name], times[dtype, name] = m.result, m.seconds
             rate = ref = ratio = ""
             if flops:
-                rate = flops / t / 1e9
+                rate = flops / m.seconds / 1e9
                 ref = gemm_rate(*shape, dtype=dtype)
                 ratio = rate / ref
-            rows.append([label, dtype, name, t, peak / 2**20, rate, ref, ratio])
+            rows.append([label, dtype, name, m.seconds, m.traced_mib, m.resident_gib, rate, ref,
+                         ratio])
         gn.close()
     compare = []
     if set(args.dtypes) == {"float64", "float32"}:
@@ -138,7 +180,9 @@ def run_size(n_params: float, n_samples: int, args) -> tuple[list, list, list]:
                                                       results["float64", name]),
                     memory if name == "factors" else ""]
                    for dtype, name in times if dtype == "float32"]
-    del Vs, results  # the verifications run with only their own arrays alive
+    # the verifications run with only their own arrays alive (the phases' closures hold
+    # the vectors, ``m`` the last product, ``gn`` the closed factors: N × k floats each)
+    del Vs, results, phases, fn, m, gn
     if args.rank:
         with GaussNewton(net, X, y, loss="cross_entropy", client="in-process") as gn:
             checks = verification_rows(gn, label, args, rng)
@@ -159,61 +203,80 @@ def verification_rows(gn: GaussNewton, label: str, args, rng: np.random.Generato
     """Compressed form, factorization and analyses at one size, each checked against its
     reference.
 
-    Rows: ``[network, quantity, time s, peak MiB, time / r-product, value, reference,
-    |difference|, allowed, ok]``; ``allowed`` is the bound the certified error implies
-    (plus the reference's own uncertainty) and ``ok`` whether the difference is within it.
+    Rows: ``[network, quantity, time s, traced MiB, resident GiB, time / r-product, value,
+    reference, |difference|, allowed, ok]``; ``allowed`` is the bound the certified error
+    implies (plus the reference's own uncertainty) and ``ok`` whether the difference is
+    within it.
     """
     N, r = gn.n_params, args.rank
-    V = rng.normal(size=(N, r))
-    _, t_r, _ = measured(lambda: gn @ V, 0)
+
+    def run(fn, what: str) -> Measured:
+        return measured(fn, 0, f"{label} {what}")
+
+    V = rng.normal(size=(N, min(r, REFERENCE_CHUNK)))
+
+    def r_products() -> None:  # one N × 64 input and output alive, not N × r
+        for j in range(0, r, REFERENCE_CHUNK):
+            gn @ V[:, :min(REFERENCE_CHUNK, r - j)]
+
+    t_r = run(r_products, f"products with {r} vectors, {REFERENCE_CHUNK} at a time").seconds
     V = None  # free it before the compression
-    # the references that need no compression first: their Lanczos bases (SLQ: basis and
-    # image, 2·steps·probes·N floats) are freed before the low rank and its factorization exist
+    # the references that need no compression first: their Lanczos bases (SLQ: probes·steps
+    # N-vectors) are freed before the compressed form and its factorization exist
     k = min(args.eigenvalues, r, N - 1)
-    (ref_eig, _), t_eig, _ = measured(lambda: eigsh(gn, k, tol=1e-10, seed=args.seed), 0)
+    m_eig = run(lambda: eigsh(gn, k, tol=1e-10, seed=args.seed), "top eigenvalues, Lanczos")
+    ref_eig = m_eig.result[0]
     lam = args.reg * float(np.max(ref_eig))  # λ relative to ‖G‖₂ from Lanczos
-    (ref_logdet, half), t_slq, _ = measured(lambda: slq_logdet(gn, lam, args.probes, args.steps,
-                                                               args.seed), 0)
+    m_slq = run(lambda: slq_logdet(gn, lam, args.probes, args.steps, args.seed),
+                "logdet, SLQ")
+    ref_logdet, half = m_slq.result
     with warnings.catch_warnings():  # max_rank binds by design: the rank is fixed
         warnings.simplefilter("ignore", UserWarning)
-        H, t, peak = measured(lambda: compress(gn, method=args.method, tol=args.tol,
-                                               max_rank=r, leaf_size=args.leaf_size,
-                                               progress=False), 0)
-    rep = H.report
+        m = run(lambda: compress(gn, method=args.method, tol=args.tol, max_rank=r,
+                                 leaf_size=args.leaf_size, progress=False), "compress")
+    H, rep = m.result, m.result.report
     norm, e = rep["norm_estimate"], rep["error_estimate"] * rep["norm_estimate"]
     below = isinstance(H, LowRank)  # G − G̃ PSD: one-sided bounds
-    rows = [[label, f"{rep['method']} r={r} (certified), {H.nbytes / 2**30:.2f} GiB", t,
-             peak / 2**20, t / t_r, rep["error_estimate"], "", "", "", ""],
-            [label, "  of which certificate", rep["timings"]["certificate"], "",
+    rows = [[label, f"{rep['method']} r={r} (certified), {H.nbytes / 2**30:.2f} GiB",
+             m.seconds, m.traced_mib, m.resident_gib, m.seconds / t_r, rep["error_estimate"],
+             "", "", "", ""],
+            [label, "  of which certificate", rep["timings"]["certificate"], "", "",
              rep["timings"]["certificate"] / t_r, "", "", "", "", ""]]
     k = min(k, H.rank) if below else k
-    approx = (np.linalg.eigvalsh(H.U.T @ H.U)[::-1][:k] if below
-              else eigsh(H, k, tol=1e-10, seed=args.seed)[0])
-    gap = np.sort(ref_eig)[::-1][:k] - approx
+    m = run(lambda: (np.linalg.eigvalsh(H.U.T @ H.U)[::-1][:k] if below
+                     else eigsh(H, k, tol=1e-10, seed=args.seed)[0]),
+            "top eigenvalues of the compressed form")
+    gap = np.sort(ref_eig)[::-1][:k] - m.result
     low = -1e-8 * norm if below else -e * (1 + 1e-6)  # Weyl: |gap| ≤ e (0 ≤ gap if below)
-    rows.append([label, f"top {k} eigenvalues (vs Lanczos)", t_eig, "", t_eig / t_r, approx[0],
-                 float(np.max(ref_eig)), float(np.abs(gap).max()), e,
+    rows.append([label, f"top {k} eigenvalues (vs Lanczos)", m_eig.seconds, m_eig.traced_mib,
+                 max(m_eig.resident_gib, m.resident_gib, key=lambda x: x or 0),
+                 m_eig.seconds / t_r, m.result[0], float(np.max(ref_eig)),
+                 float(np.abs(gap).max()), e,
                  bool(gap.min() >= low and gap.max() <= e * (1 + 1e-6))])
-    F, t, peak = measured(lambda: H.factorize(lam), 0)
-    rows.append([label, f"factorize at λ={args.reg:g}‖G‖", t, peak / 2**20, t / t_r,
-                 "", "", "", "", ""])
-    logdet, t, _ = measured(F.logdet, 0)
+    m = run(lambda: H.factorize(lam), "factorize")
+    F = m.result
+    rows.append([label, f"factorize at λ={args.reg:g}‖G‖", m.seconds, m.traced_mib,
+                 m.resident_gib, m.seconds / t_r, "", "", "", "", ""])
+    m = run(F.logdet, "logdet")
     # 0 ≤ log det(G+λI) − log det(G̃+λI) ≤ tr(G − G̃)/λ if G − G̃ is PSD; else |·| ≤ N·e/λ
     # (Weyl: each eigenvalue moves by at most e, each log by at most e/λ)
     bound = (float(np.sum(gn.diagonal()) - np.sum(H.U * H.U)) if below else N * e) / lam
-    diff = ref_logdet - logdet
-    rows.append([label, "logdet(G+λI) (vs SLQ ± 95%)", t, "", t_slq / t_r, logdet, ref_logdet,
-                 abs(diff), bound + half,
-                 bool((-half if below else -bound - half) <= diff <= bound + half)])
-    inv, t, peak = measured(F.inverse_diagonal, 0)
+    diff = ref_logdet - m.result
+    rows.append([label, "logdet(G+λI) (vs SLQ ± 95%)", m.seconds, m_slq.traced_mib,
+                 m_slq.resident_gib, m_slq.seconds / t_r, m.result, ref_logdet, abs(diff),
+                 bound + half, bool((-half if below else -bound - half) <= diff <= bound + half)])
+    m = run(F.inverse_diagonal, "inverse diagonal")
+    inv = m.result
     cols = np.sort(rng.choice(N, args.checks, replace=False))
     E = np.zeros((N, len(cols)))
     E[cols, np.arange(len(cols))] = 1.0
-    res, t_ref, _ = measured(lambda: solve(gn, E, reg=lam, rtol=1e-10, preconditioner=F), 0)
-    exact = res.x[cols, np.arange(len(cols))]
+    m_ref = run(lambda: solve(gn, E, reg=lam, rtol=1e-10, preconditioner=F),
+                "unit-vector PCG solves")
+    exact = m_ref.result.x[cols, np.arange(len(cols))]
     gaps = inv[cols] - exact
-    rows.append([label, f"inverse diagonal, {len(cols)} entries (vs PCG)", t, peak / 2**20,
-                 t_ref / t_r, float(inv[cols].mean()), float(exact.mean()),
+    rows.append([label, f"inverse diagonal, {len(cols)} entries (vs PCG)", m.seconds,
+                 m.traced_mib, max(m.resident_gib, m_ref.resident_gib, key=lambda x: x or 0),
+                 m_ref.seconds / t_r, float(inv[cols].mean()), float(exact.mean()),
                  float(np.abs(gaps).max()), e / lam**2,
                  bool(gaps.min() >= (-1e-9 * exact.max() if below else -e / lam**2)
                       and gaps.max() <= e / lam**2)])
@@ -291,8 +354,8 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         checks += check
     print_table(f"Phases in process, n = {n_samples} samples (n·d = {n_samples * N_OUT}), "
                 "rates against numpy GEMM of the same shape in this run",
-                ["network", "dtype", "phase", "time s", "peak MiB", "GFLOP/s", "GEMM GFLOP/s",
-                 "ratio"], phases)
+                ["network", "dtype", "phase", "time s", "traced MiB", "resident GiB", "GFLOP/s",
+                 "GEMM GFLOP/s", "ratio"], phases)
     if compare:
         print_table("float32 against float64", ["network", "phase", "speed-up",
                                                  "max rel. error", "factor memory ratio"],
@@ -301,8 +364,8 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print_table(f"Certified {args.method} (tol {args.tol:g}) and the analyses from it, "
                     "float64; "
                     "'allowed' is the bound its certified error implies",
-                    ["network", "quantity", "time s", "peak MiB", "t / r-product", "value",
-                     "reference", "|diff|", "allowed", "ok"], checks)
+                    ["network", "quantity", "time s", "traced MiB", "resident GiB",
+                     "t / r-product", "value", "reference", "|diff|", "allowed", "ok"], checks)
     print_table("Batched against single GNH products on a small-layer network",
                 ["N", "vectors", "gradient-times per vector"], small_network_rows(args.seed))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10

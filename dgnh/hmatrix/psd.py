@@ -12,34 +12,13 @@ import numpy as np
 
 from ..config import return_freed_memory
 from ..factorization import IndefiniteError
+from ..spectral import ritz_values
 from .factorization import HSSFactorization
 from .operator import HMatrix
 
 Array = np.ndarray
 PSD_REG = 1e-12  # PSD: H + (σ + PSD_REG·‖G‖)·I must have a Cholesky factorization
 PSD_PRECISION = 0.1  # relative precision of the search for σ
-
-
-def _largest_ritz_value(apply, support: Array, seed: int, steps: int = 8,
-                        block: int = 4) -> float:
-    """A Ritz value ``θ ≤ λ_max`` of the symmetric ``apply`` on the ``support`` rows:
-    Rayleigh–Ritz on a block Krylov space of ``steps`` blocks (Gaussian start)."""
-    Q = np.random.default_rng([seed, 13]).standard_normal((len(support), block))
-    basis: list[Array] = []
-    images: list[Array] = []
-    for _ in range(steps):
-        Q = Q * support[:, None]
-        for _ in range(2):  # orthogonal to the basis so far
-            for B in basis:
-                Q = Q - B @ (B.T @ Q)
-        Q, R = np.linalg.qr(Q)
-        if basis and np.abs(np.diag(R)).max() <= 1e-10 * np.abs(images[0]).max():
-            break  # the Krylov space is invariant
-        basis.append(Q)
-        images.append(apply(Q) * support[:, None])
-        Q = images[-1]
-    K, W = np.hstack(basis), np.hstack(images)
-    return float(np.linalg.eigvalsh((K.T @ W + W.T @ K) / 2).max())
 
 
 def psd_shift(h: HMatrix, norm: float, guess: float, seed: int = 0) -> tuple[float, int]:
@@ -91,7 +70,10 @@ def psd_shift(h: HMatrix, norm: float, guess: float, seed: int = 0) -> tuple[flo
         inverse = factorization(high)
     while high - low > PSD_PRECISION * high:
         if inverse is not None:  # a new upper end: the lower bound from its inverse
-            theta = _largest_ritz_value(inverse.matvec, support, seed)
+            # a Ritz value θ ≤ λ_max of the inverse on the tree's parameters (outside
+            # them it is 1/(σ + reg): not H's)
+            theta = float(ritz_values(lambda V: inverse.matvec(V) * support[:, None],
+                                      len(support), seed, steps=8, support=support).max())
             low = max(low, high - 1.0 / theta) if theta > 0 else low
             if high - low <= PSD_PRECISION * high:
                 break

@@ -75,7 +75,8 @@ class Sketch:
     """
 
     def __init__(self, source: Any, perm: Array, power_iterations: int, seed: int):
-        self.source, self.perm = source, np.asarray(perm, dtype=np.int64)
+        self.source = source
+        self._set_perm(perm)
         self.power_iterations, self.seed = int(power_iterations), seed
         self.omega = np.zeros((len(self.perm), 0))
         self.Y = np.zeros((len(self.perm), 0))
@@ -83,6 +84,11 @@ class Sketch:
         self.product_rounds = 0  # batched products G @ V (each with many columns)
         self.product_columns = 0  # columns multiplied in total
         self.growths = 0
+
+    def _set_perm(self, perm: Array) -> None:
+        self.perm = np.asarray(perm, dtype=np.int64)
+        # every parameter, in order: products need no scatter and no gather
+        self._identity = bool(np.array_equal(self.perm, np.arange(int(self.source.n_params))))
 
     @property
     def width(self) -> int:
@@ -103,8 +109,7 @@ class Sketch:
         """``(G @ V)`` in tree order for ``V`` in tree order: one round, chunked by columns."""
         self.product_rounds += 1
         self.product_columns += V.shape[1]
-        if V.shape[1] <= PRODUCT_CHUNK and np.array_equal(self.perm, np.arange(
-                int(self.source.n_params))):  # every parameter, in order: no scatter, no gather
+        if V.shape[1] <= PRODUCT_CHUNK and self._identity:
             return np.asarray(self.source.matvec(V), dtype=np.float64)
         out = np.zeros(V.shape)
         for j in range(0, V.shape[1], PRODUCT_CHUNK):
@@ -271,7 +276,7 @@ class Sketch:
         rows = where[np.asarray(perm, dtype=np.int64)]
         if len(rows) != len(self.perm) or (rows < 0).any() or len(np.unique(rows)) != len(rows):
             raise ValueError("reorder needs a reordering of the sketch's rows")
-        self.perm = np.asarray(perm, dtype=np.int64)
+        self._set_perm(perm)
         for array in (self.omega, self.Y):  # in place, a column at a time
             for j in range(array.shape[1]):
                 array[:, j] = array[rows, j]

@@ -429,7 +429,10 @@ def cluster_tree(active: Array, diag: Array, trees: list[list[Array]], fetch: Fe
     n_leaves = len(trees[0])
     blocks = fetch([(active[L], active[L]) for leaves in trees for L in leaves]
                    if len(active) else [], "leaves")
-    leaf_blocks = [(B + B.T) / 2 for B in blocks[:n_leaves]] or [np.zeros((0, 0))]
+    for B in blocks[:n_leaves]:  # symmetrized in place (no second copy of the leaf blocks)
+        B += B.T
+        B *= 0.5
+    leaf_blocks = blocks[:n_leaves] or [np.zeros((0, 0))]
     perm_pos = np.concatenate(trees[0]).astype(np.int64)
     leaf_start = np.concatenate([[0], np.cumsum([len(L) for L in trees[0]])]).astype(np.int64)
     leaf_pairs: list[tuple[int, int]] = []

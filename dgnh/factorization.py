@@ -15,6 +15,7 @@ from .operator import Operator
 from .validation import check_int, check_number
 
 Array = np.ndarray
+ROW_CHUNK = 65_536  # rows of W formed at a time by LowRankUpdate.inverse_diagonal
 
 
 class IndefiniteError(ValueError):
@@ -109,7 +110,9 @@ class LowRankUpdate(Factorization):
     * ``inverse_diagonal``: ``base.inverse_diagonal() − Σ_j W[:, j]²``.
 
     Set-up costs one base solve with ``r`` right-hand sides plus O(N·r²); it
-    stores ``W`` and ``U`` (N × r each). The Woodbury subtraction alone leaves a
+    stores ``W`` and ``U`` (N × r each) — on a :class:`ScaledIdentity` base
+    only ``U``: there ``Z = U/reg`` and ``W = U·(L⁻ᵀ/reg)`` is applied through
+    its ``r × r`` factor. The Woodbury subtraction alone leaves a
     residual of about ``eps·‖UUᵀ‖/reg`` (1e-10 at ``reg = 1e-6‖UUᵀ‖``), with the
     error in the dominant directions; ``solve`` therefore adds one step of
     iterative refinement against ``A + UUᵀ + reg·I`` (one more base solve and
@@ -151,8 +154,10 @@ class LowRankUpdate(Factorization):
         self.base = base
         self.reg = base.reg
         self.shape = base.shape
-        Z = base.solve(U) if U.shape[1] else np.zeros_like(U)
-        K = np.eye(U.shape[1]) + U.T @ Z
+        r = U.shape[1]
+        scaled = isinstance(base, ScaledIdentity)  # Z = U/reg: never formed
+        Z = None if scaled or not r else base.solve(U)
+        K = np.eye(r) + (U.T @ U / base.reg if scaled else U.T @ Z if r else 0.0)
         try:
             chol = scipy.linalg.cholesky((K + K.T) / 2, lower=True)
         except np.linalg.LinAlgError as err:
@@ -161,19 +166,35 @@ class LowRankUpdate(Factorization):
                 "definite: the base factorization is not of a positive definite matrix"
             ) from err
         self.U = U
-        self.W = scipy.linalg.solve_triangular(chol, Z.T, lower=True).T
         self.logdet_capacitance = 2.0 * float(np.sum(np.log(np.diag(chol))))
+        if scaled or not r:  # W = U·C with C = L⁻ᵀ/reg: no N × r array besides U
+            self._left = U
+            self._coef = scipy.linalg.solve_triangular(chol, np.eye(r), lower=True).T / base.reg
+        else:
+            if np.may_share_memory(Z, U):
+                Z = Z.copy()
+            # W = Z L⁻ᵀ computed in Z's memory (Zᵀ is column-major): one N × r array, not two
+            self._left = scipy.linalg.solve_triangular(chol, Z.T, lower=True, overwrite_b=True).T
+            self._coef = None
 
     @property
     def rank(self) -> int:
-        return self.W.shape[1]
+        return self.U.shape[1]
 
     @property
     def nbytes(self) -> int:
-        return int(self.W.nbytes + self.U.nbytes + getattr(self.base, "nbytes", 0))
+        W = self._left.nbytes if self._coef is None else self._coef.nbytes
+        return int(W + self.U.nbytes + getattr(self.base, "nbytes", 0))
+
+    def _W_times(self, X: Array) -> Array:
+        return self._left @ (X if self._coef is None else self._coef @ X)
+
+    def _Wt_times(self, V: Array) -> Array:
+        X = self._left.T @ V
+        return X if self._coef is None else self._coef.T @ X
 
     def _woodbury(self, V: Array) -> Array:
-        return self.base.solve(V) - self.W @ (self.W.T @ V)
+        return self.base.solve(V) - self._W_times(self._Wt_times(V))
 
     def _matmat(self, V: Array) -> Array:
         X = self._woodbury(V)
@@ -186,4 +207,10 @@ class LowRankUpdate(Factorization):
         return self.base.logdet() + self.logdet_capacitance
 
     def inverse_diagonal(self) -> Array:
-        return self.base.inverse_diagonal() - np.einsum("ij,ij->i", self.W, self.W)
+        out = np.array(self.base.inverse_diagonal(), dtype=np.float64)
+        for a in range(0, self.shape[0], ROW_CHUNK):  # − Σ_j W[i, j]², a block of rows at a time
+            W = self._left[a:a + ROW_CHUNK]
+            if self._coef is not None:
+                W = W @ self._coef
+            out[a:a + ROW_CHUNK] -= np.einsum("ij,ij->i", W, W)
+        return out

@@ -91,8 +91,13 @@ class Measured(NamedTuple):
     resident_gib: float | str  # the largest resident size ('' where /proc is missing)
 
 
+_EARLIER_PEAK = [0.0]  # GiB: the largest VmHWM read before a reset (the reset forgets it)
+
+
 def _reset_resident_peak() -> None:
-    """Restart the kernel's record of this process's peak resident size (``VmHWM``)."""
+    """Restart the kernel's record of this process's peak resident size (``VmHWM``),
+    keeping the peak so far in :func:`process_peak`."""
+    _EARLIER_PEAK[0] = process_peak()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -110,6 +115,14 @@ def _resident_peak() -> float | str:
     except OSError:
         pass
     return ""
+
+
+def process_peak() -> float:
+    """The process's largest resident size so far, in GiB, across :func:`measured`'s resets
+    (``getrusage`` alone would report the peak since the last reset)."""
+    now = _resident_peak()
+    rusage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return max(_EARLIER_PEAK[0], rusage, now if now != "" else 0.0)
 
 
 def measured(fn, repeat: int, name: str) -> Measured:
@@ -368,9 +381,9 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                      "t / r-product", "value", "reference", "|diff|", "allowed", "ok"], checks)
     print_table("Batched against single GNH products on a small-layer network",
                 ["N", "vectors", "gradient-times per vector"], small_network_rows(args.seed))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    print(f"\nmaximum resident size of this process: {rss:.0f} MiB; memory budget: "
-          f"{memory_budget() / 2**20:.0f} MiB; BLAS threads: {args.threads or 'default'}")
+    print(f"\nmaximum resident size of this process: {process_peak() * 2**10:.0f} MiB; "
+          f"memory budget: {memory_budget() / 2**20:.0f} MiB; "
+          f"BLAS threads: {args.threads or 'default'}")
     return 0
 
 

@@ -155,9 +155,9 @@ class LowRankUpdate(Factorization):
         self.reg = base.reg
         self.shape = base.shape
         r = U.shape[1]
-        scaled = isinstance(base, ScaledIdentity)  # Z = U/reg: never formed
-        Z = None if scaled or not r else base.solve(U)
-        K = np.eye(r) + (U.T @ U / base.reg if scaled else U.T @ Z if r else 0.0)
+        # on a ScaledIdentity base Z = U/reg is never formed
+        Z = None if isinstance(base, ScaledIdentity) or not r else base.solve(U)
+        K = np.eye(r) + (U.T @ U / base.reg if Z is None else U.T @ Z)
         try:
             chol = scipy.linalg.cholesky((K + K.T) / 2, lower=True)
         except np.linalg.LinAlgError as err:
@@ -167,7 +167,7 @@ class LowRankUpdate(Factorization):
             ) from err
         self.U = U
         self.logdet_capacitance = 2.0 * float(np.sum(np.log(np.diag(chol))))
-        if scaled or not r:  # W = U·C with C = L⁻ᵀ/reg: no N × r array besides U
+        if Z is None:  # W = U·C with C = L⁻ᵀ/reg: no N × r array besides U
             self._left = U
             self._coef = scipy.linalg.solve_triangular(chol, np.eye(r), lower=True).T / base.reg
         else:

@@ -31,6 +31,20 @@ def pack_blocks(blocks: Sequence[Array]) -> tuple[Array, Array, Array]:
     return offsets, shapes, values
 
 
+def packed_nbytes(blocks: Sequence[Array]) -> int:
+    """Bytes of :func:`pack_blocks`'s three arrays, without packing (no copy of the blocks).
+
+    Examples
+    --------
+    >>> blocks = [np.ones((2, 3)), np.zeros((1, 1))]
+    >>> packed_nbytes(blocks) == sum(a.nbytes for a in pack_blocks(blocks))
+    True
+    """
+    n = len(blocks)
+    itemsize = (np.result_type(*blocks) if n else np.dtype(np.float64)).itemsize
+    return 8 * (n + 1) + 16 * n + itemsize * int(sum(np.size(b) for b in blocks))
+
+
 def unpack_blocks(offsets: Array, shapes: Array, values: Array,
                   what: str = "packed blocks") -> list[Array]:
     """The inverse of :func:`pack_blocks`; checks the tables and finiteness first.

@@ -267,6 +267,21 @@ def test_arrays_round_trip(problems):
         HMatrix.from_arrays(arrays, {**attrs, "version": 99})
 
 
+def test_with_shift_copies_unless_overwrite(problems):
+    gn, G, norm, leaf = problems("classifier")
+    h = build(gn, leaf, tol=1e-3, max_rank=100)
+    dense = h.to_dense()
+    shifted = h.with_shift(0.25 * norm)
+    support = np.zeros(len(dense), dtype=bool)
+    support[h.perm] = True
+    assert np.array_equal(h.to_dense(), dense)  # the original is untouched
+    assert np.allclose(shifted.to_dense(), dense + 0.25 * norm * np.diag(support),
+                       rtol=0, atol=1e-14 * norm)
+    again = h.with_shift(0.25 * norm, overwrite=True)  # shares the shifted leaf blocks
+    assert np.array_equal(again.to_dense(), shifted.to_dense())
+    assert np.array_equal(h.to_dense(), shifted.to_dense())
+
+
 # ------------------------------------------------------------------- factorization
 @pytest.mark.parametrize("name, tol, max_rank, reg_rel", [
     ("rank54", 1e-13, 64, 1e-4), ("rank54", 1e-13, 64, 1e-8), ("classifier", 1e-3, 256, 1e-1),

@@ -495,7 +495,7 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
     with rounds.timed("psd_shift"):
         guess = max(tol * norm, sketch.error_guess(hss.matvec))
         shift, n_factorizations = psd_shift(hss, norm, guess, seed)
-        hss = hss.with_shift(shift)
+        hss = hss.with_shift(shift, overwrite=True)  # the leaf blocks are the build's own
     with rounds.timed("near_blocks"):
         h = hss.with_near_field(tree.near_pairs,
                                 near_field_corrections(hss, tree.near_pairs, near_exact))

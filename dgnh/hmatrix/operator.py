@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..operator import Operator
-from ..packing import jsonable, pack_blocks, unpack_blocks
+from ..packing import jsonable, pack_blocks, packed_nbytes, unpack_blocks
 from .factorization import HSSFactorization
 
 Array = np.ndarray
@@ -114,8 +114,11 @@ class HMatrix(Operator):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every stored array (tree, skeletons, bases, blocks)."""
-        return int(sum(a.nbytes for a in self.to_arrays().values()))
+        """Bytes of every stored array (tree, skeletons, bases, blocks), counted without
+        packing the blocks (:meth:`to_arrays` would copy them all)."""
+        tables, groups = self._tables()
+        return int(sum(a.nbytes for a in tables.values())
+                   + sum(packed_nbytes(blocks) for blocks in groups.values()))
 
     def without_near_field(self) -> "HMatrix":
         """The HSS part alone (what :meth:`factorize` factorizes)."""
@@ -138,10 +141,12 @@ class HMatrix(Operator):
         """
         return self._replace(near_pairs, near_blocks, self.report)
 
-    def with_shift(self, sigma: float) -> "HMatrix":
+    def with_shift(self, sigma: float, overwrite: bool = False) -> "HMatrix":
         """``H + σ·I`` on the tree's parameters (``σ`` added to the leaf blocks).
 
         The parameters outside the tree (zero diagonal) stay exactly zero.
+        ``overwrite``: add ``σ`` to the leaf blocks in place (no copy; ``self``, which
+        shares them, then holds the shifted blocks too: for a builder that owns them).
 
         Examples
         --------
@@ -152,8 +157,10 @@ class HMatrix(Operator):
         >>> h.with_shift(0.5).to_dense().tolist()
         [[1.5, 3.0], [3.0, 2.5]]
         """
-        leaves = [self.leaf_blocks[int(a)] + sigma * np.eye(len(self.leaf_blocks[int(a)]))
+        leaves = [self.leaf_blocks[int(a)] if overwrite else self.leaf_blocks[int(a)].copy()
                   for a in self.leaves]
+        for block in leaves:
+            block[np.diag_indices_from(block)] += sigma
         return self._replace(self._near_pairs, self._near_blocks, self.report, leaves)
 
     def with_report(self, report: dict[str, Any]) -> "HMatrix":
@@ -281,6 +288,15 @@ class HMatrix(Operator):
         with ``coupling_nodes``, ``leaf_nodes`` and ``near_pairs``. See
         :meth:`from_arrays`.
         """
+        out, groups = self._tables()
+        for name, blocks in groups.items():
+            keys = (f"{name}_offsets", f"{name}_shapes", f"{name}_values")
+            out.update(zip(keys, pack_blocks(blocks)))
+        return out
+
+    def _tables(self) -> tuple[dict[str, Array], dict[str, list[Array]]]:
+        """What :meth:`to_arrays` stores: the tree and index arrays, and the ragged block
+        groups it packs (``interp``, ``coupling``, ``leaf``, ``near``)."""
         out = {"perm": self.perm, "node_parent": self.node_parent,
                "node_children": self.node_children, "node_start": self.node_start,
                "node_stop": self.node_stop}
@@ -289,18 +305,15 @@ class HMatrix(Operator):
         out["skeleton_params"] = (self.perm[np.concatenate(self.skeletons)] if sizes.sum()
                                   else np.zeros(0, dtype=np.int64))
         empty = np.zeros((0, 0))
-        interp = [empty if T is None else T for T in self.interpolations]
         inner = np.flatnonzero(self.node_children[:, 0] >= 0)
-        for name, blocks in (("interp", interp),
-                             ("coupling", [self.couplings[a] for a in inner]),
-                             ("leaf", [self.leaf_blocks[int(a)] for a in self.leaves]),
-                             ("near", self._near_blocks)):
-            keys = (f"{name}_offsets", f"{name}_shapes", f"{name}_values")
-            out.update(zip(keys, pack_blocks(blocks)))
         out["coupling_nodes"] = inner.astype(np.int64)
         out["leaf_nodes"] = self.leaves.astype(np.int64)
         out["near_pairs"] = self._near_pairs
-        return out
+        groups = {"interp": [empty if T is None else T for T in self.interpolations],
+                  "coupling": [self.couplings[a] for a in inner],
+                  "leaf": [self.leaf_blocks[int(a)] for a in self.leaves],
+                  "near": list(self._near_blocks)}
+        return out, groups
 
     def attrs(self) -> dict[str, Any]:
         """JSON-friendly attributes to store beside :meth:`to_arrays`."""

@@ -16,6 +16,7 @@ from .validation import check_int, check_number
 
 Array = np.ndarray
 ROW_CHUNK = 65_536  # rows of W formed at a time by LowRankUpdate.inverse_diagonal
+SOLVE_COLUMNS = 16  # columns of Z = base⁻¹U solved at a time by LowRankUpdate
 
 
 class IndefiniteError(ValueError):
@@ -99,6 +100,15 @@ class ScaledIdentity(Factorization):
         return 0
 
 
+def _solve_columns(base: Factorization, U: Array) -> Array:
+    """``base.solve(U)`` into one ``N × r`` array, ``SOLVE_COLUMNS`` columns at a time (a
+    base's solve may hold several ``N × k`` temporaries: an HSS solve holds five)."""
+    Z = np.empty(U.shape)
+    for j in range(0, U.shape[1], SOLVE_COLUMNS):
+        Z[:, j:j + SOLVE_COLUMNS] = base.solve(U[:, j:j + SOLVE_COLUMNS])
+    return Z
+
+
 class LowRankUpdate(Factorization):
     """Factorization of ``A + UUᵀ + reg·I`` on top of a factorization of ``A + reg·I``.
 
@@ -109,7 +119,8 @@ class LowRankUpdate(Factorization):
     * ``logdet``: ``base.logdet() + log det K`` (matrix determinant lemma);
     * ``inverse_diagonal``: ``base.inverse_diagonal() − Σ_j W[:, j]²``.
 
-    Set-up costs one base solve with ``r`` right-hand sides plus O(N·r²); it
+    Set-up costs base solves with ``r`` right-hand sides (``SOLVE_COLUMNS`` at a time)
+    plus O(N·r²); it
     stores ``W`` and ``U`` (N × r each) — on a :class:`ScaledIdentity` base
     only ``U``: there ``Z = U/reg`` and ``W = U·(L⁻ᵀ/reg)`` is applied through
     its ``r × r`` factor. The Woodbury subtraction alone leaves a
@@ -156,7 +167,7 @@ class LowRankUpdate(Factorization):
         self.shape = base.shape
         r = U.shape[1]
         # on a ScaledIdentity base Z = U/reg is never formed
-        Z = None if isinstance(base, ScaledIdentity) or not r else base.solve(U)
+        Z = None if isinstance(base, ScaledIdentity) or not r else _solve_columns(base, U)
         K = np.eye(r) + (U.T @ U / base.reg if Z is None else U.T @ Z)
         try:
             chol = scipy.linalg.cholesky((K + K.T) / 2, lower=True)
@@ -171,8 +182,6 @@ class LowRankUpdate(Factorization):
             self._left = U
             self._coef = scipy.linalg.solve_triangular(chol, np.eye(r), lower=True).T / base.reg
         else:
-            if np.may_share_memory(Z, U):
-                Z = Z.copy()
             # W = Z L⁻ᵀ computed in Z's memory (Zᵀ is column-major): one N × r array, not two
             self._left = scipy.linalg.solve_triangular(chol, Z.T, lower=True, overwrite_b=True).T
             self._coef = None

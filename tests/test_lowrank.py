@@ -250,18 +250,19 @@ def test_exact_lowrank_direct_solve_residual(problem):
     assert np.linalg.norm(G @ x + reg * x - b) / np.linalg.norm(b) <= 1e-10
 
 
-def test_lowrank_update_on_dual_base(problem):
+@pytest.mark.parametrize("rank", [4, 40])  # 40: base solves in chunks of 16, 16 and 8 columns
+def test_lowrank_update_on_dual_base(problem, rank):
     """Woodbury on top of a non-trivial base: (G + VVᵀ + λI) from the exact dual factorization."""
     gn, G, norm, _ = problem
     reg = 1e-2 * norm
-    V = np.random.default_rng(3).normal(size=(gn.n_params, 4)) * np.sqrt(norm)
+    V = np.random.default_rng(3).normal(size=(gn.n_params, rank)) * np.sqrt(norm)
     f = LowRankUpdate(dual_factorize(gn, reg), V)
     A = G + V @ V.T + reg * np.eye(gn.n_params)
     B = np.random.default_rng(4).normal(size=(gn.n_params, 2))
     np.testing.assert_allclose(A @ f.solve(B), B, atol=1e-10 * np.abs(B).max())
     assert abs(f.logdet() - np.linalg.slogdet(A)[1]) <= 1e-9 * abs(np.linalg.slogdet(A)[1])
     np.testing.assert_allclose(f.inverse_diagonal(), np.diag(np.linalg.inv(A)), rtol=1e-9)
-    assert f.rank == 4 and f.reg == reg
+    assert f.rank == rank and f.reg == reg
 
 
 def test_scaled_identity():

@@ -342,10 +342,11 @@ def _skeletonize_level(tree: ClusterTree, states: list[NodeState], nodes: Array,
         for a in nodes:
             states[a].sketch = np.vstack([states[a].sketch, rows[int(a)][0]])
             states[a].inputs = np.hstack([states[a].inputs, rows[int(a)][1]])
-    for a in nodes:  # the parent reads the rows of the skeleton (a copy; the leaves' views
-        # of the sketch's Y go) and the test coefficients; the inputs are done
-        states[a].sketch = states[a].sketch[:, states[a].local_skeleton]
+    for a in nodes:  # the inputs are done: at the leaves, the last views of Ω go first
         states[a].inputs = None
+    for a in nodes:  # the parent reads the rows of the skeleton (a copy; the leaves' views
+        # of the sketch's Y go) and the test coefficients
+        states[a].sketch = states[a].sketch[:, states[a].local_skeleton]
     for c in below:
         states[c].sketch = states[c].test_coefficients = None
 

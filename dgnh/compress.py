@@ -52,6 +52,7 @@ from .hybrid import Hybrid, RemainderSource
 from .lowrank import LowRank, pivoted_cholesky
 from .nystrom import nystrom
 from .operator import Operator
+from .phases import phase
 from .spectral import LANCZOS_STEPS, estimate_norm, ritz_values
 from .validation import check_choice, check_fraction, check_int, check_number
 
@@ -286,9 +287,10 @@ def compress(gn, method: str = "auto", tol: float = 1e-3, max_rank: int = 256,
                             f"entries_many() and exact products), got {type(gn).__name__}")
     t0 = time.perf_counter()
     # the Nyström low rank estimates ‖G‖₂ from its own products (its largest eigenvalue)
-    norm_G = None if (options.method == "lowrank" and options.lowrank_method == "nystrom") \
-        else estimate_norm(gn.matvec, gn.n_params, seed=options.seed,
-                           support=np.asarray(gn.diagonal()) > 0)
+    with phase("norm"):
+        norm_G = None if (options.method == "lowrank" and options.lowrank_method == "nystrom") \
+            else estimate_norm(gn.matvec, gn.n_params, seed=options.seed,
+                               support=np.asarray(gn.diagonal()) > 0)
     context = (gn, options, norm_G, time.perf_counter() - t0, progress)
     op = (_auto(*context) if options.method == "auto"
           else _build_certified(options.method, {}, *context))
@@ -396,15 +398,17 @@ def _build_certified(name: str, built: dict[str, Operator], gn, options: Compres
                 "hybrid": _build_hybrid, "dense": _build_dense}
     before = _entry_count(gn)
     t_build = time.perf_counter()
-    op = builders[name](gn, options, built, norm_G, progress)
+    with phase(name):
+        op = builders[name](gn, options, built, norm_G, progress)
     t_build = time.perf_counter() - t_build
     if norm_G is None:  # the builder's own estimate (the Nyström low rank's λ̂₁ ≤ ‖G‖₂)
         norm_G = op.report["norm_estimate"]
     reused = built["lowrank"].report["entries_evaluated"] if (
         name == "hybrid" and "lowrank" in built) else 0  # the hybrid's low-rank part
-    op.report = certified_report(gn, op, name, options, norm_G,
-                                 {"build": t_build, "norm": t_norm},
-                                 _entry_count(gn) - before + reused)
+    with phase(f"{name} certificate"):
+        op.report = certified_report(gn, op, name, options, norm_G,
+                                     {"build": t_build, "norm": t_norm},
+                                     _entry_count(gn) - before + reused)
     return op
 
 
@@ -468,14 +472,18 @@ def _build_hmatrix(gn, options: CompressOptions, built: dict[str, Operator], nor
 def _build_hybrid(gn, options: CompressOptions, built: dict[str, Operator], norm_G: float,
                   progress: bool | None) -> Hybrid:
     """Low-rank part, then the H-matrix of the remainder at ``tol·‖G‖/‖G − UUᵀ‖``."""
-    lowrank = built.get("lowrank") or _build_lowrank(gn, options, built, norm_G, progress)
+    with phase("lowrank"):
+        lowrank = built.get("lowrank") or _build_lowrank(gn, options, built, norm_G, progress)
     remainder = RemainderSource(gn, lowrank.U)
     t0 = time.perf_counter()
-    norm_R = estimate_norm(lambda V: gn @ V - lowrank._matmat(V), gn.n_params,
-                           seed=options.seed, support=remainder.diagonal() > 0)
+    with phase("remainder norm"):
+        norm_R = estimate_norm(lambda V: gn @ V - lowrank._matmat(V), gn.n_params,
+                               seed=options.seed, support=remainder.diagonal() > 0)
     t_norm = time.perf_counter() - t0
     tol_R = min(0.5, options.tol * norm_G / norm_R) if norm_R > 0 else 0.5
-    hmatrix = _build_hmatrix(gn, options, built, norm_G, progress, source=remainder, tol=tol_R)
+    with phase("hmatrix"):
+        hmatrix = _build_hmatrix(gn, options, built, norm_G, progress, source=remainder,
+                                 tol=tol_R)
     return Hybrid(lowrank, hmatrix, {
         "timings": {"remainder_norm": t_norm, **hmatrix.report["timings"]},
         "lowrank": lowrank.report, "hmatrix": hmatrix.report,

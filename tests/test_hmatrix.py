@@ -19,7 +19,8 @@ from dgnh.hmatrix import (HMatrix, build_hmatrix, entry_distances, interpolative
                           merge_neighbors, select_near_pairs, split_node)
 from dgnh.hmatrix.build import LEVEL_SAFETY
 from dgnh.hmatrix.psd import PSD_PRECISION, PSD_REG, psd_shift
-from dgnh.hmatrix.tree import tree_rounds
+from dgnh.hmatrix import tree as tree_module
+from dgnh.hmatrix.tree import gram_geometry, tree_rounds
 
 
 LEAF_SIZES = {"classifier": 64, "autoencoder": 64, "dead_relu": 48, "rank54": 64}
@@ -177,6 +178,21 @@ def test_one_leaf_is_the_dense_matrix_and_progress_is_shown(problems, capsys):
     A = G + 1e-3 * norm * np.eye(len(G))
     assert f.logdet() == pytest.approx(np.linalg.slogdet(A)[1], rel=1e-12)
     assert "H-matrix" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chunk", [3, 1 << 15])
+def test_gram_geometry_equals_the_embeddings_gram(monkeypatch, chunk):
+    """Z = YW is never formed: the diagonal and blocks (rows in chunks) equal ZZᵀ's."""
+    monkeypatch.setattr(tree_module, "GRAM_ROW_CHUNK", chunk)
+    rng = np.random.default_rng(3)
+    Y, W = rng.standard_normal((11, 5)), rng.standard_normal((5, 4))
+    ZZ = (Y @ W) @ (Y @ W).T
+    diag, fetch = gram_geometry(Y, W, lambda what: None, lambda: None)
+    assert np.allclose(diag, np.diag(ZZ), rtol=1e-14)
+    requests = [(np.array([7, 0, 3, 10, 4, 2, 9]), np.array([1, 5])), (np.arange(11), np.arange(11)),
+                (np.array([6]), np.array([0, 8, 6]))]
+    for (r, c), block in zip(requests, fetch(requests, "level")):
+        assert np.allclose(block, ZZ[np.ix_(r, c)], rtol=0, atol=1e-13 * np.abs(ZZ).max())
 
 
 @pytest.mark.parametrize("name, tol, budget, metric, geometry", [

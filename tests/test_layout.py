@@ -17,7 +17,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dgnh"
 
 LAYERS = {  # bottom to top; a newcomer finds each concern by its file name
     "core": ["version", "validation", "config", "protocols", "activations", "losses", "model",
-             "interop", "batching", "columns", "shard_factors", "sampling", "packing"],
+             "interop", "batching", "columns", "shard_factors", "sampling", "packing", "phases"],
     "operators": ["operator", "factorization", "lowrank", "nystrom", "hmatrix", "hybrid", "dense",
                   "spectral", "solve", "compress"],
     "data": ["zarr_io", "dataset"],

@@ -29,8 +29,12 @@ alive during it (``tracemalloc``, besides what was alive before it); the
 resident peak is the process's largest resident size during it (Linux's
 ``VmHWM``, reset before each phase: everything alive, including the factors
 and memory the allocator keeps). The process's maximum resident size is printed
-at the end, and each phase on stderr as it ends. Figures are indicative when
-other work shares the machine.
+at the end, and each phase on stderr as it ends. With ``--timeline PREFIX``
+the resident size is also sampled every 50 ms and attributed to the phase
+running, down to the builder's own phases inside ``compress``
+(:mod:`~dgnh.benchmarks.timeline`): ``PREFIX.csv``, ``PREFIX.png`` and a table
+of each phase's largest resident size. Figures are indicative when other work
+shares the machine.
 """
 
 from __future__ import annotations
@@ -52,9 +56,11 @@ from ..config import memory_budget
 from ..exact_solve import solve
 from ..gauss_newton import GaussNewton
 from ..lowrank import LowRank
+from ..phases import phase
 from ..shard_factors import ShardFactors
 from ..spectral import eigsh, spectral_density
 from .common import best_time, gemm_rate, print_table, random_tanh_mlp
+from .timeline import ResidentTimeline
 
 N_OUT = 10
 N_IN = 784
@@ -131,7 +137,8 @@ def measured(fn, repeat: int, name: str) -> Measured:
     _reset_resident_peak()
     tracemalloc.start()
     t = time.perf_counter()
-    result = fn()
+    with phase(name):
+        result = fn()
     seconds = time.perf_counter() - t
     traced = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
@@ -343,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-budget", default=None,
                     help="dgnh's memory budget for the run, e.g. 2GiB (default: dgnh's, "
                          "a quarter of the machine's memory)")
+    ap.add_argument("--timeline", default=None, metavar="PREFIX",
+                    help="sample the resident size every 50 ms, by phase: PREFIX.csv, "
+                         "PREFIX.png and a table of each phase's peak")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
@@ -351,7 +361,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(exc))
     with threadpool_limits(limits=args.threads, user_api="blas"), \
             config.set(memory_budget=budget):
-        return _run(ap, args)
+        if args.timeline is None:
+            return _run(ap, args)
+        with ResidentTimeline() as timeline:
+            code = _run(ap, args)
+        print_table("Resident memory by phase (sampled every 50 ms)",
+                    ["phase", "from s", "to s", "max resident GiB"], timeline.peaks())
+        print("\nresident timeline: " + ", ".join(timeline.write(args.timeline)))
+        return code
 
 
 def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -384,8 +401,10 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     "'allowed' is the bound its certified error implies",
                     ["network", "quantity", "time s", "traced MiB", "resident GiB",
                      "t / r-product", "value", "reference", "|diff|", "allowed", "ok"], checks)
+    with phase("batched against single products"):
+        batched = small_network_rows(args.seed)
     print_table("Batched against single GNH products on a small-layer network",
-                ["N", "vectors", "gradient-times per vector"], small_network_rows(args.seed))
+                ["N", "vectors", "gradient-times per vector"], batched)
     print(f"\nmaximum resident size of this process: {process_peak() * 2**10:.0f} MiB; "
           f"memory budget: {memory_budget() / 2**20:.0f} MiB; "
           f"BLAS threads: {args.threads or 'default'}")

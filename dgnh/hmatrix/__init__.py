@@ -12,7 +12,7 @@ as a :class:`~dgnh.gauss_newton.GaussNewton` — into an :class:`HMatrix`:
    (a zero entry is *far*) or the Gram distance ``G_aa + G_bb − 2G_ab``, where
    ``G_ab`` is an entry or, for large problems (``tree_geometry``), the sketch's
    Nyström approximation ``z_a·z_b`` (step 4's products come first;
-   :meth:`~dgnh.hmatrix.sketch.Sketch.embedding`), which needs no entries. One
+   :meth:`~dgnh.hmatrix.sketch.Sketch.embedding_basis`), which needs no entries. One
    round of entries splits two levels (a round costs about one pass over the
    Jacobian).
 3. With a near field (``budget > 0``), neighbours from ``n_trees`` randomized

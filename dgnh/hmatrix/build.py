@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ..batching import on_cores
 from ..config import return_freed_memory
+from ..phases import phase as named_phase
 from ..validation import check_int, check_number
 from .operator import HMatrix
 from .psd import psd_shift
@@ -179,9 +180,11 @@ class EntryRounds:
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
-        """Add the wall time of the ``with`` block to ``timings[phase]``."""
+        """Add the wall time of the ``with`` block to ``timings[phase]`` (and mark it as
+        that :func:`~dgnh.phases.phase`)."""
         t0 = time.perf_counter()
-        yield
+        with named_phase(phase):
+            yield
         self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
 
     def close(self) -> None:
@@ -471,10 +474,10 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
         _grow_first(sketch, plan, rounds, depth)
     with rounds.timed("tree"):
         if geometry == "sketch":
-            diag_z, fetch_z = gram_geometry(sketch.embedding(), rounds.status, rounds.step)
+            diag_z, fetch_z = gram_geometry(sketch.Y, sketch.embedding_basis(), rounds.status,
+                                            rounds.step)
             trees = grow_trees(np.arange(len(active)), diag_z, depth, n_trees, metric, seed,
                                fetch_z)
-            del diag_z, fetch_z  # the embedding: N × width floats
         else:
             trees = grow_trees(active, diag[active], depth, n_trees, metric, seed, rounds.fetch)
     with rounds.timed("leaves_and_neighbors"):

@@ -237,10 +237,12 @@ class Sketch:
         W = self._nystrom_basis()  # ‖GΩW‖₂² with W = B^{-1/2}
         return float(np.linalg.eigvalsh(W.T @ (self.Y.T @ self.Y) @ W)[-1]) if W.size else 0.0
 
-    def embedding(self) -> Array:
-        """Rows ``z_a`` (order of :attr:`perm`) with ``z_a·z_b = (Y B⁺ Yᵀ)_ab ≈ G_ab``: the
-        parameters as vectors whose Gram matrix is the sketch's Nyström approximation of
-        ``G`` (the cluster tree's geometry, no entries needed).
+    def embedding_basis(self) -> Array:
+        """``W`` with rows ``z_a`` of ``Z = Y W`` (order of :attr:`perm`) and
+        ``z_a·z_b = (Y B⁺ Yᵀ)_ab ≈ G_ab``: the parameters as vectors whose Gram matrix is
+        the sketch's Nyström approximation of ``G`` (the cluster tree's geometry, no
+        entries needed; :func:`~dgnh.hmatrix.tree.gram_geometry` takes ``Y`` and ``W``
+        and never forms the ``N × width`` matrix ``Z``).
 
         Examples
         --------
@@ -249,13 +251,13 @@ class Sketch:
         ...     def matvec(self, V): return np.array([[2.0, 1, 0], [1, 2, 0], [0, 0, 1]]) @ V
         >>> s = Sketch(Dense(), np.arange(3), power_iterations=0, seed=0)
         >>> _ = s.grow(3)
-        >>> Z = s.embedding()
+        >>> Z = s.Y @ s.embedding_basis()
         >>> bool(np.allclose(Z @ Z.T, [[2, 1, 0], [1, 2, 0], [0, 0, 1]]))
         True
         """
         if not self.Y.size:
-            return np.zeros((len(self.perm), 0))
-        return self.Y @ self._nystrom_basis()
+            return np.zeros((self.Y.shape[1], 0))
+        return self._nystrom_basis()
 
     def reorder(self, perm: Array) -> None:
         """Rows in the order of ``perm`` (a reordering of :attr:`perm`, e.g. the tree's).

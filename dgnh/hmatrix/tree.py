@@ -322,24 +322,37 @@ def tree_geometry_for(source, n_active: int, depth: int, choice: str = "auto") -
     return "entries" if tree_rounds(depth) * n_active * rows <= TREE_ENTRY_ELEMENTS else "sketch"
 
 
-def gram_geometry(Z: Array, status: Callable[[str], None],
+GRAM_ROW_CHUNK = 1 << 15  # rows of Y per product of gram_geometry (bounded temporaries)
+
+
+def gram_geometry(Y: Array, W: Array, status: Callable[[str], None],
                   step: Callable[[], None]) -> tuple[Array, Fetch]:
-    """The diagonal and a ``fetch`` of the Gram matrix ``ZZᵀ`` (rows of ``Z`` are the
-    positions): ``|z_a|²`` (at least the smallest positive float, so no angle is 0/0) and
-    ``Z[r] Z[c]ᵀ``; ``status(what)`` and ``step()`` report each round.
+    """The diagonal and a ``fetch`` of the Gram matrix ``ZZᵀ`` of the positions
+    ``Z = Y W`` (rows of ``Z``), never forming ``Z``: ``|z_a|²`` (at least the smallest
+    positive float, so no angle is 0/0) and ``Z[r] Z[c]ᵀ = Y[r] (W Z[c]ᵀ)``, ``Y``'s rows
+    taken ``GRAM_ROW_CHUNK`` at a time; ``status(what)`` and ``step()`` report each round.
 
     Examples
     --------
-    >>> diag, fetch = gram_geometry(np.array([[1.0, 0.0], [1.0, 1.0]]), print, lambda: None)
+    >>> Y, W = np.array([[1.0, 0.0], [1.0, 1.0]]), np.eye(2)
+    >>> diag, fetch = gram_geometry(Y, W, print, lambda: None)
     >>> diag.tolist(), fetch([(np.array([0, 1]), np.array([1]))], "tree level 1")[0].tolist()
     tree level 1
     ([1.0, 2.0], [[1.0], [2.0]])
     """
-    diag = np.maximum(np.einsum("ij,ij->i", Z, Z), np.finfo(np.float64).tiny)
+    chunks = [slice(i, i + GRAM_ROW_CHUNK) for i in range(0, len(Y), GRAM_ROW_CHUNK)]
+    diag = np.concatenate([np.einsum("ij,ij->i", Z, Z) for Z in (Y[c] @ W for c in chunks)]
+                          or [np.zeros(0)])
+    diag = np.maximum(diag, np.finfo(np.float64).tiny)
+
+    def gram_rows(rows: Array, cols: Array) -> Array:
+        P = W @ (Y[cols] @ W).T  # W Z[cols]ᵀ: width × |cols|
+        return np.vstack([Y[rows[i:i + GRAM_ROW_CHUNK]] @ P
+                          for i in range(0, len(rows), GRAM_ROW_CHUNK)] or [P[:0]])
 
     def fetch(requests: list[tuple[Array, Array]], what: str) -> list[Array]:
         status(what)
-        blocks = [Z[r] @ Z[c].T for r, c in requests]
+        blocks = [gram_rows(r, c) for r, c in requests]
         step()
         return blocks
 

@@ -122,10 +122,10 @@ class HSSFactorization(Factorization):
         self.exact = h.is_hss
         self._hss = h if h.is_hss else h.without_near_field()  # what is factorized
         n = h.n_nodes
-        self._order: list[Array] = [None] * n  # local unknowns, skeleton first
-        self._E: list[Array] = [None] * n  # T = [I, E] in that order
-        self._L: list[Array] = [None] * n  # Cholesky of M_rr (of D̂ at the root)
+        self._skel: list[Array] = [None] * n  # local positions of the skeleton
+        self._W: list[Array] = [None] * n  # L⁻¹ [−Eᵀ, I] in local order: u = W·rhs
         self._K: list[Array] = [None] * n  # L⁻¹ M_rs
+        self._root: Array = np.zeros((0, 0))  # Cholesky factor of the root block
         self._schur: list[Array] = [None] * n
         logdets = np.zeros(n)
         depth = np.zeros(n, dtype=np.int64)  # parents come before their children
@@ -150,8 +150,8 @@ class HSSFactorization(Factorization):
             cands = np.concatenate([h.skeletons[c1], h.skeletons[c2]])
             self._schur[c1] = self._schur[c2] = None
         if a == 0:
-            self._L[a] = _cholesky(D, a, "the root block")
-            return 2.0 * float(np.sum(np.log(np.diag(self._L[a]))))
+            self._root = _cholesky(D, a, "the root block")
+            return 2.0 * float(np.sum(np.log(np.diag(self._root))))
         local = np.searchsorted(cands, h.skeletons[a], sorter=np.argsort(cands))
         local = np.argsort(cands)[local]
         order = np.concatenate([local, np.setdiff1d(np.arange(len(cands)), local)])
@@ -161,25 +161,30 @@ class HSSFactorization(Factorization):
         DR = Dp[:, k:] - Dp[:, :k] @ E  # D̂ Z⁻¹ on the redundant part, Z⁻¹ = [−E; I]
         M_rr = DR[k:] - E.T @ DR[:k]
         L = _cholesky((M_rr + M_rr.T) / 2, a, "the redundant block")
-        K = (scipy.linalg.solve_triangular(L, DR[:k].T, lower=True, check_finite=False)
-             if L.size else np.zeros((0, k)))
+        W = np.empty((len(L), len(cands)))
+        W[:, order] = self._lower_solve(L, np.hstack([-E.T, np.eye(len(L))]))
+        K = self._lower_solve(L, DR[:k].T)
         S = Dp[:k, :k] - K.T @ K
         self._schur[a] = (S + S.T) / 2
-        self._order[a], self._E[a], self._L[a], self._K[a] = order, E, L, K
+        self._skel[a], self._W[a], self._K[a] = local, W, K
         return 2.0 * float(np.sum(np.log(np.diag(L))))
+
+    @staticmethod
+    def _lower_solve(L: Array, B: Array) -> Array:
+        """``L⁻¹B`` for a lower-triangular ``L`` (empty when ``L`` is)."""
+        if L.size == 0:
+            return np.zeros((0,) + B.shape[1:])
+        return scipy.linalg.solve_triangular(L, B, lower=True, check_finite=False)
 
     @property
     def nbytes(self) -> int:
-        return int(sum(x.nbytes for x in self._L + self._E[1:] + self._K[1:] + self._order[1:]))
-
-    def _tri(self, a: int, B: Array, trans: bool = False) -> Array:
-        L = self._L[a]
-        if L.size == 0:
-            return np.zeros((0,) + B.shape[1:])
-        return scipy.linalg.solve_triangular(L, B, lower=True, trans="T" if trans else "N",
-                                             check_finite=False)
+        return int(self._root.nbytes + sum(x.nbytes for x in self._W[1:] + self._K[1:]
+                                           + self._skel[1:]))
 
     def _matmat(self, B: Array) -> Array:
+        """Upward ``u = W·rhs`` and ``reduced = rhs[skeleton] − Kᵀu`` per node (the
+        redundant unknowns eliminated), the root solved, then downward
+        ``x = Wᵀ(u − K·x_s)`` plus ``x_s`` on the skeleton: two GEMMs per node and pass."""
         h = self.hmatrix
         B = np.asarray(B, dtype=np.float64)
         out = B / self.reg
@@ -187,28 +192,30 @@ class HSSFactorization(Factorization):
         n = h.n_nodes
         u: list[Array] = [None] * n
         reduced: list[Array] = [None] * n
-        for a in range(n - 1, 0, -1):  # upward: eliminate the redundant unknowns
+        for a in range(n - 1, -1, -1):  # upward: eliminate the redundant unknowns
             c1, c2 = h.node_children[a]
             rhs = (Bt[h.node_start[a]:h.node_stop[a]] if c1 < 0
                    else np.vstack([reduced[c1], reduced[c2]]))
-            k = len(h.skeletons[a])
-            bp = rhs[self._order[a]]
-            u[a] = self._tri(a, bp[k:] - self._E[a].T @ bp[:k])
-            reduced[a] = bp[:k] - self._K[a].T @ u[a]
-        c1, c2 = h.node_children[0]
-        rhs = Bt if c1 < 0 else np.vstack([reduced[c1], reduced[c2]])
+            if c1 >= 0:
+                reduced[c1] = reduced[c2] = None
+            if a == 0:
+                break
+            u[a] = self._W[a] @ rhs
+            reduced[a] = rhs[self._skel[a]] - self._K[a].T @ u[a]
         x: list[Array] = [None] * n
-        x[0] = _cho_solve(self._L[0], rhs)
+        x[0] = _cho_solve(self._root, rhs)  # the root's
         Xt = np.empty_like(Bt)
-        if c1 < 0:
+        if h.node_children[0, 0] < 0:
             Xt[:] = x[0]
-        for a in range(1, n):  # downward: back-substitute, undo Z
+        for a in range(1, n):  # downward: back-substitute
             p = h.node_parent[a]
             k1 = len(h.skeletons[h.node_children[p, 0]])
             xs = x[p][:k1] if a == h.node_children[p, 0] else x[p][k1:]
-            xr = self._tri(a, u[a] - self._K[a] @ xs, trans=True)
-            local = np.empty((len(self._order[a]),) + Bt.shape[1:])
-            local[self._order[a]] = np.vstack([xs - self._E[a] @ xr, xr])
+            local = self._W[a].T @ (u[a] - self._K[a] @ xs)
+            local[self._skel[a]] += xs
+            u[a] = None
+            if a == h.node_children[p, 1]:
+                x[p] = None
             if h.node_children[a, 0] < 0:
                 Xt[h.node_start[a]:h.node_stop[a]] = local
             else:
@@ -225,11 +232,12 @@ class HSSFactorization(Factorization):
         return float(self._logdet)
 
     def inverse_diagonal(self) -> Array:
-        """The diagonal of ``(H_hss + reg·I)⁻¹`` by top-down selected inversion."""
+        """The diagonal of ``(H_hss + reg·I)⁻¹`` by top-down selected inversion: a node's
+        block of the inverse over its candidates is ``WᵀW + RᵀZR`` with
+        ``R = I[skeleton] − KᵀW`` and ``Z`` its skeleton's block of the parent's."""
         h = self.hmatrix
         out = np.full(self.shape[0], 1.0 / self.reg)
-        L0 = self._L[0]
-        L0inv = self._tri(0, np.eye(len(L0)))
+        L0inv = self._lower_solve(self._root, np.eye(len(self._root)))
         inv: list[Array] = [None] * h.n_nodes
         inv[0] = L0inv.T @ L0inv  # the root block of X⁻¹ (over its candidates)
         diag_t = np.empty(len(h.perm))
@@ -239,19 +247,16 @@ class HSSFactorization(Factorization):
             p = h.node_parent[a]
             k1 = len(h.skeletons[h.node_children[p, 0]])
             part = slice(0, k1) if a == h.node_children[p, 0] else slice(k1, len(inv[p]))
-            Zs = inv[p][part, part]
-            k = len(Zs)
-            F = self._tri(a, self._K[a], trans=True)  # M_rr⁻¹ M_rs
-            Linv = self._tri(a, np.eye(len(self._L[a])))
-            At = np.block([[Zs, -Zs @ F.T], [-F @ Zs, Linv.T @ Linv + F @ Zs @ F.T]])
-            P = np.eye(len(At))
-            P[:k, k:] = -self._E[a]
-            local = np.empty_like(At)
-            local[np.ix_(self._order[a], self._order[a])] = P @ At @ P.T
+            Z = inv[p][part, part]
+            W = self._W[a]
+            R = -self._K[a].T @ W
+            R[np.arange(len(R)), self._skel[a]] += 1.0
+            ZR = Z @ R
             if h.node_children[a, 0] < 0:
-                diag_t[h.node_start[a]:h.node_stop[a]] = np.diag(local)
+                diag_t[h.node_start[a]:h.node_stop[a]] = (np.einsum("ij,ij->j", W, W)
+                                                          + np.einsum("ij,ij->j", R, ZR))
             else:
-                inv[a] = local
+                inv[a] = W.T @ W + R.T @ ZR
             inv[p] = None if a == h.node_children[p, 1] else inv[p]
         out[h.perm] = diag_t
         return out

@@ -95,4 +95,5 @@ def test_compress_names_its_phases(small_gn):
     assert {"bench/norm", "bench/hybrid/lowrank", "bench/hybrid/remainder norm",
             "bench/hybrid/hmatrix/tree", "bench/hybrid/hmatrix/skeletons",
             "bench/hybrid certificate"} <= recorder.seen
+    assert any(p.startswith("bench/hybrid/hmatrix/skeletons/couplings level") for p in recorder.seen)
     assert current_phase() == ""

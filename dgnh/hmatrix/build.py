@@ -161,8 +161,9 @@ class EntryRounds:
         self.status(what)
         t0 = time.perf_counter()
         round_seed = int(np.random.SeedSequence([self.seed, 7, self.rounds]).generate_state(1)[0])
-        blocks = (self.source.entries_many(requests, eps=self.eps, seed=round_seed)
-                  if requests else [])
+        with named_phase(what):
+            blocks = (self.source.entries_many(requests, eps=self.eps, seed=round_seed)
+                      if requests else [])
         self.timings["entries"] += time.perf_counter() - t0
         return_freed_memory()  # the round's temporaries (the levels' arrays stay)
         self.rounds += 1
@@ -204,8 +205,8 @@ class NodeState:
     skeleton's columns: what the parent reads), ``inputs`` the candidates' test
     coefficients (dropped once the node is skeletonized), ``test_coefficients``
     the upward test coefficients ``V_αᵀ Ω[α] = T·inputs`` (sketch and test
-    coefficients dropped once the parent is skeletonized: O(width) floats per
-    candidate), ``local_skeleton`` the skeleton positions among the candidates
+    coefficients dropped as soon as the parent's rows are formed from them: a
+    level's rows and its children's are never all alive), ``local_skeleton`` the skeleton positions among the candidates
     and ``wanted`` the rank the threshold asked for (before ``max_rank``).
     """
 
@@ -327,6 +328,9 @@ def _skeletonize_level(tree: ClusterTree, states: list[NodeState], nodes: Array,
     for a in nodes:
         states[a].sketch, states[a].inputs = _node_rows(tree, states, a, omega, Y, below,
                                                         last_reader)
+        for c in tree.node_children[a][tree.node_children[a] >= 0]:  # now in a's (copies)
+            below.pop(int(c))
+            states[c].sketch = states[c].test_coefficients = None
     del omega, Y
     while True:
         on_cores(lambda a: states[a].skeletonize(_candidates(tree, states, a),
@@ -350,8 +354,6 @@ def _skeletonize_level(tree: ClusterTree, states: list[NodeState], nodes: Array,
     for a in nodes:  # the parent reads the rows of the skeleton (a copy; the leaves' views
         # of the sketch's Y go) and the test coefficients
         states[a].sketch = states[a].sketch[:, states[a].local_skeleton]
-    for c in below:
-        states[c].sketch = states[c].test_coefficients = None
 
 
 def skeletonize(tree: ClusterTree, rounds: EntryRounds, sketch: Sketch,
@@ -371,7 +373,8 @@ def skeletonize(tree: ClusterTree, rounds: EntryRounds, sketch: Sketch,
             near_exact += _fetch_couplings(tree, states, nodes, near, rounds,
                                            f"couplings level {level + 1}")
         if level > 0:
-            _skeletonize_level(tree, states, nodes, sketch, plan)
+            with named_phase(f"IDs level {level}"):
+                _skeletonize_level(tree, states, nodes, sketch, plan)
         if level == tree.depth:
             rounds.step()
     return states, near_exact
@@ -498,6 +501,7 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
                   tree.leaf_blocks, tree.near_pairs[:0], [])
     with rounds.timed("psd_shift"):
         guess = max(tol * norm, sketch.error_guess(hss.matvec))
+        sketch.release(0)  # its last columns: not needed by the factorizations
         shift, n_factorizations = psd_shift(hss, norm, guess, seed)
         hss = hss.with_shift(shift, overwrite=True)  # the leaf blocks are the build's own
     with rounds.timed("near_blocks"):

@@ -92,8 +92,8 @@ def test_compress_names_its_phases(small_gn):
         H = dgnh.compress(recorder, **options)
     V = np.random.default_rng(0).standard_normal((small_gn.n_params, 3))
     assert np.allclose(H @ V, dgnh.compress(small_gn, **options) @ V, rtol=0, atol=1e-12)
-    assert {"bench/norm", "bench/hybrid/lowrank", "bench/hybrid/remainder norm",
-            "bench/hybrid/hmatrix/tree", "bench/hybrid/hmatrix/skeletons",
-            "bench/hybrid certificate"} <= recorder.seen
-    assert any(p.startswith("bench/hybrid/hmatrix/skeletons/couplings level") for p in recorder.seen)
+    for expected in ["bench/norm", "bench/hybrid/lowrank", "bench/hybrid/remainder norm",
+                     "bench/hybrid/hmatrix/tree/", "bench/hybrid/hmatrix/skeletons/couplings level",
+                     "bench/hybrid certificate"]:  # entry rounds add what they fetch
+        assert any(p.startswith(expected) for p in recorder.seen), (expected, recorder.seen)
     assert current_phase() == ""

@@ -502,6 +502,8 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
     with rounds.timed("psd_shift"):
         guess = max(tol * norm, sketch.error_guess(hss.matvec))
         sketch.release(0)  # its last columns: not needed by the factorizations
+        return_freed_memory()  # and the product's temporaries: the factorizations run on
+        # worker threads, whose heaps do not reuse the main thread's free memory
         shift, n_factorizations = psd_shift(hss, norm, guess, seed)
         hss = hss.with_shift(shift, overwrite=True)  # the leaf blocks are the build's own
     with rounds.timed("near_blocks"):

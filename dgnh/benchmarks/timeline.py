@@ -17,11 +17,13 @@ import threading
 import time
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from ..phases import current_phase
 
 INTERVAL = 0.05  # seconds between samples
+PALETTE = colormaps["tab20"]  # a colour per phase (20 before they repeat)
 
 
 def resident_gib() -> float:
@@ -80,9 +82,11 @@ class ResidentTimeline:
             entry[1], entry[2] = t, max(entry[2], gib)
         return [(name, *values) for name, values in found.items()]
 
-    def write(self, prefix: str | os.PathLike, title: str = "") -> tuple[str, str]:
+    def write(self, prefix: str | os.PathLike, title: str = "",
+              levels: int = 3) -> tuple[str, str]:
         """``prefix.csv`` (the samples) and ``prefix.png`` (resident size over time, the
-        phases' spans shaded and labelled by their top two levels); returns both paths."""
+        phases' spans shaded and labelled by their top ``levels`` levels, e.g. a builder's
+        phases inside ``compress``); returns both paths."""
         prefix = os.fspath(prefix)
         with open(prefix + ".csv", "w", newline="") as fh:
             writer = csv.writer(fh)
@@ -93,12 +97,12 @@ class ResidentTimeline:
         t = np.array([s[0] for s in self.samples])
         gib = np.array([s[1] for s in self.samples])
         ax.plot(t, gib, color="black", lw=1)
-        spans = _spans([(s[0], "/".join(s[2].split("/")[:2])) for s in self.samples])
+        spans = _spans([(s[0], "/".join(s[2].split("/")[:levels])) for s in self.samples])
         names = list(dict.fromkeys(name for name, _, _ in spans if name))
         for name, start, stop in spans:
             if name:
                 first = next(s for s in spans if s[0] == name)[1] == start
-                ax.axvspan(start, stop, color=f"C{names.index(name) % 10}", alpha=0.2, lw=0,
+                ax.axvspan(start, stop, color=PALETTE(names.index(name) % 20), alpha=0.3, lw=0,
                            label=name if first else None)
         ax.set_xlabel("seconds")
         ax.set_ylabel("resident GiB")

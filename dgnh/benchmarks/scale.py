@@ -60,7 +60,7 @@ from ..phases import phase
 from ..shard_factors import ShardFactors
 from ..spectral import eigsh, spectral_density
 from .common import best_time, gemm_rate, print_table, random_tanh_mlp
-from .timeline import ResidentTimeline
+from .timeline import ResidentTimeline, status_gib
 
 N_OUT = 10
 N_IN = 784
@@ -113,14 +113,8 @@ def _reset_resident_peak() -> None:
 
 def _resident_peak() -> float | str:
     """The peak resident size in GiB since the last reset, ``''`` where /proc is missing."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return ""
+    peak = status_gib("VmHWM")
+    return "" if peak is None else peak
 
 
 def process_peak() -> float:

@@ -26,16 +26,23 @@ INTERVAL = 0.05  # seconds between samples
 PALETTE = colormaps["tab20"]  # a colour per phase (20 before they repeat)
 
 
-def resident_gib() -> float:
-    """This process's resident size in GiB now (``nan`` where ``/proc`` is missing)."""
+def status_gib(field: str) -> float | None:
+    """The size ``field`` of ``/proc/self/status`` (e.g. ``"VmRSS"``) in GiB, ``None`` where
+    ``/proc`` is missing."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 2**20
     except OSError:
         pass
-    return float("nan")
+    return None
+
+
+def resident_gib() -> float:
+    """This process's resident size in GiB now (``nan`` where ``/proc`` is missing)."""
+    now = status_gib("VmRSS")
+    return float("nan") if now is None else now
 
 
 class ResidentTimeline:

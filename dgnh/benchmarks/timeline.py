@@ -3,8 +3,8 @@
 :class:`ResidentTimeline` samples the resident size (``VmRSS`` of
 ``/proc/self/status``) every ``interval`` seconds on a daemon thread, each
 sample tagged with :func:`dgnh.phases.current_phase` of the main thread (the
-benchmark's phase, and inside ``compress`` the builder's: ``"compress
-hybrid/hybrid/hmatrix/tree"``). ``dgnh bench scale --timeline PREFIX`` writes
+benchmark's phase, and inside ``compress`` the builder's: ``"N=1,001,899
+compress/hybrid/hmatrix/tree"``). ``dgnh bench scale --timeline PREFIX`` writes
 the samples to ``PREFIX.csv``, a picture to ``PREFIX.png`` and prints the
 largest resident size of every phase: which arrays make a peak.
 """
@@ -55,8 +55,8 @@ class ResidentTimeline:
     >>> with ResidentTimeline(interval=0.01) as timeline, phase("fill"):
     ...     a = np.ones(2**22)  # 32 MiB
     ...     time.sleep(0.1)
-    >>> [p for p, *_ in timeline.peaks()][-1]
-    'fill'
+    >>> "fill" in [name for name, *_ in timeline.peaks()]
+    True
     """
 
     def __init__(self, interval: float = INTERVAL):

@@ -106,11 +106,12 @@ class ResidentTimeline:
         ax.plot(t, gib, color="black", lw=1)
         spans = _spans([(s[0], "/".join(s[2].split("/")[:levels])) for s in self.samples])
         names = list(dict.fromkeys(name for name, _, _ in spans if name))
+        labelled: set[str] = set()
         for name, start, stop in spans:
             if name:
-                first = next(s for s in spans if s[0] == name)[1] == start
                 ax.axvspan(start, stop, color=PALETTE(names.index(name) % 20), alpha=0.3, lw=0,
-                           label=name if first else None)
+                           label=None if name in labelled else name)
+                labelled.add(name)
         ax.set_xlabel("seconds")
         ax.set_ylabel("resident GiB")
         ax.set_title(title or "resident memory by phase")

@@ -206,8 +206,9 @@ class NodeState:
     coefficients (dropped once the node is skeletonized), ``test_coefficients``
     the upward test coefficients ``V_αᵀ Ω[α] = T·inputs`` (sketch and test
     coefficients dropped as soon as the parent's rows are formed from them: a
-    level's rows and its children's are never all alive), ``local_skeleton`` the skeleton positions among the candidates
-    and ``wanted`` the rank the threshold asked for (before ``max_rank``).
+    level's rows and its children's are never all alive), ``local_skeleton`` the
+    skeleton positions among the candidates and ``wanted`` the rank the threshold
+    asked for (before ``max_rank``).
     """
 
     skeleton: Array = field(default_factory=lambda: np.zeros(0, dtype=np.int64))

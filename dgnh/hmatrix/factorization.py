@@ -67,6 +67,13 @@ def _cholesky(M: Array, node: int, what: str) -> Array:
         ) from err
 
 
+def _lower_solve(L: Array, B: Array) -> Array:
+    """``L⁻¹B`` for a lower-triangular ``L`` (empty when ``L`` is)."""
+    if L.size == 0:
+        return np.zeros((0,) + B.shape[1:])
+    return scipy.linalg.solve_triangular(L, B, lower=True, check_finite=False)
+
+
 def _cho_solve(L: Array, B: Array) -> Array:
     if L.size == 0:
         return np.zeros(B.shape)
@@ -162,19 +169,12 @@ class HSSFactorization(Factorization):
         M_rr = DR[k:] - E.T @ DR[:k]
         L = _cholesky((M_rr + M_rr.T) / 2, a, "the redundant block")
         W = np.empty((len(L), len(cands)))
-        W[:, order] = self._lower_solve(L, np.hstack([-E.T, np.eye(len(L))]))
-        K = self._lower_solve(L, DR[:k].T)
+        W[:, order] = _lower_solve(L, np.hstack([-E.T, np.eye(len(L))]))
+        K = _lower_solve(L, DR[:k].T)
         S = Dp[:k, :k] - K.T @ K
         self._schur[a] = (S + S.T) / 2
         self._skel[a], self._W[a], self._K[a] = local, W, K
         return 2.0 * float(np.sum(np.log(np.diag(L))))
-
-    @staticmethod
-    def _lower_solve(L: Array, B: Array) -> Array:
-        """``L⁻¹B`` for a lower-triangular ``L`` (empty when ``L`` is)."""
-        if L.size == 0:
-            return np.zeros((0,) + B.shape[1:])
-        return scipy.linalg.solve_triangular(L, B, lower=True, check_finite=False)
 
     @property
     def nbytes(self) -> int:
@@ -237,7 +237,7 @@ class HSSFactorization(Factorization):
         ``R = I[skeleton] − KᵀW`` and ``Z`` its skeleton's block of the parent's."""
         h = self.hmatrix
         out = np.full(self.shape[0], 1.0 / self.reg)
-        L0inv = self._lower_solve(self._root, np.eye(len(self._root)))
+        L0inv = _lower_solve(self._root, np.eye(len(self._root)))
         inv: list[Array] = [None] * h.n_nodes
         inv[0] = L0inv.T @ L0inv  # the root block of X⁻¹ (over its candidates)
         diag_t = np.empty(len(h.perm))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from dgnh.hmatrix import (HMatrix, build_hmatrix, entry_distances, interpolative
                           merge_neighbors, select_near_pairs, split_node)
 from dgnh.hmatrix.build import LEVEL_SAFETY
 from dgnh.hmatrix.psd import PSD_PRECISION, PSD_REG, psd_shift
+from dgnh.hmatrix.sketch import Sketch
 from dgnh.hmatrix import tree as tree_module
 from dgnh.hmatrix.tree import gram_geometry, tree_rounds
 
@@ -193,6 +195,43 @@ def test_gram_geometry_equals_the_embeddings_gram(monkeypatch, chunk):
                 (np.array([6]), np.array([0, 8, 6]))]
     for (r, c), block in zip(requests, fetch(requests, "level")):
         assert np.allclose(block, ZZ[np.ix_(r, c)], rtol=0, atol=1e-13 * np.abs(ZZ).max())
+
+
+@pytest.mark.parametrize("geometry", ["sketch", "entries"])
+def test_the_sketch_is_freed_once_the_leaves_are_skeletonized(problems, monkeypatch, geometry):
+    """Memory: the N × width sketch is alive until the leaf level has read it, not beyond
+    (the couplings' entry rounds and the PSD search run without it)."""
+    gn, G, norm, leaf = problems("classifier")
+    grown: list[weakref.ref] = []
+    grow = Sketch.grow
+
+    def recording_grow(self, columns):
+        new = grow(self, columns)
+        grown.extend([weakref.ref(self.omega), weakref.ref(self.Y)])
+        return new
+
+    class Watching:  # the real GNH; notes at each entry round whether a sketch is alive
+        def __init__(self, inner):
+            self.inner, self.n_params, self.alive = inner, inner.n_params, []
+
+        def diagonal(self):
+            return self.inner.diagonal()
+
+        def entries_many(self, requests, eps=None, seed=0):
+            self.alive.append(any(ref() is not None for ref in grown))
+            return self.inner.entries_many(requests, eps=eps, seed=seed)
+
+        def matvec(self, V):
+            return self.inner.matvec(V)
+
+    monkeypatch.setattr(Sketch, "grow", recording_grow)
+    src = Watching(gn)
+    h = build(src, leaf, tol=1e-3, max_rank=100, seed=5, tree_geometry=geometry)
+    depth = h.report["depth"]
+    assert depth >= 2 and len(src.alive) == h.report["entry_rounds"]
+    # the leaf blocks' round: the sketch is alive if the tree came from it (entries: it comes later)
+    assert grown and src.alive[-depth - 1] == (geometry == "sketch")
+    assert not any(src.alive[-depth:])  # the couplings' rounds: it is gone
 
 
 @pytest.mark.parametrize("name, tol, budget, metric, geometry", [

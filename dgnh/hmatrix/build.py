@@ -406,6 +406,19 @@ def _grow_first(sketch: Sketch, plan: SketchPlan, rounds: EntryRounds, depth: in
             return_freed_memory()  # the products' temporaries
 
 
+def _grow_trees(sketch: Sketch, geometry: str, active: Array, diag: Array, depth: int,
+                n_trees: int, metric: str, seed: int, rounds: EntryRounds) -> list[list[Array]]:
+    """The trees' leaves (:func:`~dgnh.hmatrix.tree.grow_trees`) from the sketch's
+    embedding or from entries. A function of its own: the Gram ``fetch`` holds the
+    sketch's full ``Y``, which the leaf level later takes over and frees."""
+    if geometry == "sketch":
+        diag_z, fetch_z = gram_geometry(sketch.Y, sketch.embedding_basis(), rounds.status,
+                                        rounds.step)
+        return grow_trees(np.arange(len(active)), diag_z, depth, n_trees, metric, seed,
+                          fetch_z)
+    return grow_trees(active, diag[active], depth, n_trees, metric, seed, rounds.fetch)
+
+
 def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int = 256,
                   budget: float = 0.0, neighbors: int = 32, metric: str = "angle",
                   eps: float | None = None, seed: int = 0, n_trees: int = 4,
@@ -477,13 +490,8 @@ def build_hmatrix(source, tol: float = 1e-3, max_rank: int = 256, leaf_size: int
     if geometry == "sketch":
         _grow_first(sketch, plan, rounds, depth)
     with rounds.timed("tree"):
-        if geometry == "sketch":
-            diag_z, fetch_z = gram_geometry(sketch.Y, sketch.embedding_basis(), rounds.status,
-                                            rounds.step)
-            trees = grow_trees(np.arange(len(active)), diag_z, depth, n_trees, metric, seed,
-                               fetch_z)
-        else:
-            trees = grow_trees(active, diag[active], depth, n_trees, metric, seed, rounds.fetch)
+        trees = _grow_trees(sketch, geometry, active, diag, depth, n_trees, metric, seed,
+                            rounds)
     with rounds.timed("leaves_and_neighbors"):
         tree = cluster_tree(active, diag[active], trees, rounds.fetch, budget=budget,
                             neighbors=neighbors, max_near=max_near, metric=metric)

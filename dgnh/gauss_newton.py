@@ -235,7 +235,9 @@ class GaussNewton(Operator):
         sums = self._evaluate(specs)
         n = self.n_samples
         out = []
-        for (I, J), part, how in zip(locs, sums, post):
+        for r, ((I, J), how) in enumerate(zip(locs, post)):
+            part, sums[r] = sums[r], None  # each sum freed as its block is made: never two
+            # copies of a round's blocks (at N ≈ 1M the leaf blocks are 1 GB)
             if how is None:
                 block = part / n
                 self.stats["entries_exact"] += block.size

@@ -68,9 +68,13 @@ class RemainderSource:
     def entries_many(self, requests, eps: float | None = None, delta: float = 0.01,
                      seed: int = 0) -> list[Array]:
         """Blocks of ``G − UUᵀ`` (sampled ones keep the source's ``eps``/``delta`` guarantee on G)."""
-        blocks = self.source.entries_many(requests, eps=eps, delta=delta, seed=seed)
-        return [np.asarray(B, dtype=np.float64) - self.U[np.asarray(r, dtype=np.int64)]
-                @ self.U[np.asarray(c, dtype=np.int64)].T for B, (r, c) in zip(blocks, requests)]
+        blocks = list(self.source.entries_many(requests, eps=eps, delta=delta, seed=seed))
+        for i, (r, c) in enumerate(requests):  # each of G's blocks freed as its remainder
+            # is made: never two copies of a round's blocks
+            blocks[i] = (np.asarray(blocks[i], dtype=np.float64)
+                         - self.U[np.asarray(r, dtype=np.int64)]
+                         @ self.U[np.asarray(c, dtype=np.int64)].T)
+        return blocks
 
 
 class Hybrid(Operator):

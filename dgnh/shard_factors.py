@@ -90,11 +90,10 @@ class ShardFactors:
                 rows.append(np.ones((1, self.n), dtype=self.dtype))
             self.XT.append(np.ascontiguousarray(np.vstack(rows)))
         self.S = [np.einsum("pio,pio->pi", c, c) for c in self.CT]  # ‖C_l,i[:, p]‖²
-        self.XT2 = [x * x for x in self.XT]
 
     @property
     def nbytes(self) -> int:
-        return int(sum(a.nbytes for a in self.CT + self.XT + self.S + self.XT2))
+        return int(sum(a.nbytes for a in self.CT + self.XT + self.S))
 
     # ------------------------------------------------------------ gathers
     def gather(self, loc, rows=slice(None)) -> Array:
@@ -120,7 +119,8 @@ class ShardFactors:
         out = np.empty((len(layer), self.n), dtype=self.dtype)
         for l in np.unique(layer):
             pos = np.flatnonzero(layer == l)
-            out[pos] = self.S[l][p[pos]] * self.XT2[l][q[pos]]
+            x = self.XT[l][q[pos]]
+            out[pos] = self.S[l][p[pos]] * (x * x)
         return out
 
     # ------------------------------------------------------- exact entries
@@ -191,8 +191,8 @@ class ShardFactors:
     def diagonal(self) -> Array:
         """Σ_i diag(Ĵ_iᵀ Ĵ_i) in parameter order (one small GEMM per layer)."""
         parts = []
-        for l, (S, X2) in enumerate(zip(self.S, self.XT2)):
-            D = S @ X2.T  # (d_l, d_{l-1} (+1))
+        for l, (S, X) in enumerate(zip(self.S, self.XT)):
+            D = S @ (X * X).T  # (d_l, d_{l-1} (+1))
             d_in = self.sizes[l]
             parts.append(D[:, :d_in].ravel())
             if self.b[l] is not None:

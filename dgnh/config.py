@@ -138,6 +138,52 @@ def return_freed_memory() -> bool:
     return bool(trim(0)) if trim is not None else False
 
 
+_MADV_DONTNEED = 4  # Linux
+
+
+def discard_rows(array, start: int, stop: int) -> int:
+    """Give the whole memory pages that hold only rows ``start:stop`` of a C- or
+    column-major (Fortran) 2-D ``array`` back to the OS (Linux ``madvise(MADV_DONTNEED)``);
+    returns the bytes given back (0 off Linux or for other layouts).
+
+    For a large array read row block by row block, the rest still needed: its
+    memory shrinks as it is read instead of staying until its last row is done.
+    **The rows' values are gone**: whole pages inside them read as 0 afterwards
+    (rows sharing a page with rows outside ``start:stop`` keep their values).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a = np.ones((1 << 16, 2), order="F")
+    >>> released = discard_rows(a, 0, 1 << 15)
+    >>> bool(a[1 << 15:].min() == 1.0), int((a == 0).sum()) * 8 == released
+    (True, True)
+    """
+    import ctypes
+    import mmap
+
+    start, stop = int(start), int(stop)
+    madvise = _libc_function("madvise") if os.sys.platform == "linux" else None
+    if madvise is None or array.ndim != 2 or array.size == 0 or stop <= start:
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    item, (n_rows, n_cols) = array.itemsize, array.shape
+    base = array.ctypes.data
+    if array.flags.c_contiguous:  # the rows are one range
+        spans = [(base + start * n_cols * item, base + stop * n_cols * item)]
+    elif array.flags.f_contiguous:  # a range per column
+        spans = [(base + (j * n_rows + start) * item, base + (j * n_rows + stop) * item)
+                 for j in range(n_cols)]
+    else:
+        return 0
+    page, released = mmap.PAGESIZE, 0
+    for lo, hi in spans:
+        lo, hi = -(-lo // page) * page, hi // page * page  # the whole pages inside
+        if hi > lo and madvise(lo, hi - lo, _MADV_DONTNEED) == 0:
+            released += hi - lo
+    return released
+
+
 def tune_allocator() -> bool:
     """Let glibc reuse freed product temporaries instead of page-faulting fresh ones.
 

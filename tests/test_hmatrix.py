@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 from cases import HMATRIX_CASES
 
+from dgnh import config
+from dgnh.benchmarks.compress import digits_gnh
 from dgnh.factorization import IndefiniteError
 from dgnh.hmatrix import (HMatrix, build_hmatrix, entry_distances, interpolative_decomposition,
                           merge_neighbors, select_near_pairs, split_node)
+from dgnh.hmatrix import build as build_module
 from dgnh.hmatrix.build import LEVEL_SAFETY
 from dgnh.hmatrix.psd import PSD_PRECISION, PSD_REG, psd_shift
 from dgnh.hmatrix.sketch import Sketch
@@ -232,6 +235,37 @@ def test_the_sketch_is_freed_once_the_leaves_are_skeletonized(problems, monkeypa
     # the leaf blocks' round: the sketch is alive if the tree came from it (entries: it comes later)
     assert grown and src.alive[-depth - 1] == (geometry == "sketch")
     assert not any(src.alive[-depth:])  # the couplings' rounds: it is gone
+
+
+def test_leaf_level_gives_the_sketch_back_and_never_reads_it_again(monkeypatch):
+    """The leaf level discards each row block of Ω and Y once its leaves are done: all rows
+    are discarded, pages really go (zeros), and the result is the same as without
+    discarding — nothing reads a discarded row."""
+    gn = digits_gnh("classifier", (48,), 200, max_iter=50)  # N = 3 610: pages to discard
+    leaf, kw = 128, dict(tol=1e-3, max_rank=64, seed=5, tree_geometry="sketch")
+    plain = build(gn, leaf, **kw)  # max_rank = 64 < the first sketch rank: no growth
+    released: dict[int, list] = {}
+
+    def recording(array, start, stop):
+        released.setdefault(id(array), []).append((int(start), int(stop)))
+        freed = config.discard_rows(array, start, stop)
+        assert freed == 8 * int((array[start:stop] == 0).sum())  # the pages read as 0
+        released[id(array)].append(freed)
+        return freed
+
+    monkeypatch.setattr(build_module, "LEAF_CHUNKS", 3)  # row blocks of whole pages here
+    monkeypatch.setattr(build_module, "discard_rows", recording)
+    h = build(gn, leaf, **kw)
+    assert len(released) == 2  # Ω and Y
+    for calls in released.values():
+        ranges, freed = calls[0::2], calls[1::2]
+        assert [r[0] for r in ranges] == [0] + [r[1] for r in ranges[:-1]]
+        assert ranges[-1][1] == plain.shape[0] - plain.report["n_zero_diagonal"]
+        assert sum(freed) > 0
+    for key, value in h.to_arrays().items():
+        assert np.array_equal(value, plain.to_arrays()[key]), key
+    monkeypatch.setattr(build_module, "discard_rows", lambda array, start, stop: 0)
+    assert np.array_equal(build(gn, leaf, **kw).to_dense(), plain.to_dense())
 
 
 @pytest.mark.parametrize("name, tol, budget, metric, geometry", [

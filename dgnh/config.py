@@ -23,6 +23,7 @@ Examples
 from __future__ import annotations
 
 import os
+import sys
 
 from .validation import check_bytes
 
@@ -163,7 +164,7 @@ def discard_rows(array, start: int, stop: int) -> int:
     import mmap
 
     start, stop = int(start), int(stop)
-    madvise = _libc_function("madvise") if os.sys.platform == "linux" else None
+    madvise = _libc_function("madvise") if sys.platform == "linux" else None
     if madvise is None or array.ndim != 2 or array.size == 0 or stop <= start:
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

@@ -235,7 +235,7 @@ class GaussNewton(Operator):
         sums = self._evaluate(specs)
         n = self.n_samples
         out = []
-        for r, ((I, J), how) in enumerate(zip(locs, post)):
+        for r, how in enumerate(post):
             part, sums[r] = sums[r], None  # each sum freed as its block is made: never two
             # copies of a round's blocks (at N ≈ 1M the leaf blocks are 1 GB)
             if how is None:

@@ -38,6 +38,22 @@ def problems(problems):
     return lambda name: (*problems(name), LEAF_SIZES[name])
 
 
+class Forwarding:
+    """The real GNH as an entry source (subclasses watch what the builder asks of it)."""
+
+    def __init__(self, inner):
+        self.inner, self.n_params = inner, inner.n_params
+
+    def diagonal(self):
+        return self.inner.diagonal()
+
+    def entries_many(self, requests, eps=None, seed=0):
+        return self.inner.entries_many(requests, eps=eps, seed=seed)
+
+    def matvec(self, V):
+        return self.inner.matvec(V)
+
+
 def build(gn, leaf, **kw):
     kw.setdefault("progress", False)
     return build_hmatrix(gn, leaf_size=leaf, **kw)
@@ -213,19 +229,14 @@ def test_the_sketch_is_freed_once_the_leaves_are_skeletonized(problems, monkeypa
         grown.extend([weakref.ref(self.omega), weakref.ref(self.Y)])
         return new
 
-    class Watching:  # the real GNH; notes at each entry round whether a sketch is alive
+    class Watching(Forwarding):  # notes at each entry round whether a sketch is alive
         def __init__(self, inner):
-            self.inner, self.n_params, self.alive = inner, inner.n_params, []
-
-        def diagonal(self):
-            return self.inner.diagonal()
+            super().__init__(inner)
+            self.alive: list[bool] = []
 
         def entries_many(self, requests, eps=None, seed=0):
             self.alive.append(any(ref() is not None for ref in grown))
-            return self.inner.entries_many(requests, eps=eps, seed=seed)
-
-        def matvec(self, V):
-            return self.inner.matvec(V)
+            return super().entries_many(requests, eps=eps, seed=seed)
 
     monkeypatch.setattr(Sketch, "grow", recording_grow)
     src = Watching(gn)
@@ -309,20 +320,16 @@ def test_zero_diagonal_parameters_stay_exactly_zero(problems):
 def test_same_seed_same_result_and_one_round_per_level(problems):
     gn, G, norm, leaf = problems("classifier")
 
-    class Counting:  # the real GNH, counting the batches it is asked for
-        def __init__(self, inner):
-            self.inner, self.n_params, self.rounds, self.products = inner, inner.n_params, 0, 0
-
-        def diagonal(self):
-            return self.inner.diagonal()
+    class Counting(Forwarding):  # counting the batches it is asked for
+        rounds = products = 0
 
         def entries_many(self, requests, eps=None, seed=0):
             self.rounds += 1
-            return self.inner.entries_many(requests, eps=eps, seed=seed)
+            return super().entries_many(requests, eps=eps, seed=seed)
 
         def matvec(self, V):
             self.products += 1
-            return self.inner.matvec(V)
+            return super().matvec(V)
 
     src = Counting(gn)
     a = build(src, leaf, tol=1e-3, max_rank=100, seed=5)

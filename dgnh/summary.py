@@ -30,9 +30,7 @@ def summary(path: str | os.PathLike) -> str:
     if report.get("indefinite"):
         rows.append(("indefinite", f"λ_min ≤ {report['min_eigenvalue_estimate']:.3g}‖G‖₂ "
                                    "(Lanczos): factorize with reg above that"))
-    for c in report.get("candidates", []):
-        rows.append(("candidate", f"{c['method']}: {c['nbytes'] / 2**20:,.2f} MiB, error ≈ "
-                                  f"{c['error_estimate']:.3g}, {c['entries_evaluated']:,} entries"))
+    rows += [("candidate", _candidate(c)) for c in report.get("candidates", [])]
     if params:
         rows.append(("parameters", ", ".join(f"{k}={v}" for k, v in params.items())))
     if "entries_evaluated" in report and not run:
@@ -60,3 +58,14 @@ def summary(path: str | os.PathLike) -> str:
                             + ", ".join(f"{k} {prov.get(k)}" for k in ("numpy", "zarr", "dask"))))
     return "\n".join([f"{os.fspath(path)}: dgnh result, format version {a['version']}"]
                      + [f"  {label:<18} {text}" for label, text in rows])
+
+
+def _candidate(c: dict) -> str:
+    """One of ``method="auto"``'s candidates: built, or why not (``dgnh.compress``)."""
+    if c.get("built"):
+        return (f"{c['method']}: {c['nbytes'] / 2**20:,.2f} MiB, error ≈ "
+                f"{c['error_estimate']:.3g}, {c['entries_evaluated']:,} entries")
+    size = f"{c['memory_floor'] / 2**20:,.2f} MiB"
+    if c["method"] == "dense":  # exact, built only if chosen
+        return f"dense: {size}, exact; not built (a smaller form meets tol)"
+    return f"{c['method']}: at least {size}; not built (a smaller form meets tol)"

@@ -295,6 +295,16 @@ def test_demo_writes_store_and_pictures(tmp_path):
         run_demo(tmp_path / "demo", hidden=4, max_iter=5, stream=io.StringIO())
 
 
+def test_demo_at_its_defaults_as_the_readme_types_it(tmp_path):
+    """`dgnh demo` exactly as a new user runs it (its default network, tol and ranks): to the
+    end, with the summary of every `auto` candidate, built or not."""
+    out = dgnh_cli("demo", "--out", str(tmp_path / "demo"), timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "demo done in" in out.stdout and out.stdout.count("  candidate ") == 4
+    assert "not built (a smaller form meets tol)" in out.stdout
+    assert dgnh.open(tmp_path / "demo" / "result.zarr").shape == (1210, 1210)  # 64-16-10
+
+
 # ------------------------------------ dgnh solve says which system it solved (issue 13, item 5)
 @pytest.fixture(scope="module")
 def job_result(problem):

@@ -324,6 +324,30 @@ def test_summary_names_the_essentials(saved, gn):
         assert fragment in text
 
 
+def test_summary_names_auto_candidates_that_were_not_built(tmp_path):
+    """``method="auto"`` skips a form whose memory floor a met tol already beats, and never
+    builds the dense one it does not choose: the summary says so instead of failing."""
+    rng = np.random.default_rng(5)  # N = 363 parameters, n·d = 60: G has rank ≤ 60
+    net = dgnh.MLP([rng.normal(size=(40, 5)), rng.normal(size=(3, 40))],
+                   [rng.normal(size=40), rng.normal(size=3)], ["tanh", "identity"])
+    with dgnh.GaussNewton(net, rng.normal(size=(20, 5)), random_targets("cross_entropy", 20, 3),
+                          loss="cross_entropy", client="in-process") as g:
+        op = compress(g, method="auto", tol=1e-3, max_rank=64, leaf_size=24, progress=False)
+    store.save(op, tmp_path / "auto.zarr")
+    candidates = {c["method"]: c for c in op.report["candidates"]}
+    assert not candidates["hybrid"]["built"] and not candidates["dense"]["built"]
+    text = summary(tmp_path / "auto.zarr")
+    lines = [line.split(None, 1)[1] for line in text.splitlines() if "candidate" in line]
+    assert len(lines) == len(candidates) == 4
+    for line, (method, c) in zip(lines, candidates.items()):
+        assert line.startswith(f"{method}: ")
+        if c["built"]:
+            assert f"{c['nbytes'] / 2**20:,.2f} MiB" in line and "entries" in line
+        else:
+            assert f"{c['memory_floor'] / 2**20:,.2f} MiB" in line  # dense: its exact size
+            assert "not built (a smaller form meets tol)" in line
+
+
 # --------------------------------- a failing save never loses a stored result (issue 13, item 7)
 class _FailingFactorization(ScaledIdentity):
     """A real factorization whose inverse diagonal fails (a disk-full stand-in) mid-write."""

@@ -62,7 +62,7 @@ def summary(path: str | os.PathLike) -> str:
 
 def _candidate(c: dict) -> str:
     """One of ``method="auto"``'s candidates: built, or why not (``dgnh.compress``)."""
-    if c.get("built"):
+    if c.get("built", True):  # stores before the memory-floor skip list built forms only
         return (f"{c['method']}: {c['nbytes'] / 2**20:,.2f} MiB, error ≈ "
                 f"{c['error_estimate']:.3g}, {c['entries_evaluated']:,} entries")
     size = f"{c['memory_floor'] / 2**20:,.2f} MiB"

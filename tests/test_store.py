@@ -346,6 +346,14 @@ def test_summary_names_auto_candidates_that_were_not_built(tmp_path):
         else:
             assert f"{c['memory_floor'] / 2**20:,.2f} MiB" in line  # dense: its exact size
             assert "not built (a smaller form meets tol)" in line
+    # a store written before the memory-floor skip: only built forms, without "built"
+    report = store.read_attributes(tmp_path / "auto.zarr")["operator"]["report"]
+    report["candidates"] = [{k: v for k, v in c.items() if k != "built"}
+                            for c in report["candidates"] if c["built"]]
+    _set_attr(tmp_path / "auto.zarr", "report", report, "operator")
+    assert [line for line in summary(tmp_path / "auto.zarr").splitlines()
+            if "candidate" in line] == [f"  {'candidate':<18} {line}" for line in lines
+                                        if "not built" not in line]
 
 
 # --------------------------------- a failing save never loses a stored result (issue 13, item 7)
